@@ -1,0 +1,76 @@
+"""The ``minard`` command line, declared once.
+
+Each subcommand lives in the module of its concept and is imported only when it
+is run (so ``minard dump`` never imports Flask).  The table below is the only
+place a new subcommand is registered.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from . import __version__
+
+#: subcommand name -> "module:attribute" of a click command.
+COMMANDS = {
+    "demo": ("minard.demo:demo", "Decode the bundled recorded data and print a summary."),
+    "dump": ("minard.dump:dump", "Print the records of a ZDAB or ORCA file as JSON lines."),
+    "simulate": ("minard.simulate:simulate", "Write synthetic ZDAB files and ORCA streams."),
+    "dispatcher": ("minard.dispatcher:dispatcher_cmd", "Run the event dispatcher server."),
+    "replay": ("minard.replay:replay_cmd", "Send ZDAB files to a dispatcher as its data source."),
+    "record": ("minard.recorder:record_cmd", "Write every event from a dispatcher to ZDAB files."),
+    "send": ("minard.dispatch_client:send_cmd", "Send one text command to a dispatcher and print the reply."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        entry = COMMANDS.get(name)
+        if entry is None:
+            return None
+        module, _, attr = entry[0].partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        # Use the table's one-line help so that --help imports nothing.
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="minard")
+def main():
+    """minard: online monitoring of the detector's data streams.
+
+    Data flows: data source (replay or DAQ) -> dispatcher -> producers (ZMQ)
+    -> consumer pools -> Redis -> web dashboard.  Every address and port comes
+    from conf/minard.conf or MINARD_* environment variables.
+    """
+
+
+def _seed_alias(subcommand_path: str):
+    """Build an entry point for one of the original site's command names."""
+
+    def run():
+        module, _, attr = subcommand_path.partition(":")
+        getattr(importlib.import_module(module), attr)()
+
+    return run
+
+
+#: ``minard_dispatch push|pull`` (the dispatch-stream producer and consumers).
+minard_dispatch_main = _seed_alias("minard.dispatch_stream:cli")
+#: ``data_producer`` (ORCA stream -> ZMQ) and ``data_consumer PORT``.
+data_producer_main = _seed_alias("minard.orca_stream:producer_cli")
+data_consumer_main = _seed_alias("minard.orca_stream:consumer_cli")
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

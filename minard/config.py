@@ -1,0 +1,121 @@
+"""The one configuration path of minard.
+
+Values come, in increasing priority, from the defaults below, the INI file
+``conf/minard.conf`` (or the file named by ``MINARD_CONFIG``), ``MINARD_*``
+environment variables, and a dict passed by the caller (tests do this).
+
+Keys are flat ``section_name`` strings: ``[redis] url`` in the file is the key
+``redis_url`` and the environment variable ``MINARD_REDIS_URL``.  The type of
+every value is the type of its default, so ``MINARD_DISPATCHER_PORT=7001``
+becomes the int 7001.  ``docs/configuration.md`` lists every key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+#: The project checkout (for ``conf/`` and ``static/``); installs are editable.
+ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULTS: dict[str, object] = {
+    # Where state and logs go when running as an ordinary user.
+    "var_dir": "var",
+    "log_level": "INFO",
+    # Redis
+    "redis_url": "redis://127.0.0.1:6379/0",
+    # Dispatcher (event fan-out server)
+    "dispatcher_host": "127.0.0.1",
+    "dispatcher_port": 7000,
+    "dispatcher_analyzer_queue": 20000,
+    "dispatcher_writer_queue": 2000,
+    "dispatcher_finished_timeout": 30.0,
+    "dispatcher_shutdown_wait": 15.0,
+    "dispatcher_max_frame": 16 * 1024 * 1024,
+    "dispatcher_accounting_dir": "var/dispatcher",
+    # ZMQ endpoints between producers and consumers
+    "zmq_dispatch": "tcp://127.0.0.1:5560",
+    "zmq_cmos": "tcp://127.0.0.1:5557",
+    "zmq_base": "tcp://127.0.0.1:5558",
+    "zmq_hwm": 10000,
+    "zmq_max_frame": 64 * 1024 * 1024,
+    # ORCA data stream
+    "orca_host": "127.0.0.1",
+    "orca_port": 44666,
+    # Web
+    "web_port": 8080,
+    "log_port": 8081,
+    "nginx_port": 50000,
+    "supervisor_port": 9001,
+}
+
+
+def _coerce(key: str, raw: object) -> object:
+    """Convert *raw* (usually a string) to the type of ``DEFAULTS[key]``."""
+    default = DEFAULTS.get(key)
+    if default is None or not isinstance(raw, str):
+        return raw
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config {key}: {raw!r} is not a boolean")
+    try:
+        return type(default)(raw)
+    except ValueError:
+        raise ValueError(
+            f"config {key}: {raw!r} is not a valid {type(default).__name__}"
+        ) from None
+
+
+def _read_file(path: Path) -> dict[str, str]:
+    """Flatten an INI file into ``section_key`` entries."""
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(path, encoding="utf-8") as fh:
+        parser.read_file(fh)
+    flat = {}
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            flat[f"{section}_{key}".lower()] = value
+    return flat
+
+
+def default_path(env: Mapping[str, str] | None = None) -> Path:
+    """The configuration file used when none is named explicitly."""
+    env = os.environ if env is None else env
+    return Path(env.get("MINARD_CONFIG", ROOT / "conf" / "minard.conf"))
+
+
+class Config(dict):
+    """A dict of configuration values with a helper for paths under var_dir."""
+
+    def path(self, key: str) -> Path:
+        """Resolve a path-valued key relative to the project root."""
+        p = Path(str(self[key]))
+        return p if p.is_absolute() else ROOT / p
+
+
+def load(
+    overrides: Mapping[str, object] | None = None,
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration: defaults < file < environment < *overrides*."""
+    env = os.environ if env is None else env
+    cfg = Config(DEFAULTS)
+    file = Path(path) if path is not None else default_path(env)
+    if file.exists():
+        for key, value in _read_file(file).items():
+            cfg[key] = _coerce(key, value)
+    elif path is not None:
+        raise FileNotFoundError(f"configuration file {file} does not exist")
+    for name, value in env.items():
+        if name.startswith("MINARD_") and name != "MINARD_CONFIG":
+            key = name[len("MINARD_"):].lower()
+            cfg[key] = _coerce(key, value)
+    for key, value in (overrides or {}).items():
+        cfg[key] = _coerce(key, value)
+    return cfg

@@ -1,0 +1,103 @@
+"""Real servers for tests and benchmarks: free ports, a throwaway redis-server.
+
+Used by ``tests/conftest.py`` and ``bench/``.  Every process started here is
+stopped by its pid; nothing is faked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Block until something accepts connections on *port*, or raise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+            time.sleep(0.02)
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM *proc*, then SIGKILL if it outlives *timeout*; return its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def redis_server_binary() -> str:
+    """Path of redis-server, or raise a clear error telling how to get it."""
+    path = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if not path:
+        raise RuntimeError("redis-server is not installed: run ./manage.sh setup")
+    return path
+
+
+class RedisServer:
+    """A redis-server on a free loopback port with its data in a temp dir."""
+
+    def __init__(self, port: int | None = None, password: str | None = None):
+        self.port = port or free_port()
+        self.password = password
+        self.dir = Path(tempfile.mkdtemp(prefix="minard-redis-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        """Start the server and wait until it answers."""
+        args = [
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+            "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server by pid (it is restartable on the same port)."""
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.proc = None
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

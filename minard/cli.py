@@ -22,6 +22,7 @@ COMMANDS = {
     "replay": ("minard.replay:replay_cmd", "Send ZDAB files to a dispatcher as its data source."),
     "record": ("minard.recorder:record_cmd", "Write every event from a dispatcher to ZDAB files."),
     "send": ("minard.dispatch_client:send_cmd", "Send one text command to a dispatcher and print the reply."),
+    "keys": ("minard.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
 }
 
 

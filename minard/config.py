@@ -49,6 +49,22 @@ DEFAULTS: dict[str, object] = {
     "log_port": 8081,
     "nginx_port": 50000,
     "supervisor_port": 9001,
+    # Operations (log server, alarms, credentials).  An empty path means the
+    # default file under var_dir (see minard.programs.ops_path).
+    "programs_file": "conf/programs.cfg",
+    "keys_file": "",
+    "log_dir": "",
+    "log_max_bytes": 10 * 1024 * 1024,
+    "log_backups": 5,
+    "log_max_message": 16 * 1024,
+    "log_url": "http://127.0.0.1:8081",
+    "alarm_history_days": 30,
+    "alarm_max_shelve_hours": 72.0,
+    "heartbeat_timeout": 30.0,
+    "supervisor_socket": "",
+    "web_secret_key_file": "",
+    "web_session_hours": 12.0,
+    "web_secure_cookies": False,
 }
 
 

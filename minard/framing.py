@@ -1,0 +1,249 @@
+"""Frame codec of the dispatcher protocol (pure: no sockets, no clock).
+
+Every message on a dispatcher connection is one *frame*::
+
+    +----------------+----------------------+-----------------+
+    | tag: 8 bytes   | length: 4 bytes      | payload         |
+    | ASCII, padded  | unsigned big-endian  | `length` bytes  |
+    +----------------+----------------------+-----------------+
+
+The tag is 1-8 characters from ``A-Z 0-9 _ -`` padded on the right with NUL
+or space bytes (ControlHost tags are 8 characters, so ``RAWDATA`` is sent as
+``b"RAWDATA\\0"``).  ``docs/protocol.md`` describes the tags and a worked
+example.
+
+:class:`FrameDecoder` is incremental: feed it whatever the socket returned and
+take out complete frames; a frame split over several reads is kept until its
+last byte arrives.  A bad tag or a length above the limit raises
+:class:`FrameError`; the stream cannot be resynchronised after that (there is
+no frame marker to search for), so the connection has to be closed.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import NamedTuple
+
+#: 8-byte tag + 4-byte big-endian payload length.
+HEADER = struct.Struct(">8sI")
+HEADER_SIZE = HEADER.size
+TAG_SIZE = 8
+
+#: Default largest payload accepted (``dispatcher_max_frame``).
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+# Tags used by minard (docs/protocol.md).
+RAWDATA = "RAWDATA"   # a 'PMT ' dispatch record (ZDAB_FORMAT.md section 9)
+RECHDR = "RECHDR"     # any other dispatch record (RUN, TRIG, EPED, ...)
+CMD = "CMD"           # a text command or the reply to one
+HELLO = "HELLO"       # role identification, the first frame of a client
+
+#: Tags that carry data records, as they appear on the wire.
+DATA_TAGS_RAW = frozenset({b"RAWDATA\0", b"RECHDR\0\0"})
+
+_TAG_RE = re.compile(rb"[A-Z0-9_\-]{1,8}[\x00 ]*")
+_TAG_CACHE_LIMIT = 256
+
+
+class FrameError(ValueError):
+    """The byte stream is not a valid sequence of frames."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame header announced a payload above the configured limit."""
+
+
+class TruncatedFrame(FrameError):
+    """The stream ended in the middle of a frame."""
+
+
+class Frame(NamedTuple):
+    """One decoded frame: its tag (str, padding removed) and its payload."""
+
+    tag: str
+    payload: bytes
+
+    @property
+    def text(self) -> str:
+        """The payload as text (commands are ASCII; bad bytes are replaced)."""
+        return self.payload.decode("utf-8", "replace")
+
+
+class Batch(NamedTuple):
+    """Consecutive data frames kept as their original bytes, headers included.
+
+    The dispatcher forwards data frames without re-encoding them; a batch is
+    what it writes to each client in one call.
+    """
+
+    raw: bytes
+    count: int
+
+
+def tag_bytes(tag: str | bytes) -> bytes:
+    """The 8-byte wire form of *tag* (NUL padded), validated."""
+    raw = tag.encode("ascii") if isinstance(tag, str) else bytes(tag)
+    raw = raw.ljust(TAG_SIZE, b"\0")
+    if len(raw) != TAG_SIZE or not _TAG_RE.fullmatch(raw):
+        raise ValueError(f"invalid frame tag {tag!r}")
+    return raw
+
+
+def encode_header(tag: str | bytes, length: int) -> bytes:
+    """The 12-byte header of a frame of *length* payload bytes."""
+    return HEADER.pack(tag_bytes(tag), length)
+
+
+def encode_frame(tag: str | bytes, payload: bytes | str) -> bytes:
+    """One complete frame.  A str payload is encoded as UTF-8."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    return encode_header(tag, len(payload)) + payload
+
+
+def encode_frames(tag: str | bytes, payloads) -> bytes:
+    """Many frames of the same tag joined into one buffer (one send call)."""
+    raw_tag = tag_bytes(tag)
+    pack = HEADER.pack
+    parts = []
+    for payload in payloads:
+        parts.append(pack(raw_tag, len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def command_frame(text: str) -> bytes:
+    """A ``CMD`` frame carrying *text*."""
+    return encode_frame(CMD, text.encode("utf-8"))
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes, take frames with ``next``/``frames``.
+
+    ``batch_tags`` (wire-form tags) makes :meth:`next_item` return runs of
+    consecutive frames with those tags as one :class:`Batch` (at most
+    ``batch_bytes`` long) instead of one :class:`Frame` each.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
+                 batch_tags: frozenset[bytes] = frozenset(),
+                 batch_bytes: int = 1 << 20):
+        self.max_frame = int(max_frame)
+        self.batch_tags = frozenset(batch_tags)
+        self.batch_bytes = batch_bytes
+        self._buf = bytearray()
+        self._pos = 0
+        self._tags: dict[bytes, str] = {}
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as part of a frame."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes read from the stream."""
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def _tag(self, raw: bytes) -> str:
+        """The str form of a wire tag, raising FrameError if it is garbage."""
+        tag = self._tags.get(raw)
+        if tag is None:
+            if not _TAG_RE.fullmatch(raw):
+                raise FrameError(f"invalid frame tag {raw!r}")
+            tag = raw.rstrip(b"\0 ").decode("ascii")
+            if len(self._tags) < _TAG_CACHE_LIMIT:
+                self._tags[raw] = tag
+        return tag
+
+    def _header_at(self, pos: int) -> tuple[bytes, int] | None:
+        """The (raw tag, length) at *pos*, None if incomplete; validates both."""
+        if len(self._buf) - pos < HEADER_SIZE:
+            return None
+        raw, length = HEADER.unpack_from(self._buf, pos)
+        self._tag(raw)
+        if length > self.max_frame:
+            raise FrameTooLarge(
+                f"frame {raw.rstrip(bytes([0, 32]))!r} announces {length} bytes,"
+                f" above the limit of {self.max_frame}")
+        return raw, length
+
+    def next(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive."""
+        head = self._header_at(self._pos)
+        if head is None:
+            return None
+        raw, length = head
+        start = self._pos + HEADER_SIZE
+        end = start + length
+        if end > len(self._buf):
+            return None
+        self._pos = end
+        return Frame(self._tags.get(raw) or self._tag(raw), bytes(self._buf[start:end]))
+
+    def next_item(self) -> Frame | Batch | None:
+        """Like :meth:`next`, but consecutive batch-tag frames come as a Batch."""
+        head = self._header_at(self._pos)
+        if head is None:
+            return None
+        if head[0] not in self.batch_tags:
+            return self.next()
+        return self._batch()
+
+    def _batch(self) -> Batch | None:
+        """Collect complete consecutive data frames starting at the cursor."""
+        buf, start = self._buf, self._pos
+        pos, count, size = start, 0, len(buf)
+        limit = start + self.batch_bytes
+        tags, unpack, max_frame = self.batch_tags, HEADER.unpack_from, self.max_frame
+        while pos + HEADER_SIZE <= size and pos < limit:
+            raw, length = unpack(buf, pos)
+            if raw not in tags:
+                break
+            if length > max_frame:
+                if count:
+                    break  # return the good frames first; the error comes next call
+                self._header_at(pos)
+            end = pos + HEADER_SIZE + length
+            if end > size:
+                break
+            pos, count = end, count + 1
+        if not count:
+            return None
+        self._pos = pos
+        return Batch(bytes(buf[start:pos]), count)
+
+    def frames(self) -> list[Frame]:
+        """Every complete frame available now."""
+        out = []
+        while (frame := self.next()) is not None:
+            out.append(frame)
+        return out
+
+    def check_eof(self) -> None:
+        """Call when the stream ended: raise TruncatedFrame if a frame is cut."""
+        if self.pending:
+            raise TruncatedFrame(f"stream ended inside a frame ({self.pending} bytes left)")
+
+
+def decode_all(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> list[Frame]:
+    """Decode a complete byte string into frames (raises on trailing bytes)."""
+    decoder = FrameDecoder(max_frame)
+    decoder.feed(data)
+    frames = decoder.frames()
+    decoder.check_eof()
+    return frames
+
+
+def iter_batch(raw: bytes):
+    """Yield the (tag, payload) frames inside a Batch's bytes."""
+    pos, size, unpack = 0, len(raw), HEADER.unpack_from
+    view = memoryview(raw)
+    while pos < size:
+        tag, length = unpack(raw, pos)
+        start = pos + HEADER_SIZE
+        yield tag.rstrip(b"\0 ").decode("ascii"), bytes(view[start:start + length])
+        pos = start + length

@@ -1,0 +1,105 @@
+"""The ZMQ wire format between producers and consumers (versioned, no pickle).
+
+A batch of raw records travels as one ZMQ multipart message of five frames::
+
+    0  b"minard/1"             protocol name and version
+    1  kind                    ASCII record kind: b"pmt", b"cmos", b"base", ...
+    2  meta                    UTF-8 JSON object (producer name, batch seq, send time)
+    3  lengths                 uint32 big-endian, one per record
+    4  payload                 the records' bytes, back to back
+
+Records are passed through untouched, so the consumer can decode the payload in
+one vectorized pass using the offsets that ``lengths`` give.  Anything that does
+not follow this layout raises :class:`WireError` (with a ``reason``) and the
+consumer counts and drops the message; it never evaluates what it received.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from collections.abc import Sequence
+
+import numpy as np
+
+MAGIC = b"minard/"
+VERSION = 1
+VERSION_FRAME = b"minard/1"
+KINDS = frozenset({b"pmt", b"rechdr", b"cmos", b"base", b"orca"})
+#: Defaults; processes pass the configured ``zmq_max_frame``.
+MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_RECORDS = 1_000_000
+MAX_META = 4096
+
+
+class WireError(ValueError):
+    """A message that is not a valid minard batch; ``reason`` names the fault."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Batch:
+    """A decoded batch: records are ``payload[offsets[i]:offsets[i]+lengths[i]]``."""
+
+    kind: str
+    meta: dict
+    payload: bytes
+    lengths: np.ndarray
+    offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        ends = np.cumsum(self.lengths, dtype=np.int64)
+        self.offsets = ends - self.lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def records(self) -> list[bytes]:
+        """The records as separate bytes objects (for non-vectorized callers)."""
+        view = memoryview(self.payload)
+        return [bytes(view[o:o + n]) for o, n in zip(self.offsets.tolist(), self.lengths.tolist())]
+
+
+def encode(kind: str, records: Sequence[bytes], meta: dict | None = None) -> list[bytes]:
+    """Build the frames of one batch of *records* of *kind*."""
+    kind_b = kind.encode("ascii")
+    if kind_b not in KINDS:
+        raise WireError("unknown_kind", kind)
+    meta = dict(meta or {})
+    meta.setdefault("sent", time.time())
+    meta["count"] = len(records)
+    lengths = np.fromiter((len(r) for r in records), dtype=">u4", count=len(records))
+    return [VERSION_FRAME, kind_b, json.dumps(meta).encode(), lengths.tobytes(), b"".join(records)]
+
+
+def decode(frames: Sequence[bytes], max_payload: int = MAX_PAYLOAD) -> Batch:
+    """Check and decode the frames of one message; raise WireError if invalid."""
+    if len(frames) != 5:
+        raise WireError("frame_count", f"expected 5 frames, got {len(frames)}")
+    version, kind, meta_raw, lengths_raw, payload = (bytes(f) for f in frames)
+    if version != VERSION_FRAME:
+        if version.startswith(MAGIC):
+            raise WireError("version", f"unsupported version {version[len(MAGIC):]!r}")
+        raise WireError("not_minard", "first frame is not a minard version frame")
+    if kind not in KINDS:
+        raise WireError("unknown_kind", repr(kind[:32]))
+    if len(payload) > max_payload:
+        raise WireError("oversize", f"payload of {len(payload)} bytes > {max_payload}")
+    if len(meta_raw) > MAX_META:
+        raise WireError("oversize", f"meta of {len(meta_raw)} bytes")
+    if len(lengths_raw) % 4 or len(lengths_raw) // 4 > MAX_RECORDS:
+        raise WireError("bad_lengths", f"lengths frame of {len(lengths_raw)} bytes")
+    try:
+        meta = json.loads(meta_raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError("bad_meta", str(exc)) from None
+    if not isinstance(meta, dict):
+        raise WireError("bad_meta", "meta is not a JSON object")
+    lengths = np.frombuffer(lengths_raw, dtype=">u4").astype(np.int64)
+    if int(lengths.sum()) != len(payload):
+        raise WireError("bad_lengths", f"lengths sum to {int(lengths.sum())}, payload is {len(payload)}")
+    return Batch(kind.decode(), meta, payload, lengths)

@@ -18,17 +18,27 @@ log() { printf '[manage] %s\n' "$*" >&2; }
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 
+apt_install() {
+    log "installing Debian packages: $*"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    if [ -z "${APT_UPDATED:-}" ]; then
+        $sudo apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 install_apt() {
     local missing=()
     have redis-server || missing+=(redis-server)
     have nginx || missing+=(nginx-light)
     have chromium || missing+=(chromium)
+    have npm || missing+=(npm)
     [ ${#missing[@]} -eq 0 ] && return 0
-    log "installing Debian packages: ${missing[*]}"
+    apt_install "${missing[@]}"
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The Debian packages start system services; minard runs its own instances.
     for svc in redis-server nginx; do
         $sudo service "$svc" stop >/dev/null 2>&1 || true
@@ -49,9 +59,31 @@ install_python() {
     fi
 }
 
+# Front-end libraries come from the npm registry (versions pinned in
+# package.json / package-lock.json) and are copied into static/vendor, so the
+# site needs no internet and no CDN at run time.
+VENDOR_FILES=(
+    node_modules/uplot/dist/uPlot.iife.min.js
+    node_modules/uplot/dist/uPlot.min.css
+    node_modules/d3/dist/d3.min.js
+)
+
+install_static() {
+    local stamp=static/vendor/.installed
+    if [ -f "$stamp" ] && [ ! package-lock.json -nt "$stamp" ]; then
+        return 0
+    fi
+    log "vendoring front-end libraries into static/vendor"
+    npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null
+    mkdir -p static/vendor
+    cp "${VENDOR_FILES[@]}" static/vendor/
+    touch "$stamp"
+}
+
 setup() {
     install_apt
     install_python
+    install_static
 }
 
 cmd=${1:-up}

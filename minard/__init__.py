@@ -12,3 +12,17 @@ NCRATES = 19
 NCARDS = 16
 NCHANNELS = 32
 NCHANNELS_TOTAL = NCRATES * NCARDS * NCHANNELS  # 9728
+
+
+def __getattr__(name: str):
+    """``minard.app`` is the website (``gunicorn minard:app``), built on first access.
+
+    Lazy so that importing minard (the CLI, the decoders) never imports Flask.
+    """
+    if name == "app":
+        from .web import create_app
+
+        app = create_app()
+        globals()["app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

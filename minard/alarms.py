@@ -1,0 +1,337 @@
+"""Alarms in Redis: raise, group, acknowledge, shelve, and thresholds on pipeline data.
+
+An alarm has a level (10 debug, 20 info, 21 success, 30 warning, 40 danger),
+a message, where it came from (``source``: log, heartbeat, monitor, ...) and
+the program it concerns.  Identical alarms are *grouped*: while an alarm is
+not acknowledged, raising the same one again (same grouping key) only bumps
+its count and last-seen time.  After an acknowledgement the next occurrence
+opens a new alarm, so a condition that comes back is announced again; to
+silence a recurring condition an operator *shelves* it, always until a given
+time, after which it is active again unless acknowledged.
+
+An alarm is *ringing* when it is active (neither acknowledged nor shelved)
+and its level is 40 or more; the website beeps while any alarm rings.
+
+Redis keys (``docs/operations.md``):
+
+- ``minard:alarms:next``          counter for alarm ids
+- ``minard:alarm:ID``             hash with the alarm's fields; expires
+  ``alarm_history_days`` after its last change
+- ``minard:alarms:index``         sorted set of ids by last-seen time (trimmed
+  to the same history)
+- ``minard:alarms:group:SHA1``    id of the open alarm of a grouping key
+- ``minard:alarms:counters``      last values of counters watched for movement
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+DEBUG, INFO, SUCCESS, WARNING, DANGER = 10, 20, 21, 30, 40
+#: level -> (name, colour).  Colours are the ones of static/css/minard.css.
+LEVELS = {
+    DEBUG: ("debug", "#6c757d"),
+    INFO: ("info", "#0b7fab"),
+    SUCCESS: ("success", "#1e8a3c"),
+    WARNING: ("warning", "#d98c00"),
+    DANGER: ("danger", "#c62828"),
+}
+NAMES = {name: level for level, (name, _) in LEVELS.items()}
+NAMES.update({"error": DANGER, "critical": DANGER, "warn": WARNING})
+RING_LEVEL = DANGER
+MAX_MESSAGE = 2000
+MAX_COMMENT = 500
+
+P = "minard:"
+NEXT = P + "alarms:next"
+INDEX = P + "alarms:index"
+COUNTERS = P + "alarms:counters"
+
+
+def alarm_key(alarm_id: int | str) -> str:
+    """Redis key of one alarm's hash."""
+    return f"{P}alarm:{int(alarm_id)}"
+
+
+def group_key(key: str) -> str:
+    """Redis key holding the open alarm id of grouping *key* (hashed: keys may be long)."""
+    return P + "alarms:group:" + hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
+def parse_level(value: object) -> int:
+    """A level from an int (0..50) or a name (debug, info, success, warning, danger, error)."""
+    if isinstance(value, bool):
+        raise ValueError("level must be a number or a level name")
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in NAMES:
+            return NAMES[v]
+        try:
+            value = int(v)
+        except ValueError:
+            raise ValueError(f"unknown level {value[:20]!r}: use 10, 20, 21, 30, 40 or a level name") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= 50:
+        raise ValueError("level must be an integer from 0 to 50")
+    return value
+
+
+def level_name(level: int) -> str:
+    """Name of the highest defined level not above *level* (50 critical -> danger)."""
+    best = DEBUG
+    for lv in LEVELS:
+        if lv <= level:
+            best = max(best, lv)
+    return LEVELS[best][0]
+
+
+def level_colour(level: int) -> str:
+    """Display colour of *level*."""
+    return LEVELS[NAMES[level_name(level)]][1]
+
+
+def _ttl(history_days: float) -> int:
+    """Seconds an alarm is kept after its last change."""
+    return max(1, int(history_days * 86400))
+
+
+def _clip(text: object, limit: int) -> str:
+    """*text* as str, cut to *limit* characters with an ellipsis."""
+    s = str(text)
+    return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+
+
+_RAISE = """
+local id = redis.call('GET', KEYS[1])
+if id then
+  local a = ARGV[1] .. id
+  if redis.call('EXISTS', a) == 1 and redis.call('HEXISTS', a, 'ack_at') == 0 then
+    redis.call('HINCRBY', a, 'count', 1)
+    redis.call('HSET', a, 'last', ARGV[2], 'message', ARGV[6])
+    redis.call('EXPIRE', a, ARGV[3])
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    redis.call('ZADD', KEYS[3], ARGV[2], id)
+    return {tonumber(id), 0}
+  end
+end
+id = redis.call('INCR', KEYS[2])
+local a = ARGV[1] .. id
+redis.call('HSET', a, 'id', id, 'level', ARGV[4], 'source', ARGV[5], 'message', ARGV[6],
+           'program', ARGV[7], 'key', ARGV[8], 'first', ARGV[2], 'last', ARGV[2], 'count', 1)
+redis.call('EXPIRE', a, ARGV[3])
+redis.call('SET', KEYS[1], id, 'EX', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], id)
+return {tonumber(id), 1}
+"""
+
+
+def raise_alarm(r, level: int, message: str, source: str = "", program: str = "",
+                key: str | None = None, now: float | None = None, history_days: float = 30) -> int:
+    """Raise an alarm, or count a repeat of the open identical one; return its id.
+
+    *key* groups repeats; by default it is the source, program, level and
+    message, so only identical alarms are grouped.  Threshold alarms pass a key
+    so that a changing value still counts as the same alarm.
+    """
+    now = time.time() if now is None else now
+    level = parse_level(level)
+    message = _clip(message, MAX_MESSAGE)
+    key = key or f"{source}\0{program}\0{level}\0{message}"
+    alarm_id, _new = r.eval(_RAISE, 3, group_key(key), NEXT, INDEX, P + "alarm:", repr(now),
+                            _ttl(history_days), level, source, message, program, _clip(key, 200))
+    trim(r, now, history_days)
+    return int(alarm_id)
+
+
+def trim(r, now: float | None = None, history_days: float = 30) -> int:
+    """Drop index entries older than the history (their hashes expire by themselves)."""
+    now = time.time() if now is None else now
+    return r.zremrangebyscore(INDEX, "-inf", now - _ttl(history_days))
+
+
+def _decode(h: Mapping) -> dict[str, str]:
+    """A Redis hash as str -> str."""
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in h.items()}
+
+
+def _view(h: dict[str, str], now: float) -> dict:
+    """An alarm hash as a dict for pages and JSON, with its state at *now*."""
+    level = int(h.get("level", 0))
+    shelved_until = float(h["shelved_until"]) if h.get("shelved_until") else None
+    if h.get("ack_at"):
+        state = "acknowledged"
+    elif shelved_until and shelved_until > now:
+        state = "shelved"
+    else:
+        state = "active"
+    num = lambda k: float(h[k]) if h.get(k) else None  # noqa: E731
+    return {
+        "id": int(h["id"]), "level": level, "level_name": level_name(level),
+        "colour": level_colour(level), "source": h.get("source", ""),
+        "program": h.get("program", ""), "message": h.get("message", ""),
+        "first": num("first"), "last": num("last"), "count": int(h.get("count", 1)),
+        "state": state, "ringing": state == "active" and level >= RING_LEVEL,
+        "ack_by": h.get("ack_by"), "ack_at": num("ack_at"), "ack_comment": h.get("ack_comment"),
+        "shelved_until": shelved_until, "shelved_by": h.get("shelved_by"),
+        "shelve_comment": h.get("shelve_comment"),
+        "shelve_expired": bool(shelved_until and shelved_until <= now and state == "active"),
+    }
+
+
+def get(r, alarm_id: int, now: float | None = None) -> dict | None:
+    """One alarm by id, or None if it does not exist (or expired)."""
+    h = r.hgetall(alarm_key(alarm_id))
+    return _view(_decode(h), time.time() if now is None else now) if h else None
+
+
+def list_alarms(r, now: float | None = None, limit: int = 200, history_days: float = 30) -> list[dict]:
+    """The most recently seen alarms, newest first (at most *limit*)."""
+    now = time.time() if now is None else now
+    trim(r, now, history_days)
+    ids = r.zrevrange(INDEX, 0, max(0, limit - 1))
+    pipe = r.pipeline(transaction=False)
+    for i in ids:
+        pipe.hgetall(alarm_key(int(i)))
+    return [_view(_decode(h), now) for h in pipe.execute() if h]
+
+
+def ringing(alarms: Iterable[dict]) -> bool:
+    """True if any of *alarms* is active with level >= 40."""
+    return any(a["ringing"] for a in alarms)
+
+
+def summary(r, now: float | None = None, history_days: float = 30) -> dict:
+    """Counts for the navigation bar and the beep: active, ringing, shelved."""
+    items = list_alarms(r, now, limit=500, history_days=history_days)
+    return {
+        "active": sum(a["state"] == "active" for a in items),
+        "ringing": sum(a["ringing"] for a in items),
+        "shelved": sum(a["state"] == "shelved" for a in items),
+        "latest": items[0]["id"] if items else 0,
+    }
+
+
+def _update(r, alarm_id: int, fields: dict, history_days: float) -> None:
+    """Set *fields* on an alarm and keep it for another history period."""
+    k = alarm_key(alarm_id)
+    pipe = r.pipeline()
+    pipe.hset(k, mapping=fields)
+    pipe.expire(k, _ttl(history_days))
+    pipe.execute()
+
+
+def _existing(r, alarm_id: int, now: float) -> dict:
+    """The alarm *alarm_id* or a LookupError."""
+    a = get(r, alarm_id, now)
+    if a is None:
+        raise LookupError(f"alarm {alarm_id} does not exist")
+    return a
+
+
+def acknowledge(r, alarm_id: int, who: str, comment: str = "", now: float | None = None,
+                history_days: float = 30) -> dict:
+    """Acknowledge an alarm (who, when, comment); a repeat then opens a new alarm."""
+    now = time.time() if now is None else now
+    a = _existing(r, alarm_id, now)
+    if a["state"] == "acknowledged":
+        raise ValueError(f"alarm {alarm_id} was already acknowledged by {a['ack_by']}")
+    _update(r, alarm_id, {"ack_by": who, "ack_at": repr(now),
+                          "ack_comment": _clip(comment.strip(), MAX_COMMENT)}, history_days)
+    return _existing(r, alarm_id, now)
+
+
+def shelve(r, alarm_id: int, who: str, until: float | None, comment: str = "",
+           now: float | None = None, max_hours: float = 72, history_days: float = 30) -> dict:
+    """Shelve an alarm until *until* (mandatory, in the future, at most *max_hours* away)."""
+    now = time.time() if now is None else now
+    if until is None or not isinstance(until, (int, float)) or not math.isfinite(until):
+        raise ValueError("shelving needs an expiry time")
+    if until <= now:
+        raise ValueError("the shelve expiry must be in the future")
+    if until - now > max_hours * 3600:
+        raise ValueError(f"an alarm may be shelved for at most {max_hours:g} hours")
+    a = _existing(r, alarm_id, now)
+    if a["state"] == "acknowledged":
+        raise ValueError(f"alarm {alarm_id} is already acknowledged")
+    _update(r, alarm_id, {"shelved_until": repr(float(until)), "shelved_by": who,
+                          "shelve_comment": _clip(comment.strip(), MAX_COMMENT)}, history_days)
+    return _existing(r, alarm_id, now)
+
+
+def unshelve(r, alarm_id: int, who: str, now: float | None = None, history_days: float = 30) -> dict:
+    """End a shelve early: the alarm is active again."""
+    now = time.time() if now is None else now
+    _existing(r, alarm_id, now)
+    _update(r, alarm_id, {"shelved_until": repr(now), "shelved_by": who}, history_days)
+    return _existing(r, alarm_id, now)
+
+
+# -- thresholds on pipeline data ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A condition on one named value that raises an alarm while it holds.
+
+    ``zero``: the value is 0 (e.g. the trigger rate).  ``above`` / ``below``:
+    the value is outside a limit (e.g. consumer lag above 5 s).  ``moving``:
+    a counter increased since the previous check (e.g. events lost).
+    """
+
+    metric: str
+    above: float | None = None
+    below: float | None = None
+    zero: bool = False
+    moving: bool = False
+    level: int = WARNING
+    label: str = ""
+
+    def describe(self, value: float, previous: float | None) -> str | None:
+        """The alarm message if *value* violates this threshold, else None."""
+        name = self.label or self.metric
+        if self.zero and value == 0:
+            return f"{name} is zero"
+        if self.above is not None and value > self.above:
+            return f"{name} is {value:g}, above {self.above:g}"
+        if self.below is not None and value < self.below:
+            return f"{name} is {value:g}, below {self.below:g}"
+        if self.moving and previous is not None and value > previous:
+            return f"{name} increased by {value - previous:g} to {value:g}"
+        return None
+
+
+def check_thresholds(r, values: Mapping[str, float], thresholds: Iterable[Threshold],
+                     source: str = "monitor", program: str = "", now: float | None = None,
+                     history_days: float = 30) -> list[int]:
+    """Raise an alarm for each threshold its value violates; return the alarm ids.
+
+    *values* maps metric names to current values (missing ones are skipped).
+    Each threshold's alarms share one grouping key, so a condition that holds
+    over many checks is one alarm with a count, not one alarm per check.
+    """
+    now = time.time() if now is None else now
+    raised = []
+    for t in thresholds:
+        value = values.get(t.metric)
+        if value is None or not math.isfinite(float(value)):
+            continue
+        value = float(value)
+        previous = None
+        ident = f"{source}:{program}:{t.metric}"
+        if t.moving:
+            old = r.hget(COUNTERS, ident)
+            r.hset(COUNTERS, ident, repr(value))
+            previous = float(old) if old is not None else None
+        message = t.describe(value, previous)
+        if message:
+            prefix = f"{program}: " if program else ""
+            raised.append(raise_alarm(r, t.level, prefix + message, source=source, program=program,
+                                      key=f"threshold:{ident}:{t.level}", now=now,
+                                      history_days=history_days))
+    return raised

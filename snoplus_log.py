@@ -1,0 +1,10 @@
+"""The log server's WSGI entry point: ``gunicorn -b 0.0.0.0:8081 snoplus_log:app``.
+
+The name is the original site's.  The app reads its configuration from
+``conf/minard.conf`` and ``MINARD_*`` variables (``minard.config.load``) and
+connects to nothing until the first request.
+"""
+
+from minard.logserver import create_app
+
+app = create_app()

@@ -23,6 +23,8 @@ COMMANDS = {
     "record": ("minard.recorder:record_cmd", "Write every event from a dispatcher to ZDAB files."),
     "send": ("minard.dispatch_client:send_cmd", "Send one text command to a dispatcher and print the reply."),
     "keys": ("minard.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
+    "runs": ("minard.runs:runs_cli", "List runs, or show one run's summary (events, triggers, nhit, channels)."),
+    "stats": ("minard.dispatch_stream:stats_cmd", "Print the pipeline's loss counters per stage."),
 }
 
 

@@ -65,6 +65,16 @@ DEFAULTS: dict[str, object] = {
     "web_secret_key_file": "",
     "web_session_hours": 12.0,
     "web_secure_cookies": False,
+    # Dispatch-stream monitoring (minard_dispatch push/pull, docs/storage.md)
+    "dispatch_batch_records": 1000,  # push: records per ZMQ batch at most
+    "dispatch_batch_ms": 50.0,  # push: longest a record waits before its batch goes
+    "dispatch_stats_interval": 2.0,  # push: seconds between dispatcher STATS? queries
+    "dispatch_workers": 2,  # pull: MaxSlaves of the pool
+    "dispatch_max_total_workers": 4,  # pull: MaxTotalSlaves
+    "dispatch_trx_limit": 0,  # pull: records before a worker is recycled; 0 = never
+    "dispatch_idle_timeout": 300.0,  # pull: seconds idle before a worker is stopped
+    "dispatch_event_log": "",  # pull: pool event log (default var_dir/dispatch_pool.log)
+    "dispatch_close_retry": 3.0,  # pull: seconds a stopping worker retries its last flush
 }
 
 

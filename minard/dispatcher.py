@@ -328,6 +328,7 @@ class Dispatcher:
         self.scalers = ScalerRecord()
         self.shutting_down = False
         self._awaiting: set[Client] = set()
+        self._deferred: list[tuple[Client, str]] = []
         self._finished = asyncio.Event()
         self._notape = asyncio.Event()
         self._notape.set()
@@ -382,7 +383,7 @@ class Dispatcher:
         """A connection was accepted."""
         self.clients[client.conn_id] = client
         self.counters["connections"] += 1
-        log.info("connection from %s:%d on socket %d", *client.peer, client.fd)
+        log.debug("connection from %s:%d on socket %d", *client.peer, client.fd)
         if self.shutting_down:
             client.send_cmd("ERROR:dispatcher is shutting down")
             client.close()
@@ -536,6 +537,11 @@ class Dispatcher:
             return None
         if self.shutting_down:
             raise CommandError("the dispatcher is shutting down")
+        if self.state == "Ending":
+            # The previous run is still ending: run this BEGINTAPE after ALLFINISHED.
+            client.hold("ending")
+            self._deferred.append((client, f"BEGINTAPE:{arg}"))
+            return None
         if self.state != "NoTape":
             raise CommandError(f"run {self.run} is still open ({self.state}): send ENDTAPE first")
         self.source = client
@@ -742,8 +748,13 @@ class Dispatcher:
         self.counters["runs_ended"] += 1
         self.state, self.scalers = "NoTape", ScalerRecord()
         self._notape.set()
-        if self.source is not None:
-            self.source.release("ending")
+        deferred, self._deferred = self._deferred, []
+        for client, text in deferred:
+            if not client.closed:
+                self.on_command(client, text)
+        for client in [self.source, *(c for c, _ in deferred)]:
+            if client is not None:
+                client.release("ending")
 
     async def _flush_scalers(self, record: ScalerRecord) -> None:
         """Write the run's scaler record to the log and to Redis (if reachable)."""
@@ -910,6 +921,68 @@ class DispatcherThread:
         return self.start()
 
     def __exit__(self, *exc):
+        self.stop()
+
+
+class DispatcherProcess:
+    """``python -m minard.cli dispatcher`` as a real subprocess (tests, bench).
+
+    *settings* are configuration keys (e.g. ``dispatcher_analyzer_queue=100``)
+    passed as ``MINARD_*`` environment variables; stderr goes to *log_path*.
+    Stopped by its pid.
+    """
+
+    def __init__(self, port: int | None = None, log_path=None, **settings):
+        from .testing import free_port
+
+        self.port = port or free_port()
+        self.settings = settings
+        self.log_path = Path(log_path) if log_path else None
+        self.proc = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "DispatcherProcess":
+        """Start the process and wait until it accepts connections."""
+        import os
+        import subprocess
+        import sys
+
+        from .testing import wait_port
+
+        env = dict(os.environ)
+        env.update({f"MINARD_{k.upper()}": str(v) for k, v in self.settings.items()})
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "minard.cli", "dispatcher", "--port", str(self.port)],
+                env=env, stdout=out, stderr=out, cwd=str(config_mod.ROOT))
+        finally:
+            if self.log_path:
+                out.close()
+        wait_port(self.port, timeout=timeout)
+        return self
+
+    def log_text(self) -> str:
+        """What the process logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit by itself; return its exit code."""
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM (then SIGKILL) by pid; return the exit code."""
+        from .testing import stop_pid
+
+        return stop_pid(self.proc) if self.proc is not None else None
+
+    def __enter__(self) -> "DispatcherProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
         self.stop()
 
 

@@ -196,25 +196,25 @@ class FrameDecoder:
     def _batch(self) -> Batch | None:
         """Collect complete consecutive data frames starting at the cursor."""
         buf, start = self._buf, self._pos
-        pos, count, size = start, 0, len(buf)
-        limit = start + self.batch_bytes
+        pos, count = start, 0
+        last = min(len(buf), start + self.batch_bytes) - HEADER_SIZE
+        size = len(buf)
         tags, unpack, max_frame = self.batch_tags, HEADER.unpack_from, self.max_frame
-        while pos + HEADER_SIZE <= size and pos < limit:
+        # The hot loop of the dispatcher: one header unpack per frame.
+        while pos <= last:
             raw, length = unpack(buf, pos)
-            if raw not in tags:
-                break
-            if length > max_frame:
-                if count:
-                    break  # return the good frames first; the error comes next call
-                self._header_at(pos)
             end = pos + HEADER_SIZE + length
-            if end > size:
+            if end > size or length > max_frame or raw not in tags:
                 break
-            pos, count = end, count + 1
+            pos = end
+            count += 1
         if not count:
+            # Only reached for an oversized or incomplete first frame.
+            self._header_at(pos)
             return None
         self._pos = pos
-        return Batch(bytes(buf[start:pos]), count)
+        with memoryview(buf) as view:
+            return Batch(bytes(view[start:pos]), count)
 
     def frames(self) -> list[Frame]:
         """Every complete frame available now."""

@@ -92,7 +92,7 @@ class KeyStore:
         self._verified: dict[str, bytes] = {}
 
     @classmethod
-    def from_config(cls, cfg) -> "KeyStore":
+    def from_config(cls, cfg) -> KeyStore:
         """The key store named by ``keys_file`` (default ``var_dir/keys.json``)."""
         from .programs import ops_path
 

@@ -74,7 +74,7 @@ class _Sender:
                 break
             try:
                 status = _post(self.url, self.path, self.token, payload, self.timeout)
-            except Exception:  # connection refused, timeout, DNS...: the server is away
+            except Exception:  # noqa: BLE001 - connection refused, timeout, DNS...: the server is away
                 status = 0
             if 200 <= status < 300:
                 self.sent += 1
@@ -133,7 +133,7 @@ class HttpLogHandler(logging.Handler):
             if getattr(record, "notify", False):
                 payload["notify"] = True
             self._sender.submit(payload)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a handler must never break the host program
             self._sender.dropped += 1
 
     @property
@@ -192,7 +192,7 @@ class Heartbeat:
         """Post one heartbeat now; True if the server accepted it.  Never raises."""
         try:
             status = _post(self.url, "/heartbeat", self.token, self.payload(), self.timeout)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the server is away; count it, never raise
             status = 0
         if 200 <= status < 300:
             self.sent += 1
@@ -209,7 +209,7 @@ class Heartbeat:
             self.beat()
             self._stop.wait(self.period)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         """Start the daemon thread (idempotent)."""
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
@@ -223,7 +223,7 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:

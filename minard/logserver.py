@@ -253,7 +253,7 @@ def _routes(app: Flask, cfg) -> None:
         """Liveness for supervisord and nginx: Redis must answer."""
         try:
             r.ping()
-        except Exception as exc:  # any Redis failure means "not healthy"
+        except Exception as exc:  # noqa: BLE001 - any Redis failure means "not healthy"
             return jsonify(ok=False, error=f"redis: {type(exc).__name__}"), 503
         return jsonify(ok=True)
 

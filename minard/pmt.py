@@ -19,10 +19,13 @@ bytes out, no I/O.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from . import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
 
@@ -274,21 +277,25 @@ def encode_orphan(*, run: int, evnum: int, gtid: int, **kwargs) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class EventBatch:
     """Decoded events and hits as numpy arrays (one row per event / per hit).
 
-    Per event: ``run, subrun, evnum, gtid, nhit, trigger, clock10, clock50,
-    orphan, bad_hits`` and ``valid_index`` (the index in the input of each
-    decoded record).  Per hit: ``hit_event`` (row in the event arrays),
-    ``crate, card, channel, lcn, cell, qhs, qhl, qlx, tac, hit_gtid, flags``
-    and ``hit_gtid_mismatch`` (hit GTID differs from the MTC GTID; always
-    False for orphans, whose MTC GTID is zero).  ``errors`` lists
-    ``(input index, RecordError)`` for records that could not be decoded.
+    Per event: ``run, subrun, evnum, gtid, nhit, trigger`` (27-bit word, §5),
+    ``clock10, clock50, orphan``, ``bad_hits`` (hits dropped for crate > 18),
+    ``gtid_mismatch`` (hits whose GTID differs from the MTC GTID; always 0 for
+    orphans, whose MTC GTID is zero) and ``valid_index`` (index in the input
+    of each decoded record).
 
-    ``nhit`` is NPmtHit from the header; hits on a crate above 18 are dropped
-    (see ``decode_buffer``) and counted in ``bad_hits``, so ``nhit`` can
-    exceed the hits kept for that event.
+    Per hit, stored: ``lcn, qhs, qhl, qlx, tac, cell, flags, hit_gtid``;
+    computed on first use and cached: ``hit_event`` (row in the event
+    arrays), ``crate, card, channel`` (from lcn) and ``hit_gtid_mismatch``.
+    Keeping those lazy halves the memory a batch touches, which is most of
+    the decoding cost.  Hits of an event are contiguous and in record order.
+
+    ``errors`` lists ``(input index, RecordError)`` for records that could
+    not be decoded.  ``nhit`` is NPmtHit from the header, so
+    ``nhit - bad_hits`` hits of each event are kept (``hit_counts``).
     """
 
     run: np.ndarray
@@ -301,20 +308,16 @@ class EventBatch:
     clock50: np.ndarray
     orphan: np.ndarray
     bad_hits: np.ndarray
+    gtid_mismatch: np.ndarray
     valid_index: np.ndarray
-    hit_event: np.ndarray
-    crate: np.ndarray
-    card: np.ndarray
-    channel: np.ndarray
     lcn: np.ndarray
-    cell: np.ndarray
     qhs: np.ndarray
     qhl: np.ndarray
     qlx: np.ndarray
     tac: np.ndarray
-    hit_gtid: np.ndarray
+    cell: np.ndarray
     flags: np.ndarray
-    hit_gtid_mismatch: np.ndarray
+    hit_gtid: np.ndarray
     errors: list[tuple[int, RecordError]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -326,9 +329,40 @@ class EventBatch:
         return len(self.lcn)
 
     @property
+    def hit_counts(self) -> np.ndarray:
+        """Hits kept per event: NPmtHit minus dropped bad-crate hits."""
+        return self.nhit - self.bad_hits
+
+    @cached_property
+    def hit_event(self) -> np.ndarray:
+        """Event row of each hit (int32)."""
+        return np.repeat(np.arange(len(self), dtype=np.int32), self.hit_counts)
+
+    @cached_property
+    def crate(self) -> np.ndarray:
+        """Crate of each hit, 0..18 (§6)."""
+        return (self.lcn >> 9).astype(np.uint8)
+
+    @cached_property
+    def card(self) -> np.ndarray:
+        """Card (slot) of each hit, 0..15 (§6)."""
+        return (self.lcn >> 5 & 0xF).astype(np.uint8)
+
+    @cached_property
+    def channel(self) -> np.ndarray:
+        """Channel of each hit, 0..31 (§6)."""
+        return (self.lcn & 0x1F).astype(np.uint8)
+
+    @cached_property
+    def hit_gtid_mismatch(self) -> np.ndarray:
+        """Per hit: its GTID differs from the event's MTC GTID (never for orphans)."""
+        expected = np.repeat(self.gtid, self.hit_counts)
+        return (self.hit_gtid != expected) & ~np.repeat(self.orphan, self.hit_counts)
+
+    @property
     def n_gtid_mismatch(self) -> int:
         """Number of hits whose GTID differs from their event's MTC GTID."""
-        return int(np.count_nonzero(self.hit_gtid_mismatch))
+        return int(self.gtid_mismatch.sum())
 
     def channel_counts(self) -> np.ndarray:
         """Hits per channel (length 9728, indexed by lcn)."""
@@ -343,12 +377,11 @@ class EventBatch:
 _EVENT_DTYPES = dict(
     run=np.uint32, subrun=np.uint16, evnum=np.uint32, gtid=np.uint32, nhit=np.int32,
     trigger=np.uint32, clock10=np.uint64, clock50=np.uint64, orphan=np.bool_,
-    bad_hits=np.int32, valid_index=np.int64,
+    bad_hits=np.int32, gtid_mismatch=np.int32, valid_index=np.int64,
 )
 _HIT_DTYPES = dict(
-    hit_event=np.int32, crate=np.uint8, card=np.uint8, channel=np.uint8, lcn=np.uint16,
-    cell=np.uint8, qhs=np.uint16, qhl=np.uint16, qlx=np.uint16, tac=np.uint16,
-    hit_gtid=np.uint32, flags=np.uint8, hit_gtid_mismatch=np.bool_,
+    lcn=np.uint16, qhs=np.uint16, qhl=np.uint16, qlx=np.uint16, tac=np.uint16,
+    cell=np.uint8, flags=np.uint8, hit_gtid=np.uint32,
 )
 
 
@@ -384,11 +417,52 @@ def walk_subfields(buf, offset: int, nwords: int, nhit: int, word4: int) -> list
             return fields
 
 
-def _as_bytes_buffer(buf):
+def _as_bytes_buffer(buf) -> np.ndarray:
     """A 1-D uint8 view of any bytes-like *buf* (no copy)."""
     if isinstance(buf, np.ndarray):
         return buf.reshape(-1).view(np.uint8)
     return np.frombuffer(buf, dtype=np.uint8)
+
+
+def _to_native(arr: np.ndarray) -> np.ndarray:
+    """Byte-swap a big-endian array we own in place; same values, native dtype."""
+    if arr.dtype.isnative:
+        return arr
+    return arr.byteswap(inplace=True).view(arr.dtype.newbyteorder("="))
+
+
+class _Scratch(threading.local):
+    """Per-thread temporary arrays reused from one decode to the next.
+
+    Fresh memory costs a page fault per 4 kB on first touch, which on the
+    monitoring hosts (VMs) costs more than decoding the hits in it, so the
+    temporaries of ``decode_buffer`` (selected hit words, 16-bit columns) are
+    kept and regrown as needed.  They never escape a call.
+    """
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A C-contiguous array of *shape*, possibly holding stale values."""
+        size = int(np.prod(shape))
+        arr = self.arrays.get(name)
+        if arr is None or arr.dtype != dtype or arr.size < size:
+            grow = 0 if arr is None else arr.size + arr.size // 2
+            arr = self.arrays[name] = np.empty(max(size, grow), dtype)
+        return arr[:size].reshape(shape)
+
+    def release(self) -> None:
+        """Free the temporaries (they are rebuilt on the next decode)."""
+        self.arrays.clear()
+
+
+_SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's decoding temporaries (e.g. after one huge batch)."""
+    _SCRATCH.release()
 
 
 def decode_events(records: Sequence) -> EventBatch:
@@ -402,9 +476,8 @@ def decode_events(records: Sequence) -> EventBatch:
     if not len(lengths):
         return empty_batch()
     parts = list(records)
-    ragged = np.flatnonzero(lengths % 4)
-    for i in ragged.tolist():
-        parts[i] = bytes(parts[i]) + b"\0" * (4 - lengths[i] % 4)
+    for i in np.flatnonzero(lengths % 4).tolist():
+        parts[i] = bytes(parts[i]) + b"\0" * int(4 - lengths[i] % 4)
     padded = (lengths + 3) // 4 * 4
     offsets = np.concatenate(([0], np.cumsum(padded)[:-1]))
     return decode_buffer(b"".join(parts), offsets, lengths)
@@ -413,9 +486,10 @@ def decode_events(records: Sequence) -> EventBatch:
 def _check_records(words: np.ndarray, offsets, lengths, nbytes: int):
     """Validate record extents and headers; return (header words, error map).
 
-    Vectorized over records.  *words* is the buffer as big-endian uint32.
-    Returns the 11 header words of each record as native uint32 (rows of
-    rejected records are zero) and ``{index: RecordError}``.
+    Vectorized over records.  *words* is the buffer as big-endian uint32 and
+    every offset is a multiple of 4.  Returns the 11 header words of each
+    record as native uint32 (rows of short records are zero) and
+    ``{index: RecordError}``.
     """
     n = len(offsets)
     errors: dict[int, RecordError] = {}
@@ -426,10 +500,14 @@ def _check_records(words: np.ndarray, offsets, lengths, nbytes: int):
     for i in np.flatnonzero(in_bounds & ~long_enough).tolist():
         errors[i] = RecordError("truncated", f"record {i} has {lengths[i]} bytes, less than the 44-byte header")
     first = np.where(long_enough, offsets // 4, 0)
-    header = np.zeros((n, HEADER_WORDS), np.uint32)
-    if len(words):
-        idx = first[:, None] + np.arange(HEADER_WORDS)
-        header[long_enough] = words[idx[long_enough]]
+    if len(words) >= HEADER_WORDS:
+        # One row gather of 11 consecutive words per record (overlapping strided view).
+        rows = as_strided(words, shape=(len(words) - HEADER_WORDS + 1, HEADER_WORDS),
+                          strides=(words.strides[0],) * 2, writeable=False)
+        header = _to_native(rows[first]).astype(np.uint32, copy=False)
+        header[~long_enough] = 0
+    else:
+        header = np.zeros((n, HEADER_WORDS), np.uint32)
     nhit = (header[:, 3] & 0xFFFF).astype(np.int64)  # §4 word 3 bits 0-15
     too_many = long_enough & (nhit > MAX_NHIT)
     for i in np.flatnonzero(too_many).tolist():
@@ -461,10 +539,10 @@ def decode_buffer(buf, offsets, lengths) -> EventBatch:
     Words after the hits and sub-fields are ignored; a length that is not a
     whole number of words loses its partial last word.
 
-    **Hits with crate > 18** (or, equivalently for the detector, lcn > 9727)
-    are *dropped and counted* in ``bad_hits`` rather than rejecting the event:
-    one corrupt hit word must not hide an otherwise good event (its trigger,
-    GTID and other hits), and it cannot be mapped to a channel.
+    **Hits with crate > 18** are *dropped and counted* in ``bad_hits`` rather
+    than rejecting the event: one corrupt hit word must not hide an otherwise
+    good event (its trigger, GTID and other hits), and such a hit cannot be
+    mapped to one of the 9728 channels.
     """
     data = _as_bytes_buffer(buf)
     offsets = np.asarray(offsets, np.int64).reshape(-1)
@@ -505,8 +583,8 @@ def decode_buffer(buf, offsets, lengths) -> EventBatch:
 def _realigned(data: np.ndarray, offsets, lengths, ok_extent) -> EventBatch:
     """Copy in-bounds records into a fresh aligned buffer and decode that.
 
-    Used only for records at unaligned offsets or overlapping hit regions;
-    out-of-bounds records become empty placeholders (reported as bad_offset).
+    Used only for records at unaligned offsets or with overlapping hit
+    regions; out-of-bounds records keep their place as bad_offset errors.
     """
     parts, new_off, new_len, pos = [], [], [], 0
     for i in range(len(offsets)):
@@ -529,7 +607,6 @@ def _events_from_headers(h: np.ndarray, index: np.ndarray) -> EventBatch:
     clock10 = m[:, 0].astype(np.uint64) | (m[:, 1].astype(np.uint64) & 0x1FFFFF) << np.uint64(32)
     clock50 = (m[:, 1] >> 21).astype(np.uint64) | m[:, 2].astype(np.uint64) << np.uint64(11)
     trigger = (m[:, 3] >> 24) | (m[:, 4] & 0x7FFFF) << 8  # §5: 27-bit SNO+ trigger word
-    empty = np.zeros(0, np.uint8)
     return EventBatch(
         run=h[:, 1].copy(),
         subrun=(h[:, 3] >> 16).astype(np.uint16),
@@ -541,17 +618,18 @@ def _events_from_headers(h: np.ndarray, index: np.ndarray) -> EventBatch:
         clock50=clock50,
         orphan=~np.any(m, axis=1),
         bad_hits=np.zeros(len(h), np.int32),
+        gtid_mismatch=np.zeros(len(h), np.int32),
         valid_index=index.astype(np.int64),
-        **{k: empty.astype(t) for k, t in _HIT_DTYPES.items()},
+        **{k: np.zeros(0, t) for k, t in _HIT_DTYPES.items()},
     )
 
 
 def _hit_mask(nwords: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Boolean mask over the buffer words selecting [starts[i], ends[i]) runs.
+    """Boolean mask over the buffer words selecting the [starts[i], ends[i]) runs.
 
-    Built with one ``np.repeat`` of alternating False/True runs, which is much
-    faster than a cumulative sum or an index gather.  Runs must be sorted and
-    disjoint.
+    Built with one ``np.repeat`` of alternating False/True runs, much faster
+    than a cumulative sum or an index gather.  Runs must be sorted, disjoint
+    and non-empty in number.
     """
     runs = np.empty(2 * len(starts) + 1, np.int64)
     runs[0] = starts[0]
@@ -566,46 +644,95 @@ def _hit_mask(nwords: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 def _fill_hits(batch: EventBatch, words: np.ndarray, starts, ends, counts) -> None:
     """Decode every hit of the good records into *batch* (§6), vectorized.
 
-    The selected words keep their big-endian bytes; viewed as big-endian
-    uint16 each hit is six half-words (H0 hi, H0 lo, H1 hi, H1 lo, H2 hi,
-    H2 lo), so every field is a 16-bit shift/mask.
+    The selected words keep their big-endian bytes; as 16-bit values each
+    hit is six halves (H0 hi, H0 lo, H1 hi, H1 lo, H2 hi, H2 lo), copied to
+    six contiguous rows so every field is a whole-row 16-bit operation.
     """
     total = int(counts.sum())
     if total == 0:
         return
-    raw = words.view(np.uint32)[_hit_mask(len(words), starts, ends)]
-    half = raw.view(">u2").reshape(total, 6).T.astype(np.uint16)  # native, contiguous rows
-    h0hi, h0lo, h1hi, h1lo, h2hi, h2lo = half
-    u8 = np.uint8
-    channel = (h0hi & 0x1F).astype(u8)  # H0 bits 16-20
-    crate = (h0hi >> 5 & 0x1F).astype(u8)  # H0 bits 21-25
-    card = (h0hi >> 10 & 0xF).astype(u8)  # H0 bits 26-29
-    lcn16 = (h0hi << 4 & 0x3E00) | (h0hi >> 5 & 0x1E0) | (h0hi & 0x1F)  # crate*512+card*32+channel
-    flags = ((h0hi >> 14) | (h1hi >> 12 << 2)).astype(u8)  # HIT_FLAG_NAMES order
-    cell = (h1lo >> 12).astype(u8)  # H1 bits 12-15
-    # §6: the ADC/TAC value is the 12-bit field XOR 0x800.
-    qlx = (h1lo & 0xFFF) ^ ADC_XOR
-    qhs = (h1hi & 0xFFF) ^ ADC_XOR
-    qhl = (h2lo & 0xFFF) ^ ADC_XOR
-    tac = (h2hi & 0xFFF) ^ ADC_XOR
-    # Hit GTID = H0 bits 0-15 | H2 bits 12-15 << 16 | H2 bits 28-31 << 20.
-    gtid_hi = (h2hi >> 8 & 0xF0) | (h2lo >> 12)
-    hit_gtid = gtid_hi.astype(np.uint32) << 16 | h0lo
-    nev = len(batch.gtid)
-    hit_event = np.repeat(np.arange(nev, dtype=np.int32), counts)
-    mismatch = hit_gtid != np.repeat(batch.gtid, counts)
-    if batch.orphan.any():
-        mismatch &= ~np.repeat(batch.orphan, counts)
-    hits = dict(hit_event=hit_event, crate=crate, card=card, channel=channel, lcn=lcn16,
-                cell=cell, qhs=qhs, qhl=qhl, qlx=qlx, tac=tac, hit_gtid=hit_gtid,
-                flags=flags, hit_gtid_mismatch=mismatch)
-    bad = crate >= NCRATES
-    if bad.any():
-        batch.bad_hits = np.bincount(hit_event[bad], minlength=nev).astype(np.int32)
-        keep = ~bad
-        hits = {k: v[keep] for k, v in hits.items()}
+    # Boolean indexing is the fastest numpy compaction (np.compress is 2-3x slower).
+    raw = words.view(np.uint32)[_hit_mask(len(words), starts, ends)].view(">u2").reshape(total, 6)
+    half = _SCRATCH.get("half", np.uint16, (6, total))
+    for k in range(6):
+        half[k] = raw[:, k]  # strided big-endian column -> contiguous native row
+    del raw
+    hits = _hit_fields(total, *half)
+    if int(hits["lcn"].max()) >= NCRATES * NCARDS * NCHANNELS:  # a crate above 18
+        bad = hits["lcn"] >= NCRATES * NCARDS * NCHANNELS
+        nev = len(batch.gtid)
+        batch.bad_hits = np.bincount(np.repeat(np.arange(nev), counts)[bad], minlength=nev).astype(np.int32)
+        hits = {k: v[~bad] for k, v in hits.items()}
     for name, value in hits.items():
         setattr(batch, name, value)
+    batch.gtid_mismatch = _gtid_mismatch_counts(batch)
+
+
+def _gtid_mismatch_counts(batch: EventBatch) -> np.ndarray:
+    """Per event, the hits whose GTID differs from the MTC GTID (§6).
+
+    The per-event minimum and maximum hit GTID (two ``reduceat`` passes)
+    clear almost every event at once; only events where they differ from the
+    MTC GTID are counted hit by hit.  Orphans count 0.
+    """
+    counts = batch.hit_counts.astype(np.int64)
+    out = np.zeros(len(counts), np.int32)
+    rows = np.flatnonzero(counts > 0)
+    if not len(rows):
+        return out
+    first = (np.cumsum(counts) - counts)[rows]
+    lo = np.minimum.reduceat(batch.hit_gtid, first)
+    hi = np.maximum.reduceat(batch.hit_gtid, first)
+    gtid = batch.gtid[rows]
+    suspect = rows[((lo != gtid) | (hi != gtid)) & ~batch.orphan[rows]]
+    for row in suspect.tolist():
+        start = int(first[np.searchsorted(rows, row)])
+        hits = batch.hit_gtid[start:start + int(counts[row])]
+        out[row] = np.count_nonzero(hits != batch.gtid[row])
+    return out
+
+
+def _hit_fields(n: int, h0hi, h0lo, h1hi, h1lo, h2hi, h2lo) -> dict[str, np.ndarray]:
+    """Stored per-hit fields from the six native 16-bit halves of H0..H2 (§6).
+
+    Outputs are rows of two fresh blocks and every operation writes with
+    ``out=`` into them or into reused scratch rows, so a decode touches as
+    little new memory as possible.
+    """
+    u16 = np.empty((5, n), np.uint16)
+    u8 = np.empty((2, n), np.uint8)
+    hit_gtid = np.empty(n, np.uint32)
+    lcn, qhs, qhl, qlx, tac = u16
+    cell, flags = u8
+    tmp, tmp2 = _SCRATCH.get("tmp", np.uint16, (2, n))
+    # H0 high half: channel bits 0-4, crate bits 5-9, card bits 10-13, CGT_ES16/24 bits 14-15.
+    # lcn = crate*512 + card*32 + channel = crate << 9 | card << 5 | channel.
+    np.left_shift(h0hi, 4, out=lcn)
+    np.bitwise_and(lcn, 0x3E00, out=lcn)  # crate << 9
+    np.right_shift(h0hi, 5, out=tmp)
+    np.bitwise_and(tmp, 0x1E0, out=tmp)  # card << 5
+    np.bitwise_or(lcn, tmp, out=lcn)
+    np.bitwise_and(h0hi, 0x1F, out=tmp)  # channel
+    np.bitwise_or(lcn, tmp, out=lcn)
+    # Flags: H0 bits 30-31 -> bits 0-1, H1 bits 28-31 -> bits 2-5 (HIT_FLAG_NAMES).
+    np.right_shift(h1hi, 12, out=tmp)
+    np.left_shift(tmp, 2, out=tmp)
+    np.right_shift(h0hi, 14, out=tmp2)
+    np.bitwise_or(tmp, tmp2, out=flags, casting="unsafe")
+    np.right_shift(h1lo, 12, out=cell, casting="unsafe")  # H1 bits 12-15
+    # Hit GTID = H0 bits 0-15 | H2 bits 12-15 << 16 | H2 bits 28-31 << 20.
+    np.right_shift(h2hi, 8, out=tmp)
+    np.bitwise_and(tmp, 0xF0, out=tmp)
+    np.right_shift(h2lo, 12, out=tmp2)
+    np.bitwise_or(tmp, tmp2, out=tmp)
+    hit_gtid[...] = tmp
+    np.left_shift(hit_gtid, 16, out=hit_gtid)
+    np.bitwise_or(hit_gtid, h0lo, out=hit_gtid)
+    # ADC/TAC value = 12-bit field XOR 0x800 (§6).
+    for src, dst in ((h1lo, qlx), (h1hi, qhs), (h2lo, qhl), (h2hi, tac)):
+        np.bitwise_and(src, 0xFFF, out=dst)
+        np.bitwise_xor(dst, ADC_XOR, out=dst)
+    return dict(lcn=lcn, qhs=qhs, qhl=qhl, qlx=qlx, tac=tac, cell=cell, flags=flags, hit_gtid=hit_gtid)
 
 
 # ---------------------------------------------------------------------------

@@ -105,7 +105,7 @@ class Registry:
         self._programs: dict[str, Program] = {}
 
     @classmethod
-    def from_config(cls, cfg) -> "Registry":
+    def from_config(cls, cfg) -> Registry:
         """The registry named by ``programs_file`` with ``heartbeat_timeout`` as default."""
         return cls(ops_path(cfg, "programs_file", "programs.cfg"), float(cfg["heartbeat_timeout"]))
 
@@ -200,7 +200,7 @@ def validate_metrics(metrics: object) -> dict[str, float]:
     if metrics is None:
         return {}
     if not isinstance(metrics, dict):
-        raise ValueError("metrics must be an object of name -> number")
+        raise ValueError("metrics must be an object of name -> number")  # noqa: TRY004 - a 400
     if len(metrics) > MAX_METRICS:
         raise ValueError(f"at most {MAX_METRICS} metrics per heartbeat")
     out = {}

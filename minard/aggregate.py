@@ -1,0 +1,351 @@
+"""Per-second and per-run aggregation of decoded PMT events (pure: no I/O).
+
+A pull worker decodes each batch with :func:`minard.pmt.decode_buffer` and
+hands the resulting :class:`~minard.pmt.EventBatch` to :class:`Aggregator`,
+which folds it into two kinds of additive state:
+
+* :class:`SecondAgg`, one per wall-clock second, for the live time series.
+  A batch is bucketed by the second in which the producer handed it on (the
+  ``sent`` time of the wire batch, i.e. arrival in the monitoring system).
+  Live rates are therefore rates *as seen by the monitoring*, like the
+  original minard's per-second flush, and every worker puts the same batch in
+  the same bucket.  The event clocks are not used for bucketing: a replay at
+  full speed would otherwise pile days of data into "now", and a corrupt
+  clock could scatter counts over the whole retention.
+* :class:`RunAgg`, one per run number read from the events, for the run
+  summaries.  These do not depend on time at all, so they are exact and
+  reproducible: replaying a file gives the same summary at any speed.
+
+Every field is a count or a sum (plus "latest" values), so aggregates from
+any number of workers combine exactly by addition (:meth:`SecondAgg.merge`,
+:meth:`RunAgg.merge`); Redis applies the same additions atomically.
+
+Definitions (the tests compute the same numbers independently):
+
+* An *event* is a decoded record that is not an orphan.  It counts once in
+  ``TOTAL`` and once for every trigger bit set in its 27-bit trigger word.
+* ``nhit`` is NPmtHit from the record header; ``qhs`` sums are over the
+  decoded hits of the event.
+* Orphans (all six MTC words zero) are counted apart and contribute neither to
+  trigger counts nor to channel hits (occupancy = hits / events).
+* GTID gaps: consecutive non-orphan events in stream order whose GTIDs
+  (24 bits, wrapping) differ by more than one, after removing the GTIDs the
+  hardware never issues (:func:`hardware_skipped`).  A difference of zero or
+  of more than ``GAP_MAX`` is a *jump* (reset, duplicate or out of order)
+  rather than a gap.  The producer passes the GTID of the last event before
+  each batch (``prev_gtid``) so gaps across batch boundaries are found too.
+* Corrupt records are counted by ``RecordError.reason``; the rest of their
+  batch is aggregated normally.
+
+No per-hit or per-event Python loops: everything is numpy (bincount, masks,
+one small matrix of trigger bits per batch).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
+from .pmt import MAX_NHIT, TRIGGER_NAMES
+
+#: Trigger names of the time series and summaries: the 27 bits, then TOTAL.
+NAMES: tuple[str, ...] = tuple(TRIGGER_NAMES) + ("TOTAL",)
+NTRIG = len(TRIGGER_NAMES)
+TOTAL = NTRIG  # index of TOTAL in per-trigger arrays
+#: nhit distribution of the time series: bins of NHIT_BIN hits, the last bin
+#: holds everything from NHIT_BIN * (NHIT_BINS - 1) up.
+NHIT_BIN = 5
+NHIT_BINS = 201
+GTID_MOD = 1 << 24
+#: A forward GTID step above this is a jump (reset/corruption), not missing events.
+GAP_MAX = 100_000
+_SHIFTS = np.arange(NTRIG, dtype=np.uint32)
+
+
+def hardware_skipped(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """GTIDs the hardware never issues strictly between *lo* and *hi* (mod 2**24).
+
+    The MTC/D skips GTID 0 when its 24-bit counter wraps (0xFFFFFF -> 1), so
+    a wrap looks like a gap of one that is not a missing event.  Arguments are
+    arrays of GTIDs with ``hi`` reached from ``lo`` going forward.
+    """
+    lo = np.asarray(lo, np.int64)
+    hi = np.asarray(hi, np.int64)
+    return (hi < lo).astype(np.int64)  # the step wrapped, so it passed over 0
+
+
+def gtid_gaps(gtids: np.ndarray, prev: int | None = None) -> tuple[int, int, int]:
+    """(gaps, missing GTIDs, jumps) along *gtids* in stream order.
+
+    *prev* is the GTID of the event just before the first one (or None).
+    """
+    g = np.asarray(gtids, np.int64)
+    if prev is not None:
+        g = np.concatenate(([int(prev)], g))
+    if len(g) < 2:
+        return 0, 0, 0
+    lo, hi = g[:-1], g[1:]
+    step = (hi - lo) % GTID_MOD
+    missing = step - 1 - hardware_skipped(lo, hi)
+    jump = (step == 0) | (step > GAP_MAX)
+    gap = ~jump & (missing > 0)
+    return int(gap.sum()), int(missing[gap].sum()), int(jump.sum())
+
+
+def trigger_bits(trigger: np.ndarray) -> np.ndarray:
+    """(n events, 27) matrix of 0/1: bit i of each event's trigger word."""
+    return ((np.asarray(trigger, np.uint32)[:, None] >> _SHIFTS) & 1).astype(np.int64)
+
+
+def nhit_bin(nhit: np.ndarray) -> np.ndarray:
+    """Time-series histogram bin of each nhit (last bin = overflow)."""
+    return np.minimum(np.asarray(nhit, np.int64) // NHIT_BIN, NHIT_BINS - 1)
+
+
+def nhit_bin_label(b: int) -> int:
+    """Lowest nhit of bin *b* (used as the field name in Redis)."""
+    return int(b) * NHIT_BIN
+
+
+@dataclass
+class Events:
+    """The per-event and per-hit arrays one aggregate needs (non-orphans only)."""
+
+    trigger: np.ndarray
+    nhit: np.ndarray
+    qhs: np.ndarray  # per event: sum of qhs over its decoded hits
+    gtid: np.ndarray
+    lcn: np.ndarray  # hits of these events
+    bad_hits: int = 0
+    gtid_mismatch: int = 0
+
+
+def select(batch, mask: np.ndarray | None = None) -> Events:
+    """The non-orphan events of *batch* (and their hits), restricted to *mask*."""
+    keep = ~batch.orphan.astype(bool)
+    if mask is not None:
+        keep &= mask
+    n = len(batch.gtid)
+    qhs_ev = np.bincount(batch.hit_event, weights=batch.qhs, minlength=n).astype(np.int64)
+    if keep.all():
+        return Events(batch.trigger, batch.nhit, qhs_ev, batch.gtid, batch.lcn,
+                      int(batch.bad_hits.sum()), int(np.count_nonzero(batch.hit_gtid_mismatch)))
+    hit_keep = keep[batch.hit_event] if len(batch.hit_event) else np.zeros(0, bool)
+    return Events(batch.trigger[keep], batch.nhit[keep], qhs_ev[keep], batch.gtid[keep],
+                  batch.lcn[hit_keep], int(batch.bad_hits[keep].sum()),
+                  int(np.count_nonzero(batch.hit_gtid_mismatch[hit_keep])))
+
+
+@dataclass
+class SecondAgg:
+    """Additive aggregate of one second (or any interval) of the live stream."""
+
+    t: int
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(NTRIG + 1, np.int64))
+    nhit_sum: np.ndarray = field(default_factory=lambda: np.zeros(NTRIG + 1, np.int64))
+    qhs_sum: np.ndarray = field(default_factory=lambda: np.zeros(NTRIG + 1, np.int64))
+    nhit_hist: np.ndarray = field(default_factory=lambda: np.zeros((NTRIG + 1, NHIT_BINS), np.int64))
+    channel_hits: np.ndarray = field(default_factory=lambda: np.zeros(NCHANNELS_TOTAL, np.int64))
+    records: int = 0  # records received (good + corrupt)
+    orphans: int = 0
+    hits: int = 0
+    bad_hits: int = 0
+    gtid_mismatch: int = 0
+    gtid_gaps: int = 0
+    gtid_missing: int = 0
+    gtid_jumps: int = 0
+    corrupt: Counter = field(default_factory=Counter)
+    last: tuple[int, int, int] | None = None  # (run, subrun, gtid) of the latest event
+
+    @property
+    def events(self) -> int:
+        return int(self.counts[TOTAL])
+
+    @property
+    def crate_hits(self) -> np.ndarray:
+        """Hits per crate (19)."""
+        return self.channel_hits.reshape(NCRATES, -1).sum(axis=1)
+
+    @property
+    def card_hits(self) -> np.ndarray:
+        """Hits per card (19*16, index crate*16 + card)."""
+        return self.channel_hits.reshape(NCRATES * NCARDS, NCHANNELS).sum(axis=1)
+
+    def add_events(self, ev: Events) -> None:
+        """Fold the non-orphan events *ev* into this second."""
+        if not len(ev.nhit):
+            return
+        bits = trigger_bits(ev.trigger)
+        nhit = ev.nhit.astype(np.int64)
+        self.counts[:NTRIG] += bits.sum(axis=0)
+        self.counts[TOTAL] += len(nhit)
+        self.nhit_sum[:NTRIG] += nhit @ bits
+        self.nhit_sum[TOTAL] += int(nhit.sum())
+        self.qhs_sum[:NTRIG] += ev.qhs @ bits
+        self.qhs_sum[TOTAL] += int(ev.qhs.sum())
+        bins = nhit_bin(nhit)
+        ev_idx, trig_idx = np.nonzero(bits)
+        flat = np.concatenate((trig_idx * NHIT_BINS + bins[ev_idx], TOTAL * NHIT_BINS + bins))
+        self.nhit_hist += np.bincount(flat, minlength=(NTRIG + 1) * NHIT_BINS).reshape(NTRIG + 1, NHIT_BINS)
+        self.channel_hits += np.bincount(ev.lcn, minlength=NCHANNELS_TOTAL)
+        self.hits += len(ev.lcn)
+        self.bad_hits += ev.bad_hits
+        self.gtid_mismatch += ev.gtid_mismatch
+
+    def merge(self, other: "SecondAgg") -> None:
+        """Add *other* (another worker's aggregate of the same second) into this one."""
+        for name in ("counts", "nhit_sum", "qhs_sum", "nhit_hist", "channel_hits"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        for name in ("records", "orphans", "hits", "bad_hits", "gtid_mismatch",
+                     "gtid_gaps", "gtid_missing", "gtid_jumps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.corrupt.update(other.corrupt)
+        self.last = other.last or self.last
+
+    def scalar_fields(self) -> dict[str, int]:
+        """The nonzero counters of the ``stream`` and ``trig`` series, by field name."""
+        out = {f"{NAMES[i]}": int(c) for i, c in enumerate(self.counts) if c}
+        out.update({f"{NAMES[i]}:nhit": int(c) for i, c in enumerate(self.nhit_sum) if c})
+        out.update({f"{NAMES[i]}:qhs": int(c) for i, c in enumerate(self.qhs_sum) if c})
+        return out
+
+    def stream_fields(self) -> dict[str, int]:
+        """Nonzero stream-health counters (records, orphans, gaps, corrupt records...)."""
+        out = {"records": self.records, "events": self.events, "orphans": self.orphans,
+               "hits": self.hits, "bad_hits": self.bad_hits, "gtid_mismatch": self.gtid_mismatch,
+               "gtid_gaps": self.gtid_gaps, "gtid_missing": self.gtid_missing,
+               "gtid_jumps": self.gtid_jumps, "corrupt": sum(self.corrupt.values())}
+        out.update({f"corrupt:{k}": v for k, v in self.corrupt.items()})
+        return {k: int(v) for k, v in out.items() if v}
+
+    def nhit_fields(self) -> dict[str, int]:
+        """Nonzero nhit histogram bins as ``<trigger>:<lowest nhit of bin>``."""
+        trig, b = np.nonzero(self.nhit_hist)
+        return {f"{NAMES[t]}:{nhit_bin_label(k)}": int(self.nhit_hist[t, k])
+                for t, k in zip(trig.tolist(), b.tolist())}
+
+
+@dataclass
+class RunAgg:
+    """Additive summary of one run: exact, independent of time and of workers."""
+
+    run: int
+    events: int = 0
+    orphans: int = 0
+    hits: int = 0
+    triggers: np.ndarray = field(default_factory=lambda: np.zeros(NTRIG, np.int64))
+    nhit_counts: np.ndarray = field(default_factory=lambda: np.zeros(MAX_NHIT + 1, np.int64))
+    channel_hits: np.ndarray = field(default_factory=lambda: np.zeros(NCHANNELS_TOTAL, np.int64))
+    subruns: set = field(default_factory=set)
+    start: float | None = None  # arrival time of the first record seen
+    end: float | None = None  # arrival time of the last record seen
+
+    def add_events(self, ev: Events, subruns, t: float, orphans: int = 0) -> None:
+        """Fold *ev* (events of this run), their *subruns* and arrival time *t*."""
+        self.events += len(ev.nhit)
+        self.orphans += orphans
+        self.hits += len(ev.lcn)
+        if len(ev.nhit):
+            self.triggers += trigger_bits(ev.trigger).sum(axis=0)
+            self.nhit_counts += np.bincount(np.minimum(ev.nhit, MAX_NHIT), minlength=MAX_NHIT + 1)
+            self.channel_hits += np.bincount(ev.lcn, minlength=NCHANNELS_TOTAL)
+        self.subruns.update(int(s) for s in np.unique(subruns).tolist())
+        self.start = t if self.start is None else min(self.start, t)
+        self.end = t if self.end is None else max(self.end, t)
+
+    def merge(self, other: "RunAgg") -> None:
+        """Add another aggregate of the same run."""
+        self.events += other.events
+        self.orphans += other.orphans
+        self.hits += other.hits
+        self.triggers += other.triggers
+        self.nhit_counts += other.nhit_counts
+        self.channel_hits += other.channel_hits
+        self.subruns |= other.subruns
+        for t in (other.start, other.end):
+            if t is not None:
+                self.start = t if self.start is None else min(self.start, t)
+                self.end = t if self.end is None else max(self.end, t)
+
+    def as_dict(self) -> dict:
+        """The summary in the JSON shape of ``minard runs show`` (see minard.runs)."""
+        nz = np.flatnonzero(self.nhit_counts)
+        ch = np.flatnonzero(self.channel_hits)
+        return {
+            "run": self.run, "events": self.events, "orphans": self.orphans, "hits": self.hits,
+            "triggers": {n: int(c) for n, c in zip(TRIGGER_NAMES, self.triggers)},
+            "nhit_histogram": {str(i): int(self.nhit_counts[i]) for i in nz.tolist()},
+            "channel_hits": {str(i): int(self.channel_hits[i]) for i in ch.tolist()},
+            "start": self.start, "end": self.end, "subruns": sorted(self.subruns),
+        }
+
+
+class Aggregator:
+    """Pending aggregates of one worker between two flushes."""
+
+    def __init__(self):
+        self.seconds: dict[int, SecondAgg] = {}
+        self.runs: dict[int, RunAgg] = {}
+        self.records = 0  # records folded in since the last take()
+
+    def second(self, t: float) -> SecondAgg:
+        """The aggregate of the second holding *t* (created on demand)."""
+        s = int(t)
+        agg = self.seconds.get(s)
+        if agg is None:
+            agg = self.seconds[s] = SecondAgg(s)
+        return agg
+
+    def run(self, run: int) -> RunAgg:
+        agg = self.runs.get(run)
+        if agg is None:
+            agg = self.runs[run] = RunAgg(run)
+        return agg
+
+    def add_batch(self, batch, t: float, prev_gtid: int | None = None,
+                  corrupt: Counter | None = None) -> None:
+        """Fold one decoded batch that arrived at time *t*.
+
+        *corrupt* counts records rejected before decoding (e.g. a bad dispatch
+        header); ``batch.errors`` adds the decoder's rejections.
+        """
+        sec = self.second(t)
+        bad = Counter(corrupt or {})
+        bad.update(err.reason for _, err in batch.errors)
+        nrec = len(batch.gtid) + sum(bad.values())
+        sec.records += nrec
+        sec.corrupt.update(bad)
+        self.records += nrec
+        if not len(batch.gtid):
+            return
+        orphan = batch.orphan.astype(bool)
+        norphan = int(orphan.sum())
+        sec.orphans += norphan
+        ev = select(batch)
+        sec.add_events(ev)
+        gaps, missing, jumps = gtid_gaps(ev.gtid, prev_gtid)
+        sec.gtid_gaps += gaps
+        sec.gtid_missing += missing
+        sec.gtid_jumps += jumps
+        i = len(batch.gtid) - 1
+        sec.last = (int(batch.run[i]), int(batch.subrun[i]), int(batch.gtid[i]))
+        runs = np.unique(batch.run)
+        if len(runs) == 1:
+            self.run(int(runs[0])).add_events(ev, batch.subrun, t, norphan)
+            return
+        for r in runs.tolist():
+            mask = batch.run == r
+            self.run(int(r)).add_events(select(batch, mask), batch.subrun[mask], t,
+                                        int((orphan & mask).sum()))
+
+    def take(self) -> tuple[dict[int, SecondAgg], dict[int, RunAgg], int]:
+        """Hand over everything pending (for a flush) and start afresh."""
+        out = (self.seconds, self.runs, self.records)
+        self.seconds, self.runs, self.records = {}, {}, 0
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.seconds or self.runs)

@@ -1,0 +1,655 @@
+"""``minard_dispatch push`` and ``minard_dispatch pull``: the dispatch stream into Redis.
+
+Data path::
+
+    dispatcher --TCP--> push --ZMQ PUSH/PULL (minard/1 batches)--> pull pool --> Redis
+
+**push** is an analyzer client of the dispatcher.  It collects the data
+frames it receives into batches (at most ``dispatch_batch_records`` records
+or ``dispatch_batch_ms`` milliseconds) and sends each as one wire message
+(:mod:`minard.wire`; kind ``pmt`` for 'PMT ' dispatch records, ``rechdr`` for
+the others) on a PUSH socket bound to ``zmq_dispatch`` with an explicit
+SNDHWM.  Sends never block: a batch that meets the high-water mark is dropped
+and counted (``stats:push`` ``dropped`` and ``hwm``).  ENDTAPE is answered with
+FINISHED once every record received has been handed to ZMQ.  When the
+dispatcher goes away the push reconnects with back-off; its heartbeat names
+the dispatcher it reads.  Each batch's meta carries ``prev_gtid``, the GTID
+of the last event before it, so that workers find GTID gaps across batches.
+
+**pull** runs a consumer pool (:mod:`minard.pool`) whose workers run
+:class:`PullHandler`: decode each batch in one vectorized pass
+(:func:`minard.pmt.decode_buffer`), aggregate (:mod:`minard.aggregate`) and,
+once a second, write everything pending in ONE Redis transaction: time
+series, run summaries and the loss counters.  If Redis is unreachable the
+aggregates of that flush are dropped and their records counted as
+``stats:redis`` errors once Redis is back; nothing is silent.
+
+Loss accounting (``stats:<stage>``, invariant received = processed + dropped +
+errors once queues are empty):
+
+* ``dispatcher``: events the dispatcher offered this push (from STATS?);
+  dropped = its analyzer queue overflowed.
+* ``push``: records received from the dispatcher; processed = handed to ZMQ;
+  dropped = refused at the high-water mark.
+* ``pull``: records received by the pool; processed = decoded and
+  aggregated; errors = corrupt records or batches; dropped = records held
+  by a worker that died before its flush (counted by the manager from the
+  per-worker ``pool:...:flushed`` hash the workers write in their flush).
+* ``redis``: records whose aggregates were to be written; errors = the write
+  failed (Redis down).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections import Counter
+
+import click
+import numpy as np
+import redis as redis_py
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import config as config_mod
+from . import log as log_mod
+from . import status, timeseries as ts, wire
+from .aggregate import Aggregator, SecondAgg
+from .dispatch_client import ConnectionClosed, DispatchClient, connect_with_retry, query
+from .framing import HEADER, HEADER_SIZE, tag_bytes
+from .pmt import GENERIC_HEADER, PMT_RECORD_ID, decode_buffer
+from .pool import Pool, PoolManager, PoolSpec
+from .runs import write_run
+
+log = logging.getLogger("minard.dispatch_stream")
+
+PUSH_COMPONENT = "minard_dispatch_push"
+PULL_COMPONENT = "minard_dispatch_pull"
+HANDLER = "minard.dispatch_stream:PullHandler"
+_RAWDATA = tag_bytes("RAWDATA")
+_RECHDR = tag_bytes("RECHDR")
+_WORD = struct.Struct(">I")
+#: nhit histograms: coarser than the scalar series (each bucket holds many bins).
+NHIT_LEVELS = (ts.Level(10, 2 * ts.HOUR), ts.Level(300, 2 * ts.DAY), ts.Level(3600, 30 * ts.DAY))
+
+
+def _redis_client(cfg) -> redis_py.Redis:
+    """A Redis client with short timeouts, so an outage is noticed within seconds."""
+    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=1.0,
+                                   socket_timeout=5.0)
+
+
+# =================================================================== push
+
+def record_gtid(view: memoryview) -> int | None:
+    """GTID of a 'PMT ' dispatch record, None for an orphan or a short record."""
+    base = GENERIC_HEADER.size
+    if len(view) < base + 44:
+        return None
+    mtc = bytes(view[base + 20: base + 44])
+    if not any(mtc):
+        return None
+    return _WORD.unpack_from(mtc, 12)[0] & 0xFFFFFF
+
+
+class Pusher:
+    """The push process: dispatcher analyzer in, ZMQ PUSH out, counted."""
+
+    def __init__(self, cfg, address: str, ctx: zmq.Context | None = None):
+        self.cfg = cfg
+        self.address = address
+        self.batch_records = int(cfg["dispatch_batch_records"])
+        self.batch_seconds = float(cfg["dispatch_batch_ms"]) / 1000.0
+        self.stats_interval = float(cfg["dispatch_stats_interval"])
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, int(cfg["zmq_hwm"]))
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.bind(str(cfg["zmq_dispatch"]))
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.peers = 0  # consumers connected to the PUSH socket
+        self.redis = _redis_client(cfg)
+        self.producer = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+        self.started = time.time()
+        self.running = True
+        self.client: DispatchClient | None = None
+        self.pending: dict[str, list] = {"pmt": [], "rechdr": []}
+        self.first_pending: float | None = None
+        self.last_gtid: int | None = None
+        self.seq = 0
+        self.totals = Counter()  # since start, for the heartbeat
+        self.deltas = {"push": Counter(), "dispatcher": Counter()}  # not yet in Redis
+        self.disp_seen = (None, 0, 0)  # (socket, events_sent, events_dropped) last read
+        self.next_beat = 0.0
+        self.next_stats = 0.0
+        self.redis_ok = True
+
+    # -------------------------------------------------------- lifecycle
+    def stop(self, *_args) -> None:
+        """SIGTERM: hand on what is pending, beat a last time, exit."""
+        self.running = False
+
+    def run(self) -> None:
+        """Connect (and reconnect) to the dispatcher until stopped."""
+        try:
+            while self.running:
+                try:
+                    self.client = connect_with_retry(
+                        self.address, "analyzer", "minard_dispatch_push", retry_for=None,
+                        should_stop=self._waiting, timeout=5.0)
+                except ConnectionClosed:
+                    break
+                log.info("reading dispatcher %s (socket %s)", self.address, self.client.socket_number)
+                self.disp_seen = (self.client.socket_number, 0, 0)
+                try:
+                    self.serve(self.client)
+                except (ConnectionClosed, OSError) as exc:
+                    log.warning("lost dispatcher %s: %s; reconnecting", self.address, exc)
+                finally:
+                    self.send_pending()
+                    self.client.close()
+                    self.client = None
+                self.beat()
+        finally:
+            self.send_pending()
+            self.beat(final=True)
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.sock.close()
+
+    def _waiting(self) -> bool:
+        """While reconnecting: keep beating (connected=0); True once stopped."""
+        if time.monotonic() >= self.next_beat:
+            self.beat()
+        return not self.running
+
+    def serve(self, client: DispatchClient) -> None:
+        """Read frames until the connection closes or we are stopped."""
+        decoder = client.decoder
+        decoder.batch_tags = frozenset({_RAWDATA, _RECHDR})
+        while client.backlog:
+            self.on_frame(client.backlog.popleft())
+        while self.running:
+            now = time.monotonic()
+            wait = self.next_beat - now
+            if self.first_pending is not None:
+                wait = min(wait, self.first_pending + self.batch_seconds - now)
+            ready, _, _ = select.select([client.sock], [], [], max(0.0, min(wait, 1.0)))
+            if ready:
+                data = client.sock.recv(1 << 20)
+                if not data:
+                    raise ConnectionClosed("dispatcher closed the connection")
+                decoder.feed(data)
+                while (item := decoder.next_item()) is not None:
+                    if hasattr(item, "raw"):
+                        self.on_data(item.raw)
+                    else:
+                        self.on_frame(item)
+            now = time.monotonic()
+            if self.first_pending is not None and now - self.first_pending >= self.batch_seconds:
+                self.send_pending()
+            if now >= self.next_beat:
+                self.beat()
+
+    # -------------------------------------------------------- data
+    def on_data(self, raw: bytes) -> None:
+        """Split consecutive data frames into pending records (no copy)."""
+        view = memoryview(raw)
+        pos, size, unpack = 0, len(raw), HEADER.unpack_from
+        pmt, other = self.pending["pmt"], self.pending["rechdr"]
+        n = 0
+        while pos < size:
+            tag, length = unpack(raw, pos)
+            start = pos + HEADER_SIZE
+            (pmt if tag == _RAWDATA else other).append(view[start:start + length])
+            pos = start + length
+            n += 1
+        self.deltas["push"]["received"] += n
+        self.totals["received"] += n
+        if self.first_pending is None:
+            self.first_pending = time.monotonic()
+        if len(pmt) >= self.batch_records or len(other) >= self.batch_records:
+            self.send_pending()
+
+    def on_frame(self, frame) -> None:
+        """A command from the dispatcher (data frames come through on_data)."""
+        if frame.tag in ("RAWDATA", "RECHDR"):
+            self.on_data(HEADER.pack(tag_bytes(frame.tag), len(frame.payload)) + frame.payload)
+            return
+        text = frame.text
+        if text.startswith("ENDTAPE"):
+            self.send_pending()
+            self.poll_dispatcher(force=True)
+            self.client.send_command("FINISHED")
+            self.totals["endtapes"] += 1
+            log.info("ENDTAPE: %d records handed on so far; FINISHED sent", self.totals["sent"])
+        elif text.startswith(("BEGINTAPE", "ALLFINISHED", "QUIT")):
+            log.info("dispatcher: %s", text[:80])
+        else:
+            log.debug("dispatcher command %r", text[:80])
+
+    def send_pending(self) -> None:
+        """Send what is pending as one batch per kind; count what ZMQ refuses."""
+        for kind, records in self.pending.items():
+            while records:
+                chunk, rest = records[:self.batch_records], records[self.batch_records:]
+                self.pending[kind] = records = rest
+                self._send(kind, chunk)
+        self.first_pending = None
+
+    def _send(self, kind: str, records: list) -> None:
+        meta = {"producer": self.producer, "seq": self.seq, "dispatcher": self.address}
+        if kind == "pmt":
+            meta["prev_gtid"] = self.last_gtid
+            for rec in reversed(records):
+                gtid = record_gtid(rec)
+                if gtid is not None:
+                    self.last_gtid = gtid
+                    break
+        self.seq += 1
+        frames = wire.encode(kind, records, meta)
+        n = len(records)
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.deltas["push"].update(dropped=n, hwm=n)
+            self.totals["dropped"] += n
+            if self.totals["dropped"] == n or self.totals["drop_batches"] % 100 == 0:
+                log.warning("ZMQ high-water mark reached: dropped a batch of %d records"
+                            " (%d dropped so far)", n, self.totals["dropped"])
+            self.totals["drop_batches"] += 1
+            return
+        self.deltas["push"]["processed"] += n
+        self.totals["sent"] += n
+        self.totals["batches"] += 1
+
+    # -------------------------------------------------------- reporting
+    def poll_dispatcher(self, force: bool = False) -> None:
+        """Count the dispatcher's sends and drops for our connection (STATS?)."""
+        now = time.monotonic()
+        if self.client is None or (not force and now < self.next_stats):
+            return
+        self.next_stats = now + self.stats_interval
+        try:
+            reply = query(self.address, "STATS?", timeout=2.0)
+            data = json.loads(reply.partition(":")[2])
+        except (OSError, TimeoutError, ValueError, ConnectionClosed) as exc:
+            log.debug("STATS? failed: %s", exc)
+            return
+        mine = next((c for c in data.get("clients", [])
+                     if c.get("socket") == self.client.socket_number and c.get("role") == "analyzer"), None)
+        if mine is None:
+            return
+        sock, sent0, dropped0 = self.disp_seen
+        sent, dropped = int(mine.get("events_sent", 0)), int(mine.get("events_dropped", 0))
+        d_sent, d_dropped = max(0, sent - sent0), max(0, dropped - dropped0)
+        self.disp_seen = (sock, sent, dropped)
+        self.deltas["dispatcher"].update(received=d_sent + d_dropped, processed=d_sent,
+                                         dropped=d_dropped)
+        self.totals["dispatcher_dropped"] += d_dropped
+
+    def count_peers(self) -> int:
+        """Consumers connected to the PUSH socket (from the socket monitor)."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self.peers += 1 if event == zmq.EVENT_ACCEPTED else -1
+        return self.peers
+
+    def beat(self, final: bool = False) -> None:
+        """Heartbeat and counters to Redis; kept for the next beat if Redis is down."""
+        self.next_beat = time.monotonic() + 1.0
+        if not final:
+            self.poll_dispatcher()
+        fields = {"dispatcher": self.address, "connected": int(self.client is not None),
+                  "dispatcher_socket": getattr(self.client, "socket_number", ""),
+                  "zmq": str(self.cfg["zmq_dispatch"]), "hwm": int(self.cfg["zmq_hwm"]),
+                  "consumers": self.count_peers(),
+                  **{k: v for k, v in self.totals.items()}}
+        if final:
+            fields["state"] = "stopped"
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            status.beat(pipe, PUSH_COMPONENT, fields, started=self.started)
+            for stage, counts in self.deltas.items():
+                status.count(pipe, stage, **counts)
+            pipe.execute()
+        except redis_py.RedisError as exc:
+            if self.redis_ok:
+                log.warning("Redis unavailable (%s): counters kept until it is back", exc)
+            self.redis_ok = False
+            return
+        if not self.redis_ok:
+            log.info("Redis is back; pending counters written")
+        self.redis_ok = True
+        for counts in self.deltas.values():
+            counts.clear()
+
+
+# =================================================================== pull: worker
+
+def split_dispatch(batch: wire.Batch) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """Offsets and lengths of the PmtEventRecords inside 'PMT ' dispatch records.
+
+    Vectorized check of the 12-byte generic header (record id 'PMT '); records
+    failing it are given length -1 (so decode_buffer rejects them) and counted
+    here by reason.
+    """
+    offsets = batch.offsets + GENERIC_HEADER.size
+    lengths = batch.lengths - GENERIC_HEADER.size
+    bad = Counter()
+    short = lengths < 0
+    data = np.frombuffer(batch.payload, np.uint8)
+    ok = ~short
+    if ok.any():
+        idx = batch.offsets[ok][:, None] + np.arange(4)
+        ids = data[idx].astype(np.uint32)
+        rid = ids[:, 0] << 24 | ids[:, 1] << 16 | ids[:, 2] << 8 | ids[:, 3]
+        wrong = np.zeros(len(lengths), bool)
+        wrong[np.flatnonzero(ok)] = rid != PMT_RECORD_ID
+        if wrong.any():
+            bad["bad_header"] += int(wrong.sum())
+        short |= wrong
+    if short.any():
+        bad["truncated"] += int((lengths < 0).sum())
+    keep = ~short
+    return offsets[keep], lengths[keep], bad
+
+
+class PullHandler:
+    """A pool worker's handler: decode, aggregate, flush to Redis once a second."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.redis = _redis_client(cfg)
+        self.max_payload = int(cfg.get("zmq_max_frame", wire.MAX_PAYLOAD))
+        self.flushed_key = str(cfg.get("dispatch_flushed_key") or "")
+        self.close_retry = float(cfg.get("dispatch_close_retry", 3.0))
+        self.agg = Aggregator()
+        self.pull = Counter()  # stats:pull deltas not yet in Redis
+        self.redis_failed = 0  # records whose aggregates could not be written
+        self.redis_written = 0
+        self.unaccounted = 0  # records handled since the last successful flush
+        self.failing = False
+
+    def process(self, frames) -> None:
+        """Decode one wire message and fold it into the pending aggregates."""
+        n = len(frames[3]) // 4 if len(frames) == 5 else 0
+        self.unaccounted += n
+        try:
+            batch = wire.decode(frames, self.max_payload)
+        except wire.WireError as exc:
+            self.pull.update({"errors": n, f"wire_{exc.reason}": n})
+            log.warning("bad batch of %d records: %s", n, exc)
+            self.agg.second(time.time()).records += n
+            self.agg.records += n
+            return
+        t = float(batch.meta.get("sent") or time.time())
+        if batch.kind != "pmt":
+            self.pull["processed"] += len(batch)
+            self.pull[f"kind_{batch.kind}"] += len(batch)
+            self.agg.second(t).records += len(batch)
+            self.agg.records += len(batch)
+            return
+        offsets, lengths, bad = split_dispatch(batch)
+        events = decode_buffer(batch.payload, offsets, lengths)
+        prev = batch.meta.get("prev_gtid")
+        self.agg.add_batch(events, t, prev if isinstance(prev, int) else None, bad)
+        nbad = sum(bad.values()) + len(events.errors)
+        self.pull["processed"] += len(batch) - nbad
+        if nbad:
+            self.pull["errors"] += nbad
+            self.pull.update(bad)
+            self.pull.update(err.reason for _, err in events.errors)
+
+    def flush(self, now: float) -> bool:
+        """Write everything pending in one Redis transaction; False if Redis failed."""
+        if not self.unaccounted and not self.agg and not self.redis_failed and not self.pull:
+            return True
+        seconds, runs, records = self.agg.take()
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            for sec in seconds.values():
+                write_second(pipe, sec)
+            for agg in runs.values():
+                write_run(pipe, agg, now)
+            status.count(pipe, "pull", **self.pull)
+            status.count(pipe, "redis", received=records + self.redis_failed,
+                         processed=records, errors=self.redis_failed)
+            if self.flushed_key and self.unaccounted:
+                pipe.hincrby(self.flushed_key, str(os.getpid()), self.unaccounted)
+                pipe.expire(self.flushed_key, 86400)
+            pipe.execute()
+        except redis_py.RedisError as exc:
+            self.redis_failed += records
+            if not self.failing:
+                log.warning("Redis write failed (%s): %d records not stored; retrying every second",
+                            exc, records)
+            self.failing = True
+            return False
+        if self.failing:
+            log.info("Redis is back: %d records could not be stored during the outage",
+                     self.redis_failed)
+        self.failing = False
+        self.redis_written += records
+        self.pull.clear()
+        self.redis_failed = 0
+        self.unaccounted = 0
+        return True
+
+    def close(self) -> None:
+        """Final flush, retried for a few seconds if Redis is down."""
+        end = time.monotonic() + self.close_retry
+        while not self.flush(time.time()) and time.monotonic() < end:
+            time.sleep(0.2)
+
+
+def write_second(pipe, sec: SecondAgg) -> None:
+    """Add one second's aggregate to the time series (see docs/storage.md)."""
+    t = sec.t
+    trig = sec.scalar_fields()
+    if trig:
+        ts.add(pipe, "trig", t, trig)
+    stream = sec.stream_fields()
+    if stream:
+        ts.add(pipe, "stream", t, stream)
+    if sec.last is not None:
+        run, subrun, gtid = sec.last
+        ts.put(pipe, "stream", t, {"run": run, "subrun": subrun, "gtid": gtid})
+    nhit = sec.nhit_fields()
+    if nhit:
+        ts.add(pipe, "nhit", t, nhit, levels=NHIT_LEVELS)
+    if sec.events:
+        ts.add(pipe, "occ", t, {"events": sec.events}, levels=ts.CHANNEL_LEVELS)
+    ch = np.flatnonzero(sec.channel_hits)
+    if len(ch):
+        ts.add_counts(pipe, "hits", t, ch, sec.channel_hits[ch])
+        cards = sec.card_hits
+        nz = np.flatnonzero(cards)
+        ts.add_counts(pipe, "card_hits", t, nz, cards[nz])
+        crates = sec.crate_hits
+        ts.add(pipe, "crate", t, {f"c{i}": int(crates[i]) for i in np.flatnonzero(crates).tolist()})
+
+
+# =================================================================== pull: pool
+
+class PullPool(Pool):
+    """A Pool that also counts the records of workers that ended before flushing.
+
+    Each worker adds, in the same transaction as its aggregates, the number of
+    records it accounted for to ``dispatch_flushed_key`` (field = its pid).  When
+    a worker ends for any reason, records handed to it minus records it
+    accounted for were lost with it; :meth:`settle` counts them as ``dropped``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ended: list[tuple[int, int]] = []  # (pid, records handed) awaiting settlement
+        self.lost = 0
+
+    def _reap(self, w, restart: bool) -> None:
+        self.ended.append((w.proc.pid, w.records + w.inflight))
+        super()._reap(w, restart)
+
+    def settle(self, pipe, redis) -> int:
+        """Count (in *pipe*) the records lost by ended workers; needs Redis readable."""
+        key = self.cfg["dispatch_flushed_key"]
+        lost = 0
+        for pid, handed in self.ended:
+            flushed = int(redis.hget(key, str(pid)) or 0)
+            lost += max(0, handed - flushed)
+            pipe.hdel(key, str(pid))
+        if lost:
+            log.warning("%d records were lost with ended workers (counted as dropped)", lost)
+            status.count(pipe, "pull", dropped=lost, worker_lost=lost)
+        return lost
+
+
+class PullReporter:
+    """The pull manager's heartbeat and counters (called once a second)."""
+
+    def __init__(self, pool: PullPool, cfg):
+        self.pool = pool
+        self.redis = _redis_client(cfg)
+        self.started = time.time()
+        self.written_received = 0
+        self.redis_ok = True
+
+    def __call__(self, pool_status: dict, final: bool = False) -> None:
+        fields = {**pool_status, "upstream": self.pool.spec.upstream,
+                  "max_workers": self.pool.spec.max_workers, "trx_limit": self.pool.spec.trx_limit,
+                  "records_lost_unflushed": self.pool.lost}
+        if final:
+            fields["state"] = "stopped"
+        received = self.pool.stats.records_received
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            ended = list(self.pool.ended)
+            lost = self.pool.settle(pipe, self.redis) if ended else 0
+            status.count(pipe, "pull", received=received - self.written_received)
+            status.beat(pipe, PULL_COMPONENT, fields, started=self.started)
+            pipe.execute()
+        except redis_py.RedisError as exc:
+            if self.redis_ok:
+                log.warning("Redis unavailable (%s): pool counters kept until it is back", exc)
+            self.redis_ok = False
+            return
+        self.redis_ok = True
+        self.written_received = received
+        del self.pool.ended[:len(ended)]
+        self.pool.lost += lost
+
+
+def pool_spec(cfg) -> PoolSpec:
+    """The pull pool's parameters from the configuration."""
+    return PoolSpec(name="dispatch", handler=HANDLER, upstream=str(cfg["zmq_dispatch"]),
+                    max_workers=int(cfg["dispatch_workers"]), trx_limit=int(cfg["dispatch_trx_limit"]),
+                    idle_timeout=float(cfg["dispatch_idle_timeout"]), flush_period=1.0,
+                    hwm=int(cfg["zmq_hwm"]))
+
+
+def event_log_path(cfg) -> str:
+    """The pool event log: ``dispatch_event_log`` or ``var_dir/dispatch_pool.log``."""
+    path = str(cfg.get("dispatch_event_log") or "")
+    if not path:
+        var = cfg.path("var_dir") if hasattr(cfg, "path") else cfg["var_dir"]
+        path = os.path.join(str(var), "dispatch_pool.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def run_pull(cfg) -> None:
+    """Run the pull pool until SIGTERM/SIGINT; every worker flushes before exit."""
+    cfg = dict(cfg) if not hasattr(cfg, "path") else cfg
+    cfg["dispatch_flushed_key"] = f"pool:dispatch:{socket.gethostname()}:{os.getpid()}:flushed"
+    spec = pool_spec(cfg)
+    manager = PoolManager(int(cfg["dispatch_max_total_workers"]))
+    pool = PullPool(spec, cfg, manager=manager, event_log=event_log_path(cfg))
+    reporter = PullReporter(pool, cfg)
+    signal.signal(signal.SIGTERM, pool.request_stop)
+    signal.signal(signal.SIGINT, pool.request_stop)
+    log.info("pull pool: %d workers (max total %d), TrxLimit %d, idle %.0fs, from %s",
+             spec.max_workers, manager.max_total, spec.trx_limit, spec.idle_timeout, spec.upstream)
+    try:
+        pool.run(tick=reporter)
+    finally:
+        for _ in range(10):
+            reporter(pool.status(), final=True)
+            if reporter.redis_ok:
+                break
+            time.sleep(0.3)
+        log.info("pull pool stopped: %s", json.dumps(pool.status()))
+
+
+# =================================================================== CLI
+
+@click.group("minard_dispatch", context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """The dispatch-stream monitoring: push (dispatcher -> ZMQ) and pull (ZMQ -> Redis)."""
+
+
+def _load(config_path, log_level):
+    cfg = config_mod.load(path=config_path)
+    log_mod.setup(log_level or cfg["log_level"])
+    return cfg
+
+
+@cli.command("push")
+@click.option("--host", default=None, metavar="HOST[:PORT]",
+              help="Dispatcher to read [dispatcher_host:dispatcher_port].")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
+def push_cmd(host, config_path, log_level):
+    """Read events from the dispatcher and push them to ZMQ (zmq_dispatch) in batches."""
+    cfg = _load(config_path, log_level)
+    address = host or str(cfg["dispatcher_host"])
+    if ":" not in address:
+        address = f"{address}:{cfg['dispatcher_port']}"
+    pusher = Pusher(cfg, address)
+    signal.signal(signal.SIGTERM, pusher.stop)
+    signal.signal(signal.SIGINT, pusher.stop)
+    log.info("push: dispatcher %s -> %s (SNDHWM %s, batches of %d records / %.0f ms)",
+             address, cfg["zmq_dispatch"], cfg["zmq_hwm"], pusher.batch_records,
+             pusher.batch_seconds * 1000)
+    pusher.run()
+    log.info("push stopped: %s", json.dumps(dict(pusher.totals)))
+
+
+@cli.command("pull")
+@click.option("--workers", type=int, default=None, help="MaxSlaves [dispatch_workers].")
+@click.option("--trx-limit", type=int, default=None, help="Recycle a worker after N records [dispatch_trx_limit].")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
+def pull_cmd(workers, trx_limit, config_path, log_level):
+    """Run the consumer pool: decode, aggregate and write to Redis once a second."""
+    cfg = _load(config_path, log_level)
+    if workers is not None:
+        cfg["dispatch_workers"] = workers
+    if trx_limit is not None:
+        cfg["dispatch_trx_limit"] = trx_limit
+    run_pull(cfg)
+
+
+@click.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+def stats_cmd(as_json, config_path):
+    """Print the loss counters of every pipeline stage (stats:<stage> in Redis)."""
+    cfg = config_mod.load(path=config_path)
+    client = _redis_client(cfg)
+    try:
+        data = status.stats(client)
+    except redis_py.RedisError as exc:
+        raise click.ClickException(f"Redis {cfg['redis_url']}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for stage, counters in data.items():
+        main = " ".join(f"{k}={counters.get(k, 0)}" for k in status.COUNTERS)
+        extra = " ".join(f"{k}={v}" for k, v in sorted(counters.items()) if k not in status.COUNTERS)
+        click.echo(f"{stage:<14} {main} {extra}".rstrip())

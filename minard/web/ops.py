@@ -1,0 +1,323 @@
+"""Shift operations pages: Alarms, Status, Logs and Processes (and their JSON).
+
+Read-only pages and JSON need no login; acknowledging and shelving do.  Data
+shown comes from Redis (alarms, heartbeats, metrics), from the log files of
+registered programs and from supervisord's XML-RPC; all of it is escaped by
+Jinja on the server and set with ``textContent`` in the browser.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+
+from .. import alarms, programs
+from ..keys import valid_name
+from . import logtail, supervisor
+from .auth import current_user, login_required
+
+bp = Blueprint("ops", __name__)
+
+#: Shelve durations offered on the Alarms page, in minutes.
+SHELVE_MINUTES = (15, 60, 240, 480, 1440, 4320)
+
+
+def _cfg():
+    return current_app.config["MINARD"]
+
+
+def _redis():
+    return current_app.extensions["minard_redis"]
+
+
+def _registry() -> programs.Registry:
+    return current_app.extensions["minard_registry"]
+
+
+def _history() -> float:
+    return float(_cfg()["alarm_history_days"])
+
+
+def _check(now: float) -> None:
+    """Lazy heartbeat expiry: every read of status or alarms evaluates it."""
+    programs.check_heartbeats(_redis(), _registry(), now, _history())
+
+
+# -- template helpers -------------------------------------------------------------
+
+
+@bp.app_template_filter("when")
+def when(ts: float | None) -> str:
+    """An epoch time as local 'YYYY-MM-DD HH:MM:SS', or '-'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+@bp.app_template_filter("duration")
+def duration(seconds: float | None) -> str:
+    """Seconds as '3 d 04:05:06' / '04:05:06', or '-'."""
+    if seconds is None:
+        return "-"
+    s = int(max(0, seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d} d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+# -- alarms -------------------------------------------------------------------------
+
+
+def _shelve_choices() -> list[int]:
+    """Shelve durations allowed by alarm_max_shelve_hours."""
+    limit = float(_cfg()["alarm_max_shelve_hours"]) * 60
+    return [m for m in SHELVE_MINUTES if m <= limit]
+
+
+def _alarms_page(error: str | None = None, status: int = 200):
+    """Render the alarm list (with an optional error from a form)."""
+    now = time.time()
+    _check(now)
+    items = alarms.list_alarms(_redis(), now, history_days=_history())
+    return render_template("alarms.html", alarms=items, error=error, now=now,
+                           shelve_minutes=_shelve_choices()), status
+
+
+@bp.get("/alarms")
+def alarms_page():
+    """The alarm list with acknowledge and shelve forms."""
+    return _alarms_page()
+
+
+@bp.get("/api/alarms")
+def alarms_json():
+    """Alarms (newest first) and the summary, for the page's live update."""
+    now = time.time()
+    _check(now)
+    limit = request.args.get("limit", "200")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        abort(400, "limit must be an integer from 1 to 1000")
+    items = alarms.list_alarms(_redis(), now, int(limit), _history())
+    return jsonify(alarms=items, now=now, logged_in=current_user() is not None,
+                   shelve_minutes=_shelve_choices(),
+                   summary={"active": sum(a["state"] == "active" for a in items),
+                            "ringing": sum(a["ringing"] for a in items)})
+
+
+@bp.get("/api/alarms/summary")
+def alarms_summary():
+    """Counts of active and ringing alarms: every page polls this to ring the bell."""
+    now = time.time()
+    _check(now)
+    return jsonify(alarms.summary(_redis(), now, _history()))
+
+
+def _alarm_action(alarm_id: int, action):
+    """Run an alarm action; on a bad request show the page with the reason."""
+    try:
+        a = action()
+    except LookupError as exc:
+        return _alarms_page(str(exc), 404)
+    except ValueError as exc:
+        return _alarms_page(str(exc), 409 if "already" in str(exc) else 400)
+    return a
+
+
+@bp.post("/alarms/<int:alarm_id>/ack")
+@login_required
+def acknowledge(alarm_id: int):
+    """Acknowledge an alarm as the logged-in user."""
+    comment = request.form.get("comment", "")
+    result = _alarm_action(alarm_id, lambda: alarms.acknowledge(
+        _redis(), alarm_id, current_user(), comment, history_days=_history()))
+    if isinstance(result, tuple):
+        return result
+    flash(f"Alarm {alarm_id} acknowledged.", "success")
+    return redirect(url_for("ops.alarms_page"), 303)
+
+
+@bp.post("/alarms/<int:alarm_id>/shelve")
+@login_required
+def shelve(alarm_id: int):
+    """Shelve an alarm for one of the offered durations (the expiry is mandatory)."""
+    raw = request.form.get("minutes", "")
+    if not raw.isdigit() or int(raw) not in _shelve_choices():
+        return _alarms_page("Choose how long to shelve the alarm (the expiry is mandatory).", 400)
+    until = time.time() + int(raw) * 60
+    comment = request.form.get("comment", "")
+    result = _alarm_action(alarm_id, lambda: alarms.shelve(
+        _redis(), alarm_id, current_user(), until, comment,
+        max_hours=float(_cfg()["alarm_max_shelve_hours"]), history_days=_history()))
+    if isinstance(result, tuple):
+        return result
+    flash(f"Alarm {alarm_id} shelved until {when(until)}.", "success")
+    return redirect(url_for("ops.alarms_page"), 303)
+
+
+@bp.post("/alarms/<int:alarm_id>/unshelve")
+@login_required
+def unshelve(alarm_id: int):
+    """End a shelve now."""
+    result = _alarm_action(alarm_id, lambda: alarms.unshelve(
+        _redis(), alarm_id, current_user(), history_days=_history()))
+    if isinstance(result, tuple):
+        return result
+    flash(f"Alarm {alarm_id} is active again.", "info")
+    return redirect(url_for("ops.alarms_page"), 303)
+
+
+# -- status --------------------------------------------------------------------------
+
+
+def _supervised(timeout: float = 0.5) -> dict[str, dict]:
+    """supervisord's processes by name and group:name, or {} when it is not running."""
+    try:
+        table = supervisor.process_table(_socket_path(), timeout)
+    except supervisor.Unavailable:
+        return {}
+    out = {}
+    for p in table["processes"]:
+        out[p["name"]] = p
+        out[f"{p['group']}:{p['name']}"] = p
+    return out
+
+
+def _status_rows(now: float) -> list[dict]:
+    """Every registered program with heartbeat state, metrics and supervisord state."""
+    _check(now)
+    rows = programs.statuses(_redis(), _registry(), now)
+    supervised = _supervised()
+    for row in rows:
+        p = supervised.get(row["name"])
+        row["supervisor"] = p["state"] if p else None
+    return rows
+
+
+#: Fields of a pipeline heartbeat shown in their own columns (the rest go to "other").
+_PIPELINE_FIELDS = ("time", "pid", "host", "started", "state", "alive")
+
+
+def _pipeline(now: float) -> tuple[list[dict], list[dict]]:
+    """Pipeline processes' own heartbeats and the loss counters per stage.
+
+    Written by the pipeline processes through ``minard.status`` (Redis keys
+    ``status:<component>`` and ``stats:<stage>``, see docs/storage.md).
+    """
+    from .. import status as pipeline_status
+
+    r = _redis()
+    procs = []
+    for name, f in pipeline_status.components(r, now).items():
+        started = float(f["started"]) if f.get("started") else None
+        last = float(f["time"]) if f.get("time") else None
+        procs.append({
+            "name": name, "state": "up" if f.get("alive") else "down",
+            "reported": f.get("state", ""), "host": f.get("host", ""), "pid": f.get("pid", ""),
+            "uptime": (now - started) if started and f.get("alive") else None,
+            "age": (now - last) if last else None,
+            "lag": f.get("lag_seconds"),
+            "other": {k: v for k, v in sorted(f.items()) if k not in _PIPELINE_FIELDS and k != "lag_seconds"},
+        })
+    stages = []
+    for stage, counters in pipeline_status.stats(r).items():
+        lost = sum(v for k, v in counters.items() if k not in ("received", "processed"))
+        stages.append({"stage": stage, "counters": counters, "lost": lost})
+    return procs, stages
+
+
+@bp.get("/status")
+def status():
+    """Every registered program and pipeline process: state, uptime, host, lag, losses."""
+    now = time.time()
+    procs, stages = _pipeline(now)
+    return render_template("status.html", rows=_status_rows(now), pipeline=procs, stages=stages, now=now)
+
+
+@bp.get("/api/status")
+def status_json():
+    """The Status page's data."""
+    now = time.time()
+    procs, stages = _pipeline(now)
+    return jsonify(programs=_status_rows(now), pipeline=procs, stages=stages, now=now)
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+def _program_or_4xx(name: object) -> programs.Program:
+    """The registered program *name*; 400 for anything path-like, 404 if unknown."""
+    if not isinstance(name, str) or not valid_name(name):
+        abort(400, "Invalid program name: logs are chosen by registered program name, never by path.")
+    program = _registry().get(name)
+    if program is None:
+        abort(404, f"No program called {name} is registered.")
+    return program
+
+
+@bp.get("/logs")
+def logs():
+    """The registered programs whose logs can be followed."""
+    return render_template("logs.html", programs=list(_registry()))
+
+
+@bp.get("/logs/<name>")
+def log_page(name: str):
+    """The end of one program's log, followed live by the page."""
+    program = _program_or_4xx(name)
+    tail = logtail.initial(programs.view_path(_cfg(), program))
+    return render_template("log.html", program=program, tail=tail)
+
+
+@bp.get("/api/logs/tail")
+def log_tail():
+    """New lines of a program's log since a cursor: ?name=NAME&ino=INODE&pos=OFFSET."""
+    if "path" in request.args or "file" in request.args:
+        abort(400, "Files are chosen by registered program name only; 'path' and 'file' are not accepted.")
+    program = _program_or_4xx(request.args.get("name"))
+    ino, pos = request.args.get("ino", "0"), request.args.get("pos", "0")
+    if not (ino.isdigit() and pos.isdigit()):
+        abort(400, "ino and pos must be non-negative integers")
+    result = logtail.follow(programs.view_path(_cfg(), program), int(ino), int(pos))
+    return jsonify(name=program.name, **result)
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+def _socket_path() -> str:
+    """supervisord's control socket (supervisor_socket, default var_dir/supervisor.sock)."""
+    return str(programs.ops_path(_cfg(), "supervisor_socket", "supervisor.sock"))
+
+
+def _process_table() -> tuple[dict | None, str | None]:
+    """(table, None) or (None, reason supervisord cannot be asked)."""
+    try:
+        return supervisor.process_table(_socket_path()), None
+    except supervisor.Unavailable as exc:
+        return None, str(exc)
+
+
+@bp.get("/processes")
+def processes():
+    """supervisord's process table, read-only."""
+    table, error = _process_table()
+    return render_template("processes.html", table=table, error=error)
+
+
+@bp.get("/api/processes")
+def processes_json():
+    """supervisord's process table as JSON (503 when supervisord is not running)."""
+    table, error = _process_table()
+    if table is None:
+        return jsonify(error=error, running=False), 503
+    return jsonify(running=True, **table)

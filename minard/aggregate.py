@@ -95,6 +95,35 @@ def gtid_gaps(gtids: np.ndarray, prev: int | None = None) -> tuple[int, int, int
     return int(gap.sum()), int(missing[gap].sum()), int(jump.sum())
 
 
+def stream_gtids(batch, payload=None, offsets=None, lengths=None) -> np.ndarray:
+    """GTIDs of a batch's records in stream order, for GTID gap finding.
+
+    Triggered events give their MTC GTID; an orphan (no MTC words) gives the
+    GTID of its first hit, or nothing if it has none; a record the decoder
+    rejected gives the GTID of its MTC word M3 when its header is complete
+    (*payload*, *offsets*, *lengths* locate the PmtEventRecords), so a corrupt
+    record is counted as corrupt, not also as a missing GTID.
+    """
+    n = len(batch.gtid) + len(batch.errors)
+    out = np.full(n, -1, np.int64)
+    gtid = batch.gtid.astype(np.int64)
+    orphan = batch.orphan.astype(bool)
+    if orphan.any():
+        starts, counts = hit_extents(batch)
+        gtid[orphan] = -1
+        idx = np.flatnonzero(orphan & (counts > 0))
+        gtid[idx] = batch.hit_gtid[starts[idx]]
+    out[batch.valid_index] = gtid
+    if payload is not None and batch.errors:
+        for i, _ in batch.errors:
+            o, length = int(offsets[i]), int(lengths[i])
+            if length >= 44 and o >= 0 and o + 44 <= len(payload):
+                mtc = bytes(payload[o + 20:o + 44])
+                if any(mtc):
+                    out[i] = int.from_bytes(mtc[12:16], "big") & (GTID_MOD - 1)
+    return out[out >= 0]
+
+
 def trigger_bits(trigger: np.ndarray) -> np.ndarray:
     """(n events, 27) matrix of 0/1: bit i of each event's trigger word."""
     return ((np.asarray(trigger, np.uint32)[:, None] >> _SHIFTS) & 1).astype(np.int64)
@@ -123,20 +152,35 @@ class Events:
     gtid_mismatch: int = 0
 
 
+def hit_extents(batch) -> tuple[np.ndarray, np.ndarray]:
+    """(first hit index, hits kept) of each event; hits of an event are contiguous."""
+    counts = (batch.nhit.astype(np.int64) - batch.bad_hits)
+    ends = np.cumsum(counts)
+    return ends - counts, counts
+
+
+def _mismatch(batch, keep: np.ndarray | None) -> int:
+    """Hits whose GTID differs from their event's MTC GTID, over the kept events."""
+    per_event = getattr(batch, "gtid_mismatch", None)
+    if isinstance(per_event, np.ndarray) and len(per_event) == len(batch.gtid):
+        return int(per_event.sum() if keep is None else per_event[keep].sum())
+    return 0
+
+
 def select(batch, mask: np.ndarray | None = None) -> Events:
     """The non-orphan events of *batch* (and their hits), restricted to *mask*."""
     keep = ~batch.orphan.astype(bool)
     if mask is not None:
         keep &= mask
-    n = len(batch.gtid)
-    qhs_ev = np.bincount(batch.hit_event, weights=batch.qhs, minlength=n).astype(np.int64)
+    starts, counts = hit_extents(batch)
+    csum = np.concatenate(([0], np.cumsum(batch.qhs, dtype=np.int64)))
+    qhs_ev = csum[starts + counts] - csum[starts]
     if keep.all():
         return Events(batch.trigger, batch.nhit, qhs_ev, batch.gtid, batch.lcn,
-                      int(batch.bad_hits.sum()), int(np.count_nonzero(batch.hit_gtid_mismatch)))
-    hit_keep = keep[batch.hit_event] if len(batch.hit_event) else np.zeros(0, bool)
+                      int(batch.bad_hits.sum()), _mismatch(batch, None))
+    hit_keep = np.repeat(keep, counts)
     return Events(batch.trigger[keep], batch.nhit[keep], qhs_ev[keep], batch.gtid[keep],
-                  batch.lcn[hit_keep], int(batch.bad_hits[keep].sum()),
-                  int(np.count_nonzero(batch.hit_gtid_mismatch[hit_keep])))
+                  batch.lcn[hit_keep], int(batch.bad_hits[keep].sum()), _mismatch(batch, keep))
 
 
 @dataclass
@@ -306,11 +350,13 @@ class Aggregator:
         return agg
 
     def add_batch(self, batch, t: float, prev_gtid: int | None = None,
-                  corrupt: Counter | None = None) -> None:
+                  corrupt: Counter | None = None, gtids: np.ndarray | None = None) -> None:
         """Fold one decoded batch that arrived at time *t*.
 
         *corrupt* counts records rejected before decoding (e.g. a bad dispatch
-        header); ``batch.errors`` adds the decoder's rejections.
+        header); ``batch.errors`` adds the decoder's rejections.  *gtids* is
+        the stream's GTID sequence for gap finding (default
+        :func:`stream_gtids` of the batch without the rejected records).
         """
         sec = self.second(t)
         bad = Counter(corrupt or {})
@@ -326,7 +372,9 @@ class Aggregator:
         sec.orphans += norphan
         ev = select(batch)
         sec.add_events(ev)
-        gaps, missing, jumps = gtid_gaps(ev.gtid, prev_gtid)
+        if gtids is None:
+            gtids = stream_gtids(batch)
+        gaps, missing, jumps = gtid_gaps(gtids, prev_gtid)
         sec.gtid_gaps += gaps
         sec.gtid_missing += missing
         sec.gtid_jumps += jumps

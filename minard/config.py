@@ -35,6 +35,8 @@ DEFAULTS: dict[str, object] = {
     "dispatcher_shutdown_wait": 15.0,
     "dispatcher_max_frame": 16 * 1024 * 1024,
     "dispatcher_accounting_dir": "var/dispatcher",
+    # Recorder (write client): bytes of events per file before it rotates
+    "recorder_max_bytes": 1 << 30,
     # ZMQ endpoints between producers and consumers
     "zmq_dispatch": "tcp://127.0.0.1:5560",
     "zmq_cmos": "tcp://127.0.0.1:5557",

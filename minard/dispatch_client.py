@@ -25,8 +25,16 @@ from collections.abc import Callable, Iterable, Iterator
 import click
 
 from .framing import (
-    CMD, DEFAULT_MAX_FRAME, HELLO, RAWDATA, RECHDR, Frame, FrameDecoder,
-    command_frame, encode_frame, encode_frames,
+    CMD,
+    DEFAULT_MAX_FRAME,
+    HELLO,
+    RAWDATA,
+    RECHDR,
+    Frame,
+    FrameDecoder,
+    command_frame,
+    encode_frame,
+    encode_frames,
 )
 
 ROLES = ("source", "analyzer", "writer", "control")
@@ -103,7 +111,7 @@ class DispatchClient:
 
     @classmethod
     def connect(cls, address: str | tuple[str, int], role: str = "control",
-                name: str = "", **kwargs) -> "DispatchClient":
+                name: str = "", **kwargs) -> DispatchClient:
         """Connect to ``"host:port"`` (or a (host, port) tuple) as *role*."""
         host, port = parse_address(address) if isinstance(address, str) else address
         return cls(host, port, role, name, **kwargs)
@@ -257,7 +265,7 @@ class DispatchClient:
             self.closed = True
             self.sock.close()
 
-    def __enter__(self) -> "DispatchClient":
+    def __enter__(self) -> DispatchClient:
         return self
 
     def __exit__(self, *exc) -> None:

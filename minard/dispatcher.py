@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import signal
 import threading
@@ -34,8 +35,15 @@ import click
 from . import config as config_mod
 from . import log as log_mod
 from .framing import (
-    CMD, DATA_TAGS_RAW, HELLO, Batch, Frame, FrameDecoder, FrameError,
-    TruncatedFrame, command_frame,
+    CMD,
+    DATA_TAGS_RAW,
+    HELLO,
+    Batch,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    TruncatedFrame,
+    command_frame,
 )
 
 log = logging.getLogger("minard.dispatcher")
@@ -44,6 +52,9 @@ ROLES = ("source", "analyzer", "writer", "control")
 #: The transport's own buffer per client before it reports "paused" (bytes);
 #: beyond it events wait in the client's counted queue.
 TRANSPORT_HIGH_WATER = 256 * 1024
+#: A source or control client with this many reply bytes unread stops being
+#: read until it catches up (a client flooding commands cannot eat memory).
+REPLY_BACKLOG = 8 * 1024 * 1024
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 _RESERVED_KEYS = frozenset({"run", "tape", "spill", "spills"})
@@ -87,7 +98,7 @@ def _parse_number(key: str, raw: str) -> int | float:
         value = float(raw)
     except ValueError:
         raise CommandError(f"scaler {key}: {raw[:40]!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise CommandError(f"scaler {key}: {raw!r} is not finite")
     return value
 
@@ -105,7 +116,7 @@ class ScalerRecord:
         values = parse_scaler_data(data)
         bad = _RESERVED_KEYS & values.keys()
         if bad:
-            raise CommandError(f"scaler key {sorted(bad)[0]!r} is reserved")
+            raise CommandError(f"scaler key {min(bad)!r} is reserved")
         self._add(values)
 
     def add_spill(self, data: str) -> bool:
@@ -116,7 +127,7 @@ class ScalerRecord:
             raise CommandError("SCALERREC data needs spill=N (a non-negative integer)")
         bad = _RESERVED_KEYS & values.keys()
         if bad:
-            raise CommandError(f"scaler key {sorted(bad)[0]!r} is reserved")
+            raise CommandError(f"scaler key {min(bad)!r} is reserved")
         if spill in self.spills:
             return False
         self.spills.add(spill)
@@ -144,7 +155,7 @@ class ScalerRecord:
 class Client(asyncio.Protocol):
     """One TCP connection: its decoder, its counted output queue and counters."""
 
-    def __init__(self, server: "Dispatcher", conn_id: int):
+    def __init__(self, server: Dispatcher, conn_id: int):
         self.server = server
         self.conn_id = conn_id
         self.role: str | None = None
@@ -198,6 +209,8 @@ class Client(asyncio.Protocol):
     def resume_writing(self):
         self.write_paused = False
         self.flush()
+        if not self.queue:
+            self.release("replies")
         self.server.writer_progress(self)
 
     # -- input -------------------------------------------------------------
@@ -449,7 +462,7 @@ class Dispatcher:
         if not client.warned_data:
             client.warned_data = True
             why = ("another client is the data source" if client.role == "source"
-                   else f"a {client.role} client may not send data")
+                   else f"a {client.role or 'unidentified'} client may not send data")
             client.send_cmd(f"ERROR:data rejected: {why}")
             log.warning("%s sent data: rejected (%s)", client.label, why)
 
@@ -510,6 +523,8 @@ class Dispatcher:
             reply = f"ERROR:{name[:40]}: {exc}" if handler else f"ERROR:{exc}"
         if reply is not None:
             client.send_cmd(reply)
+        if client.queued_bytes > REPLY_BACKLOG and client.role in ("control", "source"):
+            client.hold("replies")
 
     def protocol_error(self, client: Client, exc) -> None:
         """Unreadable input: tell the client and close its connection only."""
@@ -523,7 +538,8 @@ class Dispatcher:
     # -- command handlers (return the reply text, or None) -------------------
     def _require_role(self, client: Client, *roles: str) -> None:
         if client.role not in roles:
-            raise CommandError(f"only a {' or '.join(roles)} client may send this")
+            article = "an" if roles[0][0] in "aeiou" else "a"
+            raise CommandError(f"only {article} {' or '.join(roles)} client may send this")
 
     def cmd_begintape(self, client: Client, arg: str) -> str | None:
         """BEGINTAPE:run:tape from the data source starts a run."""
@@ -658,9 +674,9 @@ class Dispatcher:
 
     def dump_lines(self) -> list[str]:
         """Human-readable state for DUMP."""
-        lines = [f"state={self.state_name} run={self.run} tape={self.tape}"
-                 f" source={self.source.label if self.source else None}"
-                 f" awaiting_finished={[c.fd for c in self._awaiting]}",
+        lines = [(f"state={self.state_name} run={self.run} tape={self.tape}"
+                  f" source={self.source.label if self.source else None}"
+                  f" awaiting_finished={[c.fd for c in self._awaiting]}"),
                  "counters " + " ".join(f"{k}={v}" for k, v in self.counters.items()),
                  "scalers " + self.scalers.as_text()]
         for c in self.clients.values():
@@ -731,7 +747,7 @@ class Dispatcher:
             target.send_cmd("ENDTAPE")
         try:
             await asyncio.wait_for(self._finished.wait(), self.finished_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for silent in list(self._awaiting):
                 self.counters["finished_timeouts"] += 1
                 log.warning("%s sent no FINISHED within %.1fs: presumed dead, dropping it",
@@ -904,7 +920,7 @@ class DispatcherThread:
         self.port, self.dispatcher = port, dispatcher
         self._ready.set()
 
-    def start(self, timeout: float = 10.0) -> "DispatcherThread":
+    def start(self, timeout: float = 10.0) -> DispatcherThread:
         """Start the thread and wait until the server listens."""
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -944,7 +960,7 @@ class DispatcherProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "DispatcherProcess":
+    def start(self, timeout: float = 10.0) -> DispatcherProcess:
         """Start the process and wait until it accepts connections."""
         import os
         import subprocess
@@ -979,7 +995,7 @@ class DispatcherProcess:
 
         return stop_pid(self.proc) if self.proc is not None else None
 
-    def __enter__(self) -> "DispatcherProcess":
+    def __enter__(self) -> DispatcherProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

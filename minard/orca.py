@@ -84,7 +84,6 @@ _U32 = {"little": struct.Struct("<I"), "big": struct.Struct(">I")}
 _OTHER_ORDER = {"little": "big", "big": "little"}
 _CHANNEL = np.arange(NCHANNELS, dtype=np.int64)
 _CHANNEL_U32 = _CHANNEL.astype(np.uint32)
-_SLOT_BITS = np.arange(NCARDS, dtype=np.uint32)
 
 
 class OrcaError(ValueError):
@@ -228,7 +227,7 @@ def parse_plist(xml: bytes) -> dict:
     xml = bytes(xml).rstrip(b"\0")
     try:
         value = plistlib.loads(xml, fmt=plistlib.FMT_XML)
-    except Exception as exc:  # plistlib raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - plistlib/expat raise many unrelated types
         raise OrcaError("bad_header_plist", f"{type(exc).__name__}: {exc}") from None
     if not isinstance(value, dict):
         raise OrcaError("bad_header_plist", "top level is not a <dict>")
@@ -370,7 +369,7 @@ def format_timestamp_us(micros: int) -> bytes:
     centiseconds (§5 says ORCA probably truncates)."""
     cs = micros // 10_000
     sec, frac = divmod(cs, 100)
-    stamp = _dt.datetime.fromtimestamp(sec, tz=_dt.timezone.utc)
+    stamp = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC)
     return f"{stamp:%Y-%m-%dT%H:%M:%S}.{frac:02d}Z".encode("ascii")
 
 
@@ -515,9 +514,6 @@ class OrcaStreamParser:
         out = self._run(final=True)
         self._closed = True
         return out
-
-    def __iter__(self):  # pragma: no cover - convenience only
-        raise TypeError("use feed()/close(), or read_file()")
 
     # -- state helpers ---------------------------------------------------------
 
@@ -682,7 +678,6 @@ class OrcaStreamParser:
         self._error("garbage", p, "unknown id with a record boundary inside it")
         self._resync_from = self._base + p
         self._jump(inside)
-        return None
 
     def _header_record(self, p: int, end: int, order: str):
         """Parse a complete header record and adopt it (§1, §4)."""
@@ -897,6 +892,9 @@ class CmosBatch:
     (length C): ``record`` (row in the per-record arrays), ``lcn``
     (crate*512 + card*32 + channel), ``count`` (low 31 bits), ``flagged``
     (bit 31: count not valid) and ``masked`` (channel-mask bit is 0).
+    Per card (length C/32; channel entries come as whole cards): ``card``
+    (crate*16 + slot, so lcn = card*32 + channel) and ``card_record`` (its
+    row in the per-record arrays; ``record`` gives the same per channel).
     ``errors`` lists ``(input position, OrcaError)`` of rejected records."""
 
     index: np.ndarray
@@ -907,17 +905,23 @@ class CmosBatch:
     error_flags: np.ndarray
     time_us: np.ndarray
     timestamp: np.ndarray
-    record: np.ndarray
     lcn: np.ndarray
     count: np.ndarray
     flagged: np.ndarray
     masked: np.ndarray
+    card: np.ndarray
+    card_record: np.ndarray
     errors: list = field(default_factory=list)
+
+    @property
+    def record(self) -> np.ndarray:
+        """Per channel: its row in the per-record arrays (computed on use)."""
+        return np.repeat(self.card_record, NCHANNELS)
 
     @property
     def channel_time_us(self) -> np.ndarray:
         """The reading time of every channel entry (µs)."""
-        return self.time_us[self.record]
+        return np.repeat(self.time_us[self.card_record], NCHANNELS)
 
 
 @dataclass
@@ -948,7 +952,25 @@ def _stack(records: Sequence, nwords: int, byteorder: str):
     errors)``.  Integer words are read in each record's byte order; the
     ``u8`` rows keep the bytes as they are for the byte arrays (§2)."""
     nbytes = 4 * nwords
-    raws, index, big, errors = [], [], [], []
+    raws, big, index, errors = _split_records(records, nbytes, byteorder)
+    u8 = np.frombuffer(b"".join(raws), dtype=np.uint8).reshape(len(raws), nbytes)
+    if not any(big):
+        words = u8.view("<u4").astype(np.uint32, copy=False)
+    else:
+        big_rows = np.array(big, dtype=bool)
+        words = np.empty((len(raws), nwords), dtype=np.uint32)
+        words[~big_rows] = u8[~big_rows].view("<u4")
+        words[big_rows] = u8[big_rows].view(">u4")
+    return index, u8, words, errors
+
+
+def _split_records(records: Sequence, nbytes: int, byteorder: str):
+    """``(raw bytes, is-big-endian flags, input positions, errors)`` of the
+    records of the right size; the others become errors."""
+    if all(type(rec) is bytes and len(rec) == nbytes for rec in records) and byteorder in _U32:
+        n = len(records)  # fast path: raw records as received from a queue
+        return list(records), [byteorder == "big"] * n, np.arange(n, dtype=np.int64), []
+    raws, big, index, errors = [], [], [], []
     for i, rec in enumerate(records):
         if isinstance(rec, Record):
             raw, order = rec.raw, rec.byteorder
@@ -965,15 +987,7 @@ def _stack(records: Sequence, nwords: int, byteorder: str):
             raws.append(raw)
             index.append(i)
             big.append(order == "big")
-    u8 = np.frombuffer(b"".join(raws), dtype=np.uint8).reshape(len(raws), nbytes)
-    big_rows = np.array(big, dtype=bool)
-    if not big_rows.any():
-        words = u8.view("<u4").astype(np.uint32, copy=False)
-    else:
-        words = np.empty((len(raws), nwords), dtype=np.uint32)
-        words[~big_rows] = u8[~big_rows].view("<u4")
-        words[big_rows] = u8[big_rows].view(">u4")
-    return np.array(index, dtype=np.int64), u8, words, errors
+    return raws, big, np.array(index, dtype=np.int64), errors
 
 
 def _check_common(words, u8, nwords: int, crate_word: int, slots_word: int):
@@ -995,24 +1009,37 @@ def _check_common(words, u8, nwords: int, crate_word: int, slots_word: int):
     # One bytes object per record in a single call ('S' drops trailing NULs);
     # the parser is cached, and the records of one poll share their text.
     texts = u8[:, -TIMESTAMP_BYTES:].view(f"S{TIMESTAMP_BYTES}").ravel().tolist()
-    for r, text in enumerate(texts):
-        if reasons[r] is None:
-            try:
-                time_us[r] = parse_timestamp_us(text)
-            except OrcaError as exc:
-                reasons[r] = (exc.reason, str(exc))
+    parsed = {text: _try_timestamp(text) for text in set(texts)}
+    values = [parsed[text] for text in texts]
+    if all(type(v) is int for v in values):
+        return reasons, np.array(values, dtype=np.int64)
+    for r, value in enumerate(values):
+        if type(value) is int:
+            time_us[r] = value
+        elif reasons[r] is None:
+            reasons[r] = (value.reason, str(value))
     return reasons, time_us
 
 
+def _try_timestamp(text: bytes) -> int | OrcaError:
+    """parse_timestamp_us, returning the error instead of raising it."""
+    try:
+        return parse_timestamp_us(text)
+    except OrcaError as exc:
+        return exc
+
+
 def _slot_bits(slot_mask: np.ndarray) -> np.ndarray:
-    """(R, 16) bool: bit s of each slot mask."""
-    return ((slot_mask[:, None] >> _SLOT_BITS) & 1).astype(bool)
+    """(R, 16) bool: bit s of each slot mask (only the low 16 bits are used)."""
+    as_bytes = np.ascontiguousarray(slot_mask, dtype="<u4").view(np.uint8).reshape(-1, 4)[:, :2]
+    return np.unpackbits(as_bytes, axis=1, bitorder="little").view(bool)
 
 
-def _mask_bits(mask_words: np.ndarray) -> np.ndarray:
-    """Flat bool: bit ch of each channel-mask word, ch = 0..31 in order."""
-    as_bytes = np.ascontiguousarray(mask_words, dtype="<u4").view(np.uint8)
-    return np.unpackbits(as_bytes, bitorder="little").astype(bool)
+def _masked_bits(mask_words: np.ndarray) -> np.ndarray:
+    """Flat bool, True where bit ch of a channel-mask word is 0 (channel
+    masked), ch = 0..31 in order for each word."""
+    as_bytes = np.ascontiguousarray(~mask_words, dtype="<u4").view(np.uint8)
+    return np.unpackbits(as_bytes, bitorder="little").view(bool)
 
 
 def _errors_list(index, reasons, earlier):
@@ -1039,26 +1066,27 @@ def decode_cmos(records: Sequence, byteorder: str = "little") -> CmosBatch:
     """
     index, u8, words, errors = _stack(records, CMOS_WORDS, byteorder)
     reasons, time_us = _check_common(words, u8, CMOS_WORDS, _C_CRATE, _C_SLOTS)
-    bits = _slot_bits(words[:, _C_SLOTS] & 0xFFFF)
-    for r in np.nonzero(bits.sum(axis=1) > CMOS_MAX_CARDS)[0]:
+    bits = _slot_bits(words[:, _C_SLOTS])
+    rank = np.cumsum(bits, axis=1, dtype=np.int16)  # rank[:, s] - 1 = block of slot s
+    for r in np.flatnonzero(rank[:, -1] > CMOS_MAX_CARDS):
         if reasons[r] is None:
-            reasons[r] = ("too_many_cards", f"{int(bits[r].sum())} cards in slot mask {int(words[r, _C_SLOTS]):#x}")
+            reasons[r] = ("too_many_cards", f"{int(rank[r, -1])} cards in slot mask {int(words[r, _C_SLOTS]):#x}")
     good = np.array([why is None for why in reasons], dtype=bool)
-    words, bits, time_us = _keep(good, words, bits, time_us)
+    words, bits, rank, time_us = _keep(good, words, bits, rank, time_us)
     crate = words[:, _C_CRATE].astype(np.int64)
     chmasks = words[:, _C_CHMASK:_C_CHMASK + NCARDS]
     rr, ss = np.nonzero(bits)  # row-major: ascending slot within each record
-    block = (np.cumsum(bits, axis=1) - 1)[rr, ss]
+    block = rank[rr, ss] - 1
     blocks = words[:, _C_COUNTS:_C_COUNTS + CMOS_MAX_CARDS * NCHANNELS].reshape(-1, CMOS_MAX_CARDS, NCHANNELS)
     raw = blocks[rr, block].ravel()  # one 32-word row per card
-    first = crate[rr] * (NCARDS * NCHANNELS) + ss * NCHANNELS
+    card = crate[rr] * NCARDS + ss
     return CmosBatch(
         index=index[good], crate=crate, slot_mask=words[:, _C_SLOTS],
         channel_masks=chmasks, delay=words[:, _C_DELAY], error_flags=words[:, _C_ERR],
-        time_us=time_us, timestamp=time_us / 1e6,
-        record=np.repeat(rr, NCHANNELS), lcn=(first[:, None] + _CHANNEL).ravel(),
-        count=(raw & 0x7FFFFFFF).astype(np.int64), flagged=raw >= SHORT_BIT,
-        masked=~_mask_bits(chmasks[rr, ss]), errors=_errors_list(index, reasons, errors),
+        time_us=time_us, timestamp=time_us / 1e6, lcn=((card * NCHANNELS)[:, None] + _CHANNEL).ravel(),
+        count=np.bitwise_and(raw, 0x7FFFFFFF, dtype=np.int64), flagged=raw >= SHORT_BIT,
+        masked=_masked_bits(chmasks[rr, ss]), card=card, card_record=rr,
+        errors=_errors_list(index, reasons, errors),
     )
 
 
@@ -1085,7 +1113,7 @@ def decode_base(records: Sequence, byteorder: str = "little") -> BaseBatch:
         error_flags=words[:, _B_ERR], time_us=time_us, timestamp=time_us / 1e6,
         record=np.repeat(rr, NCHANNELS), lcn=(first[:, None] + _CHANNEL).ravel(),
         current=current.astype(np.int16) - np.int16(127), busy=busy != 0,
-        masked=~_mask_bits(chmasks[rr, ss]), errors=_errors_list(index, reasons, errors),
+        masked=_masked_bits(chmasks[rr, ss]), errors=_errors_list(index, reasons, errors),
     )
 
 
@@ -1148,34 +1176,55 @@ class CmosRateState:
         lcn = np.asarray(batch.lcn, dtype=np.int64)
         if len(lcn) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        count, times = batch.count, batch.channel_time_us
         invalid = batch.flagged | batch.masked
+        if self._by_card(batch, lcn):
+            # Fast path: whole distinct cards, so the state is updated by rows
+            # of 32 channels (row scatters are far cheaper than per-element).
+            shape = (-1, NCHANNELS)
+            t_card = batch.time_us[batch.card_record][:, None]
+            return self._apply(batch.card, lcn, batch.count.reshape(shape), t_card,
+                               invalid.reshape(shape), by_card=True)
+        count, times = batch.count, batch.channel_time_us
         if lcn.min() < 0 or lcn.max() >= self.size:
             keep = (lcn >= 0) & (lcn < self.size)
             lcn, count, times, invalid = lcn[keep], count[keep], times[keep], invalid[keep]
         if len(lcn) < 2 or np.bincount(lcn, minlength=self.size).max() <= 1:
-            return self._apply(lcn, count, times, invalid)
+            return self._apply(lcn, lcn, count, times, invalid)
         rank = _occurrence_rank(lcn)
-        outs = [self._apply(lcn[sel], count[sel], times[sel], invalid[sel])
+        outs = [self._apply(lcn[sel], lcn[sel], count[sel], times[sel], invalid[sel])
                 for sel in (np.flatnonzero(rank == r) for r in range(int(rank.max()) + 1))]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
-    def _apply(self, lcn, count, t_us, invalid):
-        """One vectorised pass over distinct channels."""
-        dt = t_us - self.last_time_us[lcn]
-        inc = count - self.last_count[lcn]
-        emit = (dt > 0) & (dt <= round(self.max_dt * 1e6)) & (inc >= 0)
-        if invalid.any():
-            emit &= ~invalid
-            valid = ~invalid
-            self.last_count[lcn[valid]] = count[valid]
-            self.last_time_us[lcn[valid]] = t_us[valid]
-            self.last_time_us[lcn[invalid]] = _NO_TIME
-        else:
-            self.last_count[lcn] = count
-            self.last_time_us[lcn] = t_us
-        idx = np.flatnonzero(emit)
-        return lcn[idx], inc[idx] * 1e6 / dt[idx]
+    def _by_card(self, batch: CmosBatch, lcn: np.ndarray) -> bool:
+        """True if the batch's channels are whole, distinct, in-range cards."""
+        card = batch.card  # decode_cmos guarantees lcn == card*32 + channel
+        if self.size % NCHANNELS or len(card) == 0 or len(card) * NCHANNELS != len(lcn):
+            return False
+        try:
+            per_card = np.bincount(card)
+        except ValueError:  # negative card numbers
+            return False
+        return len(per_card) <= self.size // NCHANNELS and per_card.max() <= 1
+
+    def _apply(self, index, lcn, count, t_us, invalid, by_card: bool = False):
+        """One vectorised pass over distinct channels (or distinct cards:
+        *index* are then card numbers and the arrays have rows of 32)."""
+        counts = self.last_count.reshape(-1, NCHANNELS) if by_card else self.last_count
+        times = self.last_time_us.reshape(-1, NCHANNELS) if by_card else self.last_time_us
+        dt = t_us - times[index]
+        inc = count - counts[index]
+        # 0 < Δt ≤ max_dt as one unsigned comparison: Δt - 1 < max_dt
+        emit = ((dt - 1).view(np.uint64) < round(self.max_dt * 1e6)) & (inc >= 0)
+        counts[index] = count  # an invalid reading's count is never used:
+        times[index] = t_us  # its time is _NO_TIME
+        bad = np.flatnonzero(invalid)
+        if len(bad):
+            emit.ravel()[bad] = False
+            self.last_time_us[lcn[bad]] = _NO_TIME
+        emit = emit.ravel()
+        with np.errstate(divide="ignore", invalid="ignore"):  # Δt = 0 is not emitted
+            rate = (inc * 1e6 / dt).ravel()
+        return lcn[emit], rate[emit]
 
     # -- serialisation ----------------------------------------------------------
 
@@ -1186,7 +1235,7 @@ class CmosRateState:
                 + self.last_time_us.astype("<i8").tobytes() + self.have.astype(np.uint8).tobytes())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CmosRateState":
+    def from_bytes(cls, data: bytes) -> CmosRateState:
         """Inverse of :meth:`to_bytes`; raises OrcaError on anything else."""
         data = bytes(data)
         if len(data) < _STATE_HEAD.size:
@@ -1212,7 +1261,7 @@ class CmosRateState:
                 "time_us": self.last_time_us[idx].tolist()}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "CmosRateState":
+    def from_dict(cls, d: Mapping) -> CmosRateState:
         """Inverse of :meth:`to_dict`; raises OrcaError on malformed input."""
         try:
             state = cls(float(d["max_dt"]), int(d["size"]))

@@ -140,6 +140,7 @@ class Recorder:
             self._begin(arg)
         elif name == "ENDTAPE":
             self.close_file("ENDTAPE")
+            log.info("ENDTAPE run %s tape %s: %d events recorded so far", self.run, self.tape, self.events)
         elif name == "ALLFINISHED":
             self.close_file("ALLFINISHED")
             self.run = None
@@ -214,7 +215,7 @@ def record_cmd(address, out_dir, max_bytes, name):
     log_mod.setup(cfg["log_level"])
     address = address or f"{cfg['dispatcher_host']}:{cfg['dispatcher_port']}"
     if max_bytes is None:
-        max_bytes = int(cfg.get("recorder_max_bytes", DEFAULT_MAX_BYTES))
+        max_bytes = cfg["recorder_max_bytes"]
     recorder = Recorder(out_dir, max_bytes)
     stop = {"flag": False}
 

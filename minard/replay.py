@@ -52,7 +52,7 @@ def parse_speed(text: str) -> float | None:
     if text == "max":
         return None
     try:
-        factor = float(text[:-1] if text.endswith("x") else text)
+        factor = float(text.removesuffix("x"))
     except ValueError:
         raise click.BadParameter(f"{text!r}: use 1x, 10x, 0.5x or max") from None
     if not factor > 0:

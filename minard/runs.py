@@ -41,8 +41,13 @@ def run_key(run: int, part: str = "") -> str:
     return f"run:{int(run)}:{part}" if part else f"run:{int(run)}"
 
 
-def write_run(pipe, agg: RunAgg, now: float | None = None) -> None:
-    """Add the pending summary *agg* of one run to Redis (in the caller's pipeline)."""
+def write_run(pipe, agg: RunAgg, now: float | None = None, add_array=None) -> None:
+    """Add the pending summary *agg* of one run to Redis (in the caller's pipeline).
+
+    *add_array(pipe, key, counts, ttl)* adds the channel array (the pull
+    worker passes its dense-array writer); by default BITFIELD INCRBY per
+    nonzero channel.
+    """
     now = time.time() if now is None else now
     key = run_key(agg.run)
     counts = {"events": agg.events, "orphans": agg.orphans, "hits": agg.hits}
@@ -53,7 +58,9 @@ def write_run(pipe, agg: RunAgg, now: float | None = None) -> None:
     for nhit in nz.tolist():
         pipe.hincrby(run_key(agg.run, "nhit"), nhit, int(agg.nhit_counts[nhit]))
     ch = np.flatnonzero(agg.channel_hits)
-    if len(ch):
+    if len(ch) and add_array is not None:
+        add_array(pipe, run_key(agg.run, "channels"), agg.channel_hits, RUN_KEEP)
+    elif len(ch):
         ts._bitfield_incr(pipe, run_key(agg.run, "channels"), "u32", ch, agg.channel_hits[ch])
     if agg.subruns:
         pipe.sadd(run_key(agg.run, "subruns"), *sorted(agg.subruns))

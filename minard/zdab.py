@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Self
 
 import numpy as np
 
@@ -371,7 +371,7 @@ class ZdabReader:
         self.path = Path(path)
         self.strict = strict
         self.stats = stats if stats is not None else ReadStats()
-        self._file = open(self.path, "rb")
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
         size = os.fstat(self._file.fileno()).st_size
         self._data = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
@@ -393,7 +393,7 @@ class ZdabReader:
         self._data = b""
         self._file.close()
 
-    def __enter__(self) -> "ZdabReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -460,7 +460,7 @@ class ZdabWriter:
         if not 16 <= record_words <= MAX_RECORD_WORDS:
             raise ValueError(f"record_words must be 16..{MAX_RECORD_WORDS}")
         if isinstance(target, (str, os.PathLike)):
-            self._fh: BinaryIO = open(target, "wb")
+            self._fh: BinaryIO = open(target, "wb")  # noqa: SIM115 - closed by close()
             self._own = True
         else:
             self._fh, self._own = target, False
@@ -521,7 +521,7 @@ class ZdabWriter:
             self._fh.close()
         self.closed = True
 
-    def __enter__(self) -> "ZdabWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

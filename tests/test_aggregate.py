@@ -180,3 +180,26 @@ def test_crate_and_card_hits_sum_the_channels():
     sec.channel_hits[lcn(2, 15, 31)] = 1
     assert sec.crate_hits[2] == 6 and sec.crate_hits.sum() == 6
     assert sec.card_hits[2 * 16 + 3] == 5 and sec.card_hits[2 * 16 + 15] == 1
+
+
+def test_stream_gtids_take_orphans_from_their_hits_and_corrupt_records_from_the_header():
+    from minard.pmt import decode_buffer
+
+    records = make_records(6, seed=9, gtid0=50, orphans={2}, mean_nhit=5)
+    records[4] = records[4][:44] + b"\0" * 4  # truncated: 1 word of hits
+    batch = decode_events(records)
+    offsets = np.cumsum([0] + [len(r) for r in records[:-1]])
+    lengths = np.array([len(r) for r in records])
+    payload = b"".join(records)
+    batch = decode_buffer(payload, offsets, lengths)
+    assert [i for i, _ in batch.errors] == [4]
+    assert ag.stream_gtids(batch, payload, offsets, lengths).tolist() == [50, 51, 52, 53, 54, 55]
+
+
+def test_push_reads_the_same_gtid_as_the_workers():
+    from minard.dispatch_stream import record_gtid
+    from minard.pmt import pack_dispatch
+
+    records = make_records(4, seed=10, gtid0=0xFFFF00, orphans={1}, mean_nhit=3)
+    got = [record_gtid(memoryview(pack_dispatch(r))) for r in records]
+    assert got == ag.stream_gtids(decode_events(records)).tolist() == [0xFFFF00 + i for i in range(4)]

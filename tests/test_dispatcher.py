@@ -18,7 +18,7 @@ import pytest
 
 from minard import framing, pmt
 from minard.dispatch_client import ConnectionClosed, DispatchClient
-from minard.dispatcher import DispatcherProcess, ScalerRecord, CommandError
+from minard.dispatcher import CommandError, DispatcherProcess, ScalerRecord
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,7 +141,7 @@ def test_dir_lists_every_command(connect):
     ("SCALERSUM:", "key=value"), ("SCALERSUM:run=3", "reserved"),
     ("SCALERREC:a=1", "spill=N"), ("BROADCAST:nowhere:QUIT", "unknown destination"),
     ("BROADCAST:all", "usage BROADCAST"), ("ACCTREC:", "needs data"),
-    ("ENDTAPE", "only a source"), ("FINISHED", "only a analyzer"),
+    ("ENDTAPE", "only a source"), ("FINISHED", "only an analyzer"),
 ])
 def test_unknown_and_malformed_commands_get_an_error_and_keep_the_connection(connect, text, error):
     client = connect()
@@ -272,7 +272,7 @@ def test_stats_reply_is_one_json_line_with_global_and_per_client_counters(connec
     stats = json.loads(reply[6:])
     assert stats["state"] == "Tape" and stats["run"] == 5
     assert stats["received_events"] == 10 and stats["dropped_events"] == 0
-    mine = [c for c in stats["clients"] if c["socket"] == analyzer.socket_number][0]
+    mine = next(c for c in stats["clients"] if c["socket"] == analyzer.socket_number)
     assert mine["events_sent"] == 10 and mine["events_dropped"] == 0
     assert mine["bytes_sent"] >= 10 * (12 + len(payloads(1)[0]))
 
@@ -554,6 +554,29 @@ def test_unknown_tag_with_valid_framing_gets_an_error_and_the_connection_stays(c
 # --------------------------------------------------------------------------
 # Flow control
 # --------------------------------------------------------------------------
+
+def test_a_client_flooding_commands_without_reading_is_paused_not_buffered_forever(connect):
+    flooder = connect(rcvbuf=16384)
+    n = 100_000
+    sender = threading.Thread(target=flooder.send_raw, args=(framing.command_frame("DIR?") * n,))
+    sender.start()
+    control = connect()
+    deadline = time.monotonic() + 20
+    while True:  # the server stops reading the flooder once its replies pile up
+        mine = next(c for c in control.stats()["clients"] if c["socket"] == flooder.socket_number)
+        if "replies" in mine["input_held"]:
+            break
+        assert time.monotonic() < deadline, mine
+        time.sleep(0.05)
+    assert mine["queued_bytes"] < 16 * 1024 * 1024
+    assert control.command("ANALYZERS?") == "ANALYZERS:\nEND"  # others are still served
+    replies = 0
+    while replies < n:
+        frame = flooder.recv(10)
+        assert frame is not None and frame.text.startswith("DIR:ACCTREC ")
+        replies += 1
+    sender.join(10)
+
 
 class Reader(threading.Thread):
     """Read a client's frames in the background until a command arrives."""

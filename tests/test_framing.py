@@ -1,11 +1,17 @@
 """The dispatcher frame codec: layout, incremental decoding, limits and bad input."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minard import framing
 from minard.framing import (
-    Batch, Frame, FrameDecoder, FrameError, FrameTooLarge, TruncatedFrame,
+    Batch,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameTooLarge,
+    TruncatedFrame,
 )
 
 

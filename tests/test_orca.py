@@ -26,7 +26,7 @@ def header(cmos_id=CMOS_ID, base_id=BASE_ID, byteorder="little", **kw) -> bytes:
 
 
 def cmos(crate=3, mask=GAP_MASK, t=T0, counts=None, chmask=FULL, data_id=CMOS_ID, byteorder="little", **kw):
-    ncards = bin(mask).count("1")
+    ncards = mask.bit_count()
     if counts is None:
         counts = np.arange(ncards * 32).reshape(ncards, 32) + 1000 * crate
     return orca.encode_cmos(data_id, crate, mask, chmask, counts, t, byteorder=byteorder, **kw)
@@ -97,7 +97,7 @@ def test_header_xml_length_comes_from_word_1_not_the_padding():
     xml = plistlib.dumps(plist)
     padded = xml + b"\0" * (-len(xml) % 4 + 8)  # not ORCA's quirk: extra words
     rec = (2 + len(padded) // 4).to_bytes(4, "little") + len(xml).to_bytes(4, "little") + padded
-    records, parser = parse(rec + cmos())
+    records, _ = parse(rec + cmos())
     assert kinds(records) == ["header", "cmos"] and records[0].header == plist
 
 
@@ -492,12 +492,12 @@ def test_bad_rate_state_dict_raises_orca_error():
 
 
 @settings(max_examples=40, deadline=None)
-@given(mask=st.integers(1, 0xFFFF).filter(lambda m: bin(m).count("1") <= 8),
+@given(mask=st.integers(1, 0xFFFF).filter(lambda m: m.bit_count() <= 8),
        crate=st.integers(0, 18), seed=st.integers(0, 2**32 - 1), cs=st.integers(0, 10**11),
        order=st.sampled_from(["little", "big"]))
 def test_cmos_encode_decode_round_trip_is_exact(mask, crate, seed, cs, order):
     rng = np.random.default_rng(seed)
-    ncards = bin(mask).count("1")
+    ncards = mask.bit_count()
     counts = rng.integers(0, 1 << 32, (ncards, 32))
     chmask = rng.integers(0, 1 << 32, 16)
     rec = orca.encode_cmos(CMOS_ID, crate, mask, chmask, counts, cs / 100, byteorder=order)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def random_hits(rng: np.random.Generator, n: int, crates: int = 19) -> dict[str,
 
 def make_event(i: int = 0, nhit: int = 5, seed: int = 0, **kw) -> bytes:
     rng = np.random.default_rng(seed + i)
-    args = dict(run=100, evnum=i, gtid=1000 + i, trigger_word=1, hits=random_hits(rng, nhit))
+    args = {"run": 100, "evnum": i, "gtid": 1000 + i, "trigger_word": 1, "hits": random_hits(rng, nhit)}
     args.update(kw)
     return pmt.encode_event(**args)
 
@@ -85,11 +86,11 @@ def test_demo_record_decodes_to_the_documented_values(demo_record):
 
 
 def test_demo_clock_is_1999_05_16_10_19_22(demo_record):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     clock10 = pmt.decode_event(demo_record)["clock10"]
-    when = datetime(1996, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=clock10 // 10)
-    expected = datetime(1999, 5, 16, 10, 19, 22, 187000, tzinfo=timezone.utc)
+    when = datetime(1996, 1, 1, tzinfo=UTC) + timedelta(microseconds=clock10 // 10)
+    expected = datetime(1999, 5, 16, 10, 19, 22, 187000, tzinfo=UTC)
     assert abs(when - expected) < timedelta(milliseconds=0.5)  # 22.1867... s
 
 
@@ -457,7 +458,7 @@ def test_mutated_records_never_stop_the_good_ones_in_a_batch(which, edits, cut):
 def test_mutated_dispatch_messages_raise_only_record_errors(edits, cut):
     payload = mutate(pmt.pack_dispatch(GOOD[2]), edits, cut)
     try:
-        rid, body = pmt.unpack_dispatch(payload)
+        _, body = pmt.unpack_dispatch(payload)
     except RecordError:
         return
     try:

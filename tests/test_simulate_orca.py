@@ -8,37 +8,8 @@ from click.testing import CliRunner
 
 from minard import orca
 from minard.orca import OrcaStreamParser, XL3Ids
+from minard.simulate import orca as sim_orca
 
-
-def _load_simulator():
-    """``minard.simulate.orca``.  The package ``__init__`` also imports
-    ``.events`` (written separately); while that module is missing, load this
-    file on its own under a bare package so these tests still run."""
-    try:
-        import minard.simulate.orca as module
-        return module
-    except ModuleNotFoundError as exc:
-        if exc.name != "minard.simulate.events":
-            raise
-    import importlib.util
-    import sys
-    import types
-    from pathlib import Path
-
-    import minard
-
-    here = Path(minard.__file__).parent / "simulate"
-    package = types.ModuleType("minard.simulate")
-    package.__path__ = [str(here)]
-    sys.modules["minard.simulate"] = package
-    spec = importlib.util.spec_from_file_location("minard.simulate.orca", here / "orca.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sim_orca = _load_simulator()
 OrcaSimulator = sim_orca.OrcaSimulator
 
 

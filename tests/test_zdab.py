@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from minard import pmt, zdab
 from minard.pmt import RecordError
-from minard.zdab import ReadStats, ZdabError, ZdabReader, ZdabWriter, iter_banks, read_events
+from minard.zdab import (
+    ReadStats,
+    ZdabError,
+    ZdabReader,
+    ZdabWriter,
+    iter_banks,
+    read_events,
+)
 
 
 def make_event(i: int, nhit: int, seed: int = 0) -> bytes:
@@ -157,13 +164,37 @@ def test_several_banks_in_one_logical_record_including_zdab():
     assert len({b.offset for b in banks}) == 1
 
 
-def test_one_word_padding_is_skipped():
-    # 16-word blocks: 8 payload words; a 3-word special-free record leaves 1 word.
-    records = [make_event(i, 0) for i in range(5)]
-    data = write(records, record_words=16)
-    assert read(data)[0] == records
-    stream = bytearray(data)  # put a run of 1-word paddings in front of the first record
-    assert struct.unpack_from(">I", stream, 32)[0] != 0
+def handmade_file(logical_words: list[int], size: int = 256) -> bytes:
+    """One physical record holding *logical_words*, padding, then an end-of-run block."""
+    body = list(logical_words)
+    body += [size - 8 - len(body) - 1, 5] + [0xABCDEF01] * (size - 8 - len(body) - 2)
+    block = struct.pack(f">{size}I", *zdab.SIGNATURE, size, 0, 8, 0, *body)
+    end = struct.pack(">8I", *zdab.SIGNATURE, (1 << 30) | size, 0, 8, 0)
+    return block + end
+
+
+def data_record_words(record: bytes) -> list[int]:
+    """[L, 2, pilot..., i/o, header..., data...] of a single-ZDAB-bank record."""
+    nd = len(record) // 4
+    bank = [0x0002000C, 0, 327, 321, 6, 0x5A444142, 0, 0, nd, 0, *struct.unpack(f">{nd}I", record)]
+    pilot = [0x4640E400, 37700, 0, 0, 0, 0, 0, len(bank), 0, 0]
+    return [len(pilot) + len(bank), 2, *pilot, *bank]
+
+
+def test_one_word_paddings_and_special_records_between_records_are_skipped():
+    a, b = make_event(0, 2), make_event(1, 3)
+    words = [0, 0, *data_record_words(a), 0, 1, 1, 0, *data_record_words(b), 0]
+    got, stats = read(handmade_file(words))
+    assert got == [a, b] and stats.n_errors == 0
+    assert stats.padding == 4 + 1 and stats.special == 1 and stats.end_of_data  # + the final padding
+
+
+def test_data_record_types_3_and_4_are_read_like_type_2():
+    a = make_event(0, 2)
+    for rtype in (3, 4):
+        words = data_record_words(a)
+        words[1] = rtype
+        assert read(handmade_file(words))[0] == [a]
 
 
 def test_flush_and_sync_make_everything_written_so_far_readable(tmp_path):
@@ -325,7 +356,7 @@ def test_bank_nd_past_the_body_is_rejected():
 
 def test_bad_bank_io_word_and_bad_pilot_are_rejected():
     data = write(RECORDS[:2])
-    first = list(iter_banks(data))[0]
+    first = next(iter_banks(data))
     bad = corrupt_word(data, first.offset // 4 + 2 + 10, 0x00020003)  # i/o word < 12
     got, stats = read(bad)
     assert stats.errors["bad_bank"] == 1 and got == [RECORDS[1]]

@@ -30,8 +30,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .. import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
-from .. import orca
+from .. import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES, orca
 
 #: Default absent-slot layout: crate 5 has an empty slot 7 (a gap, two CMOS
 #: records), crate 11 has 8 cards spread over both halves (one CMOS record).
@@ -156,7 +155,7 @@ class OrcaSimulator:
 
     def polls(self, duration_s: float) -> int:
         """Number of polls in *duration_s* seconds (at least one)."""
-        return max(1, int(round(duration_s * 1e6)) // self.poll_us)
+        return max(1, round(duration_s * 1e6) // self.poll_us)
 
     # -- records -------------------------------------------------------------
 
@@ -204,7 +203,7 @@ class OrcaSimulator:
             return []
         counts = self._counts(crate, k, reset_poll)
         chmask = self.channel_masks[crate]
-        halves = [mask] if bin(mask).count("1") <= orca.CMOS_MAX_CARDS else [mask & 0x00FF, mask & 0xFF00]
+        halves = [mask] if mask.bit_count() <= orca.CMOS_MAX_CARDS else [mask & 0x00FF, mask & 0xFF00]
         out = []
         for half in (h for h in halves if h):
             slots = [s for s in range(NCARDS) if half >> s & 1]
@@ -259,7 +258,7 @@ class OrcaSimulator:
                 parts += self._crate_records(crate, k, t_k + phase, reset_poll)
             chunk = b"".join(parts)
             for _ in range(garbage_polls.count(k)):
-                size = int(self._junk_rng.integers(1, 41))
+                size = self._junk_rng.integers(1, 41)
                 junk = self._junk_rng.integers(0, 256, size, dtype=np.uint8).tobytes()
                 self.garbage_offsets.append((offset + len(chunk), len(junk)))
                 chunk += junk

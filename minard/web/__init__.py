@@ -106,6 +106,10 @@ def create_app(cfg: dict | None = None) -> Flask:
     register_nav(app, "ops.status", "Status", 81)
     register_nav(app, "ops.logs", "Logs", 82)
     register_nav(app, "ops.processes", "Processes", 83)
+    from . import api, dashboard
+
+    app.register_blueprint(api.bp)
+    dashboard.register(app)  # Stream, Detector, Nhit, Runs; Stream becomes the home page
     _site(app)
     return app
 
@@ -118,15 +122,6 @@ def _site(app: Flask) -> None:
     def home():
         """The first page of the site (later issues point HOME_ENDPOINT elsewhere)."""
         return redirect(url_for(app.config["HOME_ENDPOINT"]))
-
-    @app.get("/healthz")
-    def healthz():
-        """200 if Redis answers."""
-        try:
-            app.extensions["minard_redis"].ping()
-        except Exception as exc:  # noqa: BLE001 - any Redis failure means "not healthy"
-            return jsonify(ok=False, error=f"redis: {type(exc).__name__}"), 503
-        return jsonify(ok=True)
 
     @app.after_request
     def headers(resp):

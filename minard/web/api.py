@@ -1,0 +1,481 @@
+"""The dashboard's JSON API (documented in docs/openapi.json, served at /openapi.json).
+
+Endpoints compatible with the original minard (``/metric``, ``/metric_hash``,
+``/query``) and the ones the pages use (``/api/stream``, ``/api/detector``,
+``/api/channel/<lcn>``, ``/api/nhit``, ``/api/runs``, ``/api/runs/<run>``),
+plus ``/healthz`` and Prometheus ``/metrics``.  Every data endpoint takes
+``format=csv`` to download what the matching page shows.
+
+Every parameter goes through :mod:`minard.web.params`; a bad or missing one is
+answered ``400 {"error": "..."}``.  Any other failure is a JSON error without
+a stack trace (the trace goes to the site's log).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from functools import wraps
+from pathlib import Path
+
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .. import status
+from ..aggregate import NAMES
+from ..config import ROOT
+from ..runs import get_run, list_runs
+from . import data
+from .params import (
+    ParamError,
+    choice,
+    crate_card,
+    lcn_parts,
+    names_list,
+    output_format,
+    parse_duration,
+    parse_int,
+    parse_lcn,
+    time_window,
+)
+
+bp = Blueprint("api", __name__)
+OPENAPI = ROOT / "docs" / "openapi.json"
+#: Seconds a rendered response of a heavy endpoint is reused for the same URL.
+RESPONSE_TTL = 0.5
+_responses = data.Cache(256)
+
+
+def _redis():
+    return current_app.extensions["minard_redis"]
+
+
+# ------------------------------------------------------------------ errors
+
+@bp.errorhandler(ParamError)
+def bad_parameter(exc: ParamError):
+    """A bad or missing parameter: 400 with the reason."""
+    return jsonify(error=str(exc)), 400
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc: HTTPException):
+    """Every HTTP error of this blueprint as JSON."""
+    return jsonify(error=exc.description or exc.name), exc.code
+
+
+@bp.errorhandler(Exception)
+def internal_error(exc: Exception):
+    """Anything else: logged with its trace, answered without it."""
+    current_app.logger.exception("API error on %s", request.full_path)
+    name = type(exc).__name__
+    if name.startswith(("Redis", "Connection", "Timeout")):
+        return jsonify(error="the database (Redis) is not answering"), 503
+    return jsonify(error="internal server error"), 500
+
+
+def _only(*allowed: str) -> None:
+    """Refuse query parameters this endpoint does not know (typos would be silent)."""
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        raise ParamError(f"unknown parameter {unknown[0][:40]!r}; this endpoint takes: {', '.join(allowed)}")
+
+
+def response_cache(view):
+    """Reuse the response of the same URL for RESPONSE_TTL seconds (many screens, one view)."""
+
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        key = (request.endpoint, request.full_path)
+        hit = _responses.get(key)
+        if hit is not None:
+            body, mimetype, headers = hit
+            return Response(body, mimetype=mimetype, headers=headers)
+        resp = view(*args, **kwargs)
+        if isinstance(resp, Response) and resp.status_code == 200:
+            _responses.put(key, (resp.get_data(), resp.mimetype, _download_headers(resp)), RESPONSE_TTL)
+        return resp
+
+    return wrapper
+
+
+def _download_headers(resp: Response) -> dict:
+    cd = resp.headers.get("Content-Disposition")
+    return {"Content-Disposition": cd} if cd else {}
+
+
+# ------------------------------------------------------------------ encoding
+
+def floats(values, digits: int = 4) -> list:
+    """A float array as a JSON list: rounded, NaN as null."""
+    arr = np.asarray(values, dtype=float)
+    if not len(arr):
+        return []
+    rounded = np.round(arr, digits).tolist()
+    return [None if x != x or x in (math.inf, -math.inf) else x for x in rounded]
+
+
+def ints(values) -> list:
+    """An array of (possibly NaN) integers as a JSON list with null for NaN."""
+    arr = np.asarray(values, dtype=float)
+    return [None if x != x else int(x) for x in arr.tolist()]
+
+
+def json_response(obj, filename: str | None = None) -> Response:
+    """Compact JSON; with *filename*, offered as a download."""
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    resp = Response(body, mimetype="application/json")
+    if filename and request.args.get("download") == "1":
+        resp.headers["Content-Disposition"] = f'attachment; filename="{filename}.json"'
+    return resp
+
+
+def csv_response(header: list[str], rows, filename: str) -> Response:
+    """A CSV download (values with NaN written empty)."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(header)
+    for row in rows:
+        out.writerow(["" if isinstance(v, float) and v != v else v for v in row])
+    resp = Response(buf.getvalue(), mimetype="text/csv")
+    resp.headers["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
+    return resp
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
+
+
+# ------------------------------------------------------------------ stream
+
+@bp.get("/api/stream")
+@response_cache
+def stream():
+    """Rates, average nhit and charge per trigger, run/subrun/GTID over a window."""
+    _only("start", "stop", "window", "step", "triggers", "format", "download")
+    now = time.time()
+    start, stop = time_window(request.args, now)
+    step = parse_duration("step", request.args["step"], 1, 86400) if "step" in request.args else None
+    triggers = names_list("triggers", request.args.get("triggers"), NAMES, []) or None
+    view = data.stream_view(_redis(), start, stop, now, step, triggers)
+    name = f"minard-stream-{_stamp(start)}-{_stamp(stop)}"
+    if output_format(request.args) == "csv":
+        return _stream_csv(view, name)
+    redis = _redis()
+    out = {"start": start, "stop": stop, "step": view["step"], "now": now, "t": ints(view["t"]),
+           "triggers": view["triggers"],
+           "rate": {n: floats(v, 3) for n, v in view["rate"].items()},
+           "nhit": {n: floats(v, 2) for n, v in view["nhit"].items()},
+           "qhs": {n: floats(v, 1) for n, v in view["qhs"].items()},
+           "run": ints(view["run"]), "subrun": ints(view["subrun"]), "gtid": ints(view["gtid"]),
+           "boundaries": view["boundaries"], "latest": data.latest_state(redis, now),
+           "heartbeat": heartbeat(redis, now), "dispatcher": data.dispatcher_name(redis)}
+    return json_response(out, name)
+
+
+def _stream_csv(view: dict, name: str) -> Response:
+    names = view["triggers"]
+    header = ["time", "run", "subrun", "gtid"] + [f"rate_{n}" for n in names] + \
+        [f"nhit_{n}" for n in names] + [f"qhs_{n}" for n in names]
+    cols = [view["t"], view["run"], view["subrun"], view["gtid"]] + \
+        [view["rate"][n] for n in names] + [view["nhit"][n] for n in names] + [view["qhs"][n] for n in names]
+    ints_at = {0, 1, 2, 3}
+    rows = ([_cell(c[i], j in ints_at) for j, c in enumerate(cols)] for i in range(len(view["t"])))
+    return csv_response(header, rows, name)
+
+
+def _cell(x, integer: bool = False):
+    x = float(x)
+    if x != x:
+        return ""
+    return int(x) if integer else round(x, 4)
+
+
+def heartbeat(redis, now: float) -> list[dict]:
+    """Pipeline components' heartbeats: name, alive, age, state, host, lag."""
+    out = []
+    for name, f in status.components(redis, now).items():
+        t = float(f.get("time", 0) or 0)
+        out.append({"name": name, "alive": bool(f.get("alive")), "age": round(now - t, 1) if t else None,
+                    "state": f.get("state", "gone") if f.get("time") else "gone", "host": f.get("host"),
+                    "lag": f.get("lag_seconds")})
+    return out
+
+
+# ------------------------------------------------------------------ detector
+
+@bp.get("/api/detector")
+@response_cache
+def detector():
+    """The channel map of one quantity over a window, with baseline, hot/dead and crate/card stats."""
+    _only("quantity", "start", "stop", "window", "crate", "card", "format", "download")
+    now = time.time()
+    quantity = choice("quantity", request.args.get("quantity"), data.QUANTITIES, "occupancy")
+    start, stop = time_window(request.args, now)
+    crate, card = crate_card(request.args)
+    view = data.detector_view(_redis(), quantity, start, stop, now)
+    name = f"minard-{quantity}-{_stamp(start)}-{_stamp(stop)}"
+    if output_format(request.args) == "csv":
+        return _detector_csv(view, crate, card, name)
+    st = view["stats"]
+    out = {"quantity": quantity, "unit": view["unit"], "start": start, "stop": stop, "step": view["step"],
+           "now": now, "events": view["events"], "values": floats(view["values"], 5),
+           "baseline": floats(view["baseline"], 5), "hot": view["hot"].tolist(), "dead": view["dead"].tolist(),
+           "crate": {"mean": floats(st["crate_mean"], 5), "max": floats(st["crate_max"], 5)},
+           "card": {"mean": [floats(r, 5) for r in st["card_mean"]], "max": [floats(r, 5) for r in st["card_max"]]},
+           "selection": {"crate": crate, "card": card}}
+    return json_response(out, name)
+
+
+def _detector_csv(view: dict, crate, card, name: str) -> Response:
+    hot, dead = set(view["hot"].tolist()), set(view["dead"].tolist())
+    lcns = range(len(view["values"]))
+    if crate is not None:
+        lo = crate * 512 + (card * 32 if card is not None else 0)
+        lcns = range(lo, lo + (32 if card is not None else 512))
+    hits = view["hits"]
+    rows = ([*lcn_parts(i).values(), _cell(view["values"][i]), _cell(view["baseline"][i]),
+             int(hits[i]) if hits is not None else "", int(i in hot), int(i in dead)] for i in lcns)
+    header = ["lcn", "crate", "card", "channel", view["quantity"], "baseline", "hits", "hot", "dead"]
+    return csv_response(header, rows, name)
+
+
+@bp.get("/api/channel/<lcn>")
+def channel(lcn: str):
+    """One channel's history of occupancy, CMOS rate and base current."""
+    _only("start", "stop", "window", "format", "download")
+    now = time.time()
+    index = parse_lcn(lcn)
+    start, stop = time_window(request.args, now, default=3600)
+    view = data.channel_view(_redis(), index, start, stop, now)
+    name = f"minard-channel-{index}-{_stamp(start)}-{_stamp(stop)}"
+    if output_format(request.args) == "csv":
+        rows = ([int(view["t"][i]), _cell(view["occupancy"][i]), _cell(view["hits"][i], True),
+                 _cell(view["cmos"][i]), _cell(view["base"][i])] for i in range(len(view["t"])))
+        return csv_response(["time", "occupancy", "hits", "cmos", "base"], rows, name)
+    out = {**lcn_parts(index), "start": start, "stop": stop, "step": view["step"], "now": now,
+           "t": ints(view["t"]), "occupancy": floats(view["occupancy"], 5), "hits": ints(view["hits"]),
+           "cmos": floats(view["cmos"], 3), "base": floats(view["base"], 3)}
+    return json_response(out, name)
+
+
+# ------------------------------------------------------------------ nhit
+
+@bp.get("/api/nhit")
+def nhit():
+    """nhit distribution per trigger type over the last N seconds."""
+    _only("seconds", "triggers", "format", "download")
+    now = time.time()
+    seconds = parse_duration("seconds", request.args.get("seconds", "60"), 10, 30 * 86400)
+    triggers = names_list("triggers", request.args.get("triggers"), NAMES, []) or None
+    view = data.nhit_view(_redis(), seconds, now, triggers)
+    name = f"minard-nhit-{int(seconds)}s-{_stamp(now)}"
+    if output_format(request.args) == "csv":
+        names = view["triggers"]
+        rows = ([int(e)] + [int(view["counts"][n][i]) for n in names] for i, e in enumerate(view["nhit"]))
+        return csv_response(["nhit"] + names, rows, name)
+    out = {"seconds": seconds, "start": view["start"], "stop": view["stop"], "step": view["step"],
+           "bin": view["bin"], "nhit": view["nhit"].tolist(), "triggers": view["triggers"],
+           "counts": {n: c.tolist() for n, c in view["counts"].items()}, "now": now}
+    return json_response(out, name)
+
+
+# ------------------------------------------------------------------ runs
+
+@bp.get("/api/runs")
+def runs():
+    """The most recent runs, newest first."""
+    _only("limit", "format", "download")
+    limit = parse_int("limit", request.args.get("limit"), 1, 1000, 100)
+    rows = list_runs(_redis(), limit)
+    if output_format(request.args) == "csv":
+        return csv_response(["run", "start", "end", "events", "subruns"],
+                            ([r["run"], r["start"], r["end"], r["events"], r["subruns"]] for r in rows),
+                            "minard-runs")
+    return json_response(rows, "minard-runs")
+
+
+RUN_PARTS = ("triggers", "nhit", "channels")
+
+
+@bp.get("/api/runs/<run>")
+def run(run: str):
+    """One run's summary: exactly ``minard runs show RUN --json``."""
+    _only("format", "part", "download")
+    number = parse_int("run", run, 0, 2**31 - 1)
+    fmt = output_format(request.args)
+    part = choice("part", request.args.get("part"), RUN_PARTS, "triggers")
+    summary = get_run(_redis(), number)
+    if summary is None:
+        return jsonify(error=f"run {number} is not known"), 404
+    if fmt == "json":
+        return json_response(summary, f"minard-run-{number}")
+    if part == "triggers":
+        rows = list(summary["triggers"].items())
+        header = ["trigger", "events"]
+    elif part == "nhit":
+        rows = [(int(k), v) for k, v in summary["nhit_histogram"].items()]
+        header = ["nhit", "events"]
+    else:
+        occ = data.run_occupancy(summary)
+        rows = [(i, i // 512, i // 32 % 16, i % 32, summary["channel_hits"].get(str(i), 0), round(float(occ[i]), 6))
+                for i in range(len(occ))]
+        header = ["lcn", "crate", "card", "channel", "hits", "occupancy"]
+    return csv_response(header, rows, f"minard-run-{number}-{part}")
+
+
+# ------------------------------------------------------------------ original minard
+
+#: expr of /metric: trigger names (rate, Hz), "<trigger>:nhit"/":qhs" (averages),
+#: run/subrun/gtid (last value) and stream counters (per second).
+STREAM_COUNTERS = ("records", "events", "orphans", "gtid_gaps", "gtid_missing", "corrupt", "hits")
+LAST_VALUES = ("run", "subrun", "gtid")
+HASH_GROUPS = {"crate": tuple(f"c{i}" for i in range(19)), "trig": data.TRIG_FIELDS,
+               "stream": LAST_VALUES + STREAM_COUNTERS}
+
+
+def _metric_values(expr: str, start: float, stop: float, now: float, step):
+    """(times, values, step) of one /metric expression."""
+    redis = _redis()
+    trig, _, kind = expr.partition(":")
+    if trig in NAMES and kind in ("", "nhit", "qhs"):
+        fields = (trig,) if not kind else (trig, expr)
+        t, rows, level = data.series(redis, "trig", fields, start, stop, now, step)
+        if not kind:
+            return t, rows[trig] / level.step, level.step
+        return t, data._ratio(np.nan_to_num(rows[expr]), np.nan_to_num(rows[trig])), level.step
+    if expr in LAST_VALUES or expr in STREAM_COUNTERS:
+        t, rows, level = data.series(redis, "stream", (expr,), start, stop, now, step)
+        v = rows[expr]
+        return t, (v if expr in LAST_VALUES else v / level.step), level.step
+    raise ParamError(f"expr {expr[:40]!r} is not known: use a trigger name (e.g. TOTAL, 100L), "
+                     "TRIGGER:nhit, TRIGGER:qhs, run, subrun, gtid or one of " + ", ".join(STREAM_COUNTERS))
+
+
+@bp.get("/metric")
+@response_cache
+def metric():
+    """Original minard: one series, ``values`` per step (null where no data)."""
+    _only("expr", "start", "stop", "window", "step", "now")
+    expr = request.args.get("expr")
+    if not expr:
+        raise ParamError("missing parameter expr")
+    now = time.time()
+    start, stop = time_window(request.args, now)
+    step = parse_duration("step", request.args["step"], 1, 86400) if "step" in request.args else None
+    t, values, used = _metric_values(expr, start, stop, now, step)
+    digits = 0 if expr in LAST_VALUES else 4
+    return json_response({"expr": expr, "start": start, "stop": stop, "step": used,
+                          "t": ints(t), "values": ints(values) if digits == 0 else floats(values, 4)})
+
+
+@bp.get("/metric_hash")
+def metric_hash():
+    """Original minard: every field of a hash series (``crate``, ``trig``, ``stream``) per step."""
+    _only("name", "start", "stop", "window", "step")
+    name = choice("name", request.args.get("name"), tuple(HASH_GROUPS))
+    now = time.time()
+    start, stop = time_window(request.args, now)
+    step = parse_duration("step", request.args["step"], 1, 86400) if "step" in request.args else None
+    t, rows, level = data.series(_redis(), name, HASH_GROUPS[name], start, stop, now, step)
+    return json_response({"name": name, "start": start, "stop": stop, "step": level.step, "t": ints(t),
+                          "values": {k: floats(v, 3) for k, v in rows.items()}})
+
+
+QUERY_NAMES = ("occupancy", "cmos", "base", "nhit", "dispatcher")
+
+
+@bp.get("/query")
+def query():
+    """Original minard: latest per-channel values, the nhit distribution or the dispatcher name."""
+    name = choice("name", request.args.get("name"), QUERY_NAMES)
+    redis, now = _redis(), time.time()
+    if name == "dispatcher":
+        _only("name")
+        return json_response({"name": name, "value": data.dispatcher_name(redis)})
+    if name == "nhit":
+        _only("name", "seconds", "trigger")
+        seconds = parse_duration("seconds", request.args.get("seconds", "60"), 10, 30 * 86400)
+        trig = choice("trigger", request.args.get("trigger"), NAMES, "TOTAL")
+        view = data.nhit_view(redis, seconds, now, [trig])
+        return json_response({"name": name, "trigger": trig, "seconds": seconds, "bin": view["bin"],
+                              "nhit": view["nhit"].tolist(), "values": view["counts"][trig].tolist()})
+    _only("name", "start", "stop", "window")
+    start, stop = time_window(request.args, now, default=60)
+    level = data.map_level(start, stop, now)
+    values, _, _ = data.window_values(redis, name, start, stop, now, level)
+    ok = np.flatnonzero(~np.isnan(values))
+    vals = floats(values[ok], 5)
+    return json_response({"name": name, "start": start, "stop": stop, "step": level.step,
+                          "values": {str(i): v for i, v in zip(ok.tolist(), vals)}})
+
+
+# ------------------------------------------------------------------ health, metrics, openapi
+
+@bp.get("/healthz")
+def healthz():
+    """200 if Redis answers (with the pipeline components alive), else 503."""
+    redis = _redis()
+    t0 = time.perf_counter()
+    try:
+        redis.ping()
+    except Exception as exc:  # noqa: BLE001 - any Redis failure means "not healthy"
+        return jsonify(ok=False, error=f"redis: {type(exc).__name__}"), 503
+    ms = (time.perf_counter() - t0) * 1000
+    comps = status.components(redis)
+    return jsonify(ok=True, redis_ms=round(ms, 2),
+                   components={n: bool(f.get("alive")) for n, f in comps.items()})
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom(lines: list, name: str, kind: str, help_text: str, samples) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{lab}}} {float(value):.10g}" if lab else f"{name} {float(value):.10g}")
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus text exposition: stage counters, heartbeats, trigger rates, run."""
+    redis, now = _redis(), time.time()
+    lines: list[str] = []
+    try:
+        redis.ping()
+        up = 1
+    except Exception:  # noqa: BLE001
+        up = 0
+    _prom(lines, "minard_redis_up", "gauge", "1 if Redis answers.", [({}, up)])
+    if up:
+        stage_samples = [({"stage": s, "counter": c}, v) for s, cs in status.stats(redis).items()
+                         for c, v in sorted(cs.items())]
+        _prom(lines, "minard_stage_records_total", "counter",
+              "Loss accounting per pipeline stage (received = processed + dropped + errors).", stage_samples)
+        comps = status.components(redis, now)
+        _prom(lines, "minard_component_up", "gauge", "1 while the component's heartbeat is current.",
+              [({"component": n}, int(bool(f.get("alive")))) for n, f in comps.items()])
+        _prom(lines, "minard_component_heartbeat_age_seconds", "gauge", "Seconds since the last heartbeat.",
+              [({"component": n}, now - float(f["time"])) for n, f in comps.items() if f.get("time")])
+        rates = data.recent_rates(redis, now)
+        _prom(lines, "minard_trigger_rate_hz", "gauge", "Mean event rate per trigger type over the last 10 s.",
+              [({"trigger": n}, r) for n, r in rates.items()])
+        state = data.latest_state(redis, now)
+        for key in ("run", "subrun", "gtid"):
+            if state[key] is not None:
+                _prom(lines, f"minard_current_{key}", "gauge", f"The latest {key} seen.", [({}, state[key])])
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The API's OpenAPI 3 document (docs/openapi.json)."""
+    return Response(Path(OPENAPI).read_bytes(), mimetype="application/json")

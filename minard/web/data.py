@@ -1,0 +1,445 @@
+"""What the dashboard shows, read from Redis (no Flask here).
+
+Every function takes a Redis client and a time window and returns plain
+Python/numpy data; :mod:`minard.web.api` turns it into JSON or CSV.  The key
+schema is the one of :mod:`minard.timeseries`, :mod:`minard.dispatch_stream`
+and :mod:`minard.runs` (docs/storage.md):
+
+* ``trig`` scalar group: ``<TRIGGER>`` event counts, ``<TRIGGER>:nhit`` and
+  ``<TRIGGER>:qhs`` sums per bucket (27 names + TOTAL);
+* ``stream`` scalar group: ``run``, ``subrun``, ``gtid`` (last value) and
+  stream-health counters;
+* ``nhit`` scalar group (``NHIT_LEVELS``): ``<TRIGGER>:<lowest nhit of bin>``;
+* ``occ`` scalar group (channel levels): ``events`` per bucket;
+* per-channel arrays: ``hits`` (counts), ``cmos`` and ``base`` (values).
+
+**Caching.**  Buckets that ended more than :data:`SETTLE` seconds ago no
+longer change (workers flush once a second), so what is read from them is
+kept in a small per-process cache (:data:`CACHE`); only the last few buckets
+of a live window are read from Redis on every request.  Scalar rows are cached
+in aligned blocks of :data:`BLOCK` buckets, so a sliding window reuses them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from .. import NCHANNELS_TOTAL
+from .. import timeseries as ts
+from ..aggregate import NAMES, NHIT_BIN
+from ..dispatch_stream import NHIT_LEVELS
+from ..pmt import TRIGGER_NAMES
+
+#: Seconds after its end when a bucket is final (flushes happen every second).
+SETTLE = 3.0
+#: Scalar buckets cached together (aligned on multiples of BLOCK).
+BLOCK = 32
+#: At most this many buckets are summed for one channel map.
+MAP_BUCKETS = 60
+#: Previous windows whose per-channel median is the rolling baseline.
+BASELINE_WINDOWS = 6
+#: Per-channel sources: quantity -> (stored name, "counts" or "values", unit).
+CHANNEL_SOURCES = {
+    "occupancy": ("hits", "counts", "hits/event"),
+    "cmos": ("cmos", "values", "Hz"),
+    "base": ("base", "values", "ADC counts - 127"),
+}
+QUANTITIES = tuple(CHANNEL_SOURCES)
+#: Hot/dead rules (see docs/web.md): a channel is hot when its value exceeds
+#: HOT_RATIO x baseline by more than the quantity's margin; dead when the
+#: baseline says it should have data and it has (almost) none.
+HOT_RATIO = 3.0
+DEAD_RATIO = 0.1
+CMOS_MARGIN = 100.0  # Hz
+BASE_MARGIN = 10.0  # ADC counts
+OCC_SIGMAS = 5.0
+OCC_DEAD_EXPECTED = 10.0  # expected hits below which a silent channel is not "dead"
+STREAM_FIELDS = ("run", "subrun", "gtid", "records", "events", "orphans", "gtid_gaps", "corrupt")
+TRIG_FIELDS = tuple(f"{n}{s}" for n in NAMES for s in ("", ":nhit", ":qhs"))
+
+
+class Cache:
+    """A small thread-safe LRU cache whose entries expire."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        """The value stored under *key*, or None when absent or expired."""
+        with self.lock:
+            entry = self.items.get(key)
+            if entry is None or entry[0] < time.monotonic():
+                self.misses += 1
+                return None
+            self.items.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key, value, ttl: float) -> None:
+        """Keep *value* under *key* for *ttl* seconds."""
+        with self.lock:
+            self.items[key] = (time.monotonic() + ttl, value)
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+CACHE = Cache()
+SETTLED_TTL = 900.0
+
+
+def cached(key, ttl: float, compute):
+    """``compute()`` through :data:`CACHE`."""
+    value = CACHE.get(key)
+    if value is None:
+        value = compute()
+        CACHE.put(key, value, ttl)
+    return value
+
+
+def last_settled(step: int, now: float) -> int:
+    """Index of the newest bucket of *step* seconds that can no longer change."""
+    return ts.bucket(now - SETTLE, step) - 1
+
+
+def _floats(rows) -> np.ndarray:
+    """HMGET replies (rows of bytes/None) as a float matrix, NaN where absent."""
+    return np.array([[float(x) if x is not None else math.nan for x in row] for row in rows],
+                    dtype=float).reshape(len(rows), -1)
+
+
+# ---------------------------------------------------------------- scalar series
+
+def _read_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int) -> np.ndarray:
+    """Rows of *fields* for buckets b0..b1 (inclusive) straight from Redis."""
+    if b1 < b0:
+        return np.zeros((0, len(fields)))
+    pipe = redis.pipeline(transaction=False)
+    for b in range(b0, b1 + 1):
+        pipe.hmget(ts.scalar_key(step, b, group), fields)
+    return _floats(pipe.execute()).reshape(b1 - b0 + 1, len(fields))
+
+
+def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, now: float) -> np.ndarray:
+    """Rows of *fields* for buckets b0..b1, settled blocks from the cache."""
+    settled = last_settled(step, now)
+    parts = []
+    b = b0
+    while b <= b1:
+        block = b // BLOCK
+        end = min(b1, block * BLOCK + BLOCK - 1)
+        if block * BLOCK + BLOCK - 1 <= settled:
+            key = ("rows", group, fields, step, block)
+            rows = cached(key, SETTLED_TTL, lambda: _read_rows(redis, group, fields, step, block * BLOCK,
+                                                                block * BLOCK + BLOCK - 1))
+            parts.append(rows[b - block * BLOCK: end - block * BLOCK + 1])
+        else:
+            parts.append(_read_rows(redis, group, fields, step, b, end))
+        b = end + 1
+    return np.vstack(parts) if parts else np.zeros((0, len(fields)))
+
+
+def series(redis, group: str, fields, start: float, stop: float, now: float,
+           step: float | None = None, levels=ts.SCALAR_LEVELS, max_points: int = ts.MAX_POINTS):
+    """(times, {field: array}, level) of a scalar group over [start, stop]."""
+    fields = tuple(fields)
+    level = ts.choose_level(start, stop, levels, now=now, step=step, max_points=max_points)
+    b0, b1 = ts.bucket(start, level.step), ts.bucket(stop, level.step)
+    rows = scalar_rows(redis, group, fields, level.step, b0, b1, now)
+    times = np.arange(b0, b1 + 1, dtype=float) * level.step
+    return times, {f: rows[:, i] for i, f in enumerate(fields)}, level
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num/den where den > 0, else NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def stream_view(redis, start: float, stop: float, now: float, step: float | None = None,
+                triggers=None) -> dict:
+    """The Stream page: rates, average nhit and charge per trigger, run/subrun/GTID.
+
+    *triggers* limits the series returned (default: TOTAL and every trigger
+    with events in the window).  Rates are events per bucket / bucket length.
+    """
+    times, trig, level = series(redis, "trig", TRIG_FIELDS, start, stop, now, step)
+    _, stream, _ = series(redis, "stream", STREAM_FIELDS, start, stop, now, level.step)
+    counts = {n: np.nan_to_num(trig[n]) for n in NAMES}
+    if triggers is None:
+        triggers = [n for n in NAMES if n == "TOTAL" or counts[n].any()]
+    out = {"start": start, "stop": stop, "step": level.step, "t": times, "triggers": list(triggers),
+           "rate": {}, "nhit": {}, "qhs": {}}
+    for n in triggers:
+        out["rate"][n] = np.where(np.isnan(trig[n]) & np.isnan(stream["events"]), np.nan,
+                                  counts[n] / level.step)
+        out["nhit"][n] = _ratio(np.nan_to_num(trig[f"{n}:nhit"]), counts[n])
+        out["qhs"][n] = _ratio(np.nan_to_num(trig[f"{n}:qhs"]), counts[n])
+    for name in ("run", "subrun", "gtid", "orphans", "gtid_gaps", "corrupt"):
+        out[name] = stream[name]
+    out["boundaries"] = boundaries(redis, times, stream["run"], stream["subrun"], start, stop)
+    return out
+
+
+def boundaries(redis, times, run, subrun, start: float, stop: float) -> list[dict]:
+    """Run and subrun starts inside [start, stop], oldest first.
+
+    Run starts come from the run summaries (``runs:start``, exact); subrun
+    starts (and runs the summaries do not know) from changes of the ``stream``
+    series' last-seen run/subrun, to the bucket.
+    """
+    marks = {}
+    for member, t in redis.zrangebyscore("runs:start", start, stop, withscores=True):
+        marks[("run", int(member))] = {"t": float(t), "kind": "run", "run": int(member), "subrun": None}
+    ok = ~(np.isnan(run) | np.isnan(subrun))
+    idx = np.flatnonzero(ok)
+    for prev, cur in zip(idx[:-1].tolist(), idx[1:].tolist()):
+        r, s = int(run[cur]), int(subrun[cur])
+        if r != int(run[prev]):
+            marks.setdefault(("run", r), {"t": float(times[cur]), "kind": "run", "run": r, "subrun": s})
+        elif s != int(subrun[prev]):
+            marks[("subrun", r, s)] = {"t": float(times[cur]), "kind": "subrun", "run": r, "subrun": s}
+    return sorted(marks.values(), key=lambda m: m["t"])
+
+
+def latest_state(redis, now: float) -> dict:
+    """Run, subrun and GTID last written (searching back up to a minute)."""
+    times, rows, _ = series(redis, "stream", ("run", "subrun", "gtid"), now - 60, now, now, step=1)
+    ok = np.flatnonzero(~np.isnan(rows["gtid"]))
+    if not len(ok):
+        return {"run": None, "subrun": None, "gtid": None, "time": None}
+    i = ok[-1]
+    return {"run": int(rows["run"][i]), "subrun": int(rows["subrun"][i]), "gtid": int(rows["gtid"][i]),
+            "time": float(times[i])}
+
+
+def recent_rates(redis, now: float, seconds: int = 10) -> dict[str, float]:
+    """Mean rate (Hz) of every trigger over the last *seconds* complete seconds."""
+    end = math.floor(now) - 2
+    times, rows, _ = series(redis, "trig", NAMES, end - seconds + 1, end, now, step=1)
+    return {n: float(np.nansum(rows[n]) / seconds) for n in NAMES}
+
+
+# ---------------------------------------------------------- per-channel maps
+
+def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum, n) of per-channel arrays over buckets b0..b1; for counts n is zero."""
+    total = np.zeros(NCHANNELS_TOTAL, np.int64)
+    n = np.zeros(NCHANNELS_TOTAL, np.int64)
+    if b1 < b0:
+        return total, n
+    pipe = redis.pipeline(transaction=False)
+    for b in range(b0, b1 + 1):
+        if kind == "counts":
+            pipe.get(ts.channel_key(step, b, name))
+        else:
+            pipe.get(ts.channel_key(step, b, f"{name}:sum"))
+            pipe.get(ts.channel_key(step, b, f"{name}:n"))
+    raw = pipe.execute()
+    if kind == "counts":
+        for r in raw:
+            if r:
+                total += ts._array(r, ">u4")
+        return total, n
+    for s, c in zip(raw[0::2], raw[1::2]):
+        if s:
+            total += ts._array(s, ">i8")
+        if c:
+            n += ts._array(c, ">u4")
+    return total, n
+
+
+def _events(redis, step: int, b0: int, b1: int, now: float) -> float:
+    """Events (``occ`` group) in channel-level buckets b0..b1."""
+    rows = scalar_rows(redis, "occ", ("events",), step, b0, b1, now)
+    return float(np.nansum(rows))
+
+
+def channel_sum(redis, quantity: str, step: int, b0: int, b1: int, now: float):
+    """(sum, n, events) over buckets b0..b1; the settled part comes from the cache."""
+    name, kind, _ = CHANNEL_SOURCES[quantity]
+    settled = min(b1, last_settled(step, now))
+    total = np.zeros(NCHANNELS_TOTAL, np.int64)
+    n = np.zeros(NCHANNELS_TOTAL, np.int64)
+    if settled >= b0:
+        s, c = cached(("chsum", name, kind, step, b0, settled), SETTLED_TTL,
+                      lambda: _read_sum(redis, name, kind, step, b0, settled))
+        total += s
+        n += c
+    if b1 > settled:
+        s, c = _read_sum(redis, name, kind, step, max(b0, settled + 1), b1)
+        total += s
+        n += c
+    events = _events(redis, step, b0, b1, now) if kind == "counts" else 0.0
+    return total, n, events
+
+
+def channel_values(quantity: str, total: np.ndarray, n: np.ndarray, events: float) -> np.ndarray:
+    """Per-channel value: hits/event for occupancy, mean reading otherwise (NaN = no data)."""
+    _, kind, _ = CHANNEL_SOURCES[quantity]
+    if kind == "counts":
+        if events <= 0:
+            return np.full(NCHANNELS_TOTAL, np.nan)
+        return total / events
+    return _ratio(total / ts.VALUE_SCALE, n)
+
+
+def map_level(start: float, stop: float, now: float) -> ts.Level:
+    """Channel level for a map of [start, stop] and its baseline windows."""
+    span = stop - start
+    return ts.choose_level(start - BASELINE_WINDOWS * span, stop, ts.CHANNEL_LEVELS, now=now,
+                           max_points=MAP_BUCKETS * (BASELINE_WINDOWS + 1))
+
+
+def window_values(redis, quantity: str, start: float, stop: float, now: float, level: ts.Level):
+    """(values, raw hits or None, events) of one window at *level*."""
+    b0, b1 = ts.bucket(start, level.step), ts.bucket(stop, level.step)
+    total, n, events = channel_sum(redis, quantity, level.step, b0, b1, now)
+    hits = total if CHANNEL_SOURCES[quantity][1] == "counts" else None
+    return channel_values(quantity, total, n, events), hits, events
+
+
+def baseline(redis, quantity: str, start: float, stop: float, now: float, level: ts.Level,
+             current: np.ndarray) -> np.ndarray:
+    """Rolling baseline: per channel, the median over the previous BASELINE_WINDOWS windows.
+
+    Channels with no value in any previous window fall back to the median of
+    their crate in the current window.
+    """
+    span = stop - start
+    prev = []
+    for k in range(1, BASELINE_WINDOWS + 1):
+        values, _, _ = window_values(redis, quantity, start - k * span, stop - k * span, now, level)
+        prev.append(values)
+    stack = np.vstack(prev)
+    with np.errstate(all="ignore"), _quiet():
+        base = np.nanmedian(stack, axis=0)
+        crate_median = np.nanmedian(current.reshape(19, -1), axis=1)
+    missing = np.isnan(base)
+    base[missing] = np.repeat(crate_median, NCHANNELS_TOTAL // 19)[missing]
+    return base
+
+
+class _quiet:
+    """Silence numpy's all-NaN warnings inside a with block."""
+
+    def __enter__(self):
+        import warnings
+
+        self.ctx = warnings.catch_warnings()
+        self.ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def flag_channels(quantity: str, values: np.ndarray, base: np.ndarray, events: float) -> tuple[np.ndarray, np.ndarray]:
+    """(hot, dead) boolean masks of *values* against the rolling baseline *base*."""
+    v = np.nan_to_num(values, nan=0.0)
+    b = np.nan_to_num(base, nan=0.0)
+    has_base = ~np.isnan(base)
+    if quantity == "occupancy":
+        if events <= 0:
+            z = np.zeros(NCHANNELS_TOTAL, bool)
+            return z, z
+        expected = b * events
+        excess = (v - b) * events
+        hot = has_base & (v > HOT_RATIO * b) & (excess > OCC_SIGMAS * np.sqrt(expected + 1))
+        dead = has_base & (expected >= OCC_DEAD_EXPECTED) & (v * events < DEAD_RATIO * expected)
+        return hot, dead
+    margin = CMOS_MARGIN if quantity == "cmos" else BASE_MARGIN
+    hot = has_base & ~np.isnan(values) & (v > HOT_RATIO * np.maximum(b, 0) + margin)
+    if quantity == "cmos":
+        dead = has_base & (b > margin) & (np.isnan(values) | (v < DEAD_RATIO * b))
+    else:
+        dead = has_base & np.isnan(values)
+    return hot, dead
+
+
+def detector_view(redis, quantity: str, start: float, stop: float, now: float) -> dict:
+    """The Detector page: per-channel values, rolling baseline, hot/dead, crate/card stats."""
+    level = map_level(start, stop, now)
+    values, hits, events = window_values(redis, quantity, start, stop, now, level)
+    base = baseline(redis, quantity, start, stop, now, level, values)
+    hot, dead = flag_channels(quantity, values, base, events)
+    stats = ts.crate_card_stats(values)
+    return {"quantity": quantity, "unit": CHANNEL_SOURCES[quantity][2], "start": start, "stop": stop,
+            "step": level.step, "events": events if hits is not None else None,
+            "values": values, "baseline": base, "hits": hits,
+            "hot": np.flatnonzero(hot), "dead": np.flatnonzero(dead), "stats": stats}
+
+
+def channel_view(redis, lcn: int, start: float, stop: float, now: float) -> dict:
+    """History of one channel: occupancy, CMOS rate and base current together."""
+    level = ts.choose_level(start, stop, ts.CHANNEL_LEVELS, now=now, max_points=720)
+    levels = (level,)
+    out = {"lcn": lcn, "start": start, "stop": stop, "step": level.step}
+    times, hits, _ = ts.channel_history(redis, "hits", lcn, start, stop, "counts", levels, now)
+    ev_rows = scalar_rows(redis, "occ", ("events",), level.step, ts.bucket(start, level.step),
+                          ts.bucket(stop, level.step), now)[:, 0]
+    out["t"] = times
+    out["occupancy"] = _ratio(hits, np.nan_to_num(ev_rows))
+    out["hits"] = hits
+    for quantity in ("cmos", "base"):
+        name = CHANNEL_SOURCES[quantity][0]
+        _, vals, _ = ts.channel_history(redis, name, lcn, start, stop, "values", levels, now)
+        out[quantity] = vals
+    return out
+
+
+# ----------------------------------------------------------------- nhit, runs
+
+def nhit_view(redis, seconds: float, now: float, triggers=None) -> dict:
+    """nhit distribution per trigger over the last *seconds* (bins of NHIT_BIN hits)."""
+    start, stop = now - seconds, now
+    level = ts.choose_level(start, stop, NHIT_LEVELS, now=now, max_points=400)
+    buckets = ts.bucket_range(start, stop, level.step)
+    pipe = redis.pipeline(transaction=False)
+    for b in buckets:
+        pipe.hgetall(ts.scalar_key(level.step, b, "nhit"))
+    hist: dict[str, dict[int, int]] = {}
+    for raw in pipe.execute():
+        for k, v in raw.items():
+            trig, _, low = k.decode().rpartition(":")
+            if trig in NAMES and low.isdigit():
+                h = hist.setdefault(trig, {})
+                h[int(low)] = h.get(int(low), 0) + int(v)
+    names = [n for n in NAMES if n in hist] if triggers is None else list(triggers)
+    top = max((max(h) for h in hist.values() if h), default=0)
+    edges = np.arange(0, top + NHIT_BIN, NHIT_BIN)
+    counts = {n: np.array([hist.get(n, {}).get(int(e), 0) for e in edges], np.int64) for n in names}
+    return {"seconds": seconds, "start": buckets.start * level.step,
+            "stop": (buckets.stop) * level.step, "step": level.step, "bin": NHIT_BIN,
+            "nhit": edges, "counts": counts, "triggers": names}
+
+
+def run_occupancy(summary: dict) -> np.ndarray:
+    """Per-channel hits/event of a run summary (``channel_hits`` / ``events``)."""
+    occ = np.zeros(NCHANNELS_TOTAL)
+    if summary["events"]:
+        for k, v in summary["channel_hits"].items():
+            occ[int(k)] = v / summary["events"]
+    return occ
+
+
+def dispatcher_name(redis) -> str | None:
+    """The dispatcher ``minard_dispatch push`` reads (from its heartbeat)."""
+    raw = redis.hget("status:minard_dispatch_push", "dispatcher")
+    return raw.decode() if raw else None
+
+
+__all__ = ["CACHE", "QUANTITIES", "TRIGGER_NAMES", "stream_view", "detector_view", "channel_view",
+           "nhit_view", "run_occupancy", "latest_state", "recent_rates", "dispatcher_name"]

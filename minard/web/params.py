@@ -83,8 +83,9 @@ def time_window(args, now: float, default: float = DEFAULT_WINDOW,
                 low: float = MIN_WINDOW, high: float = MAX_WINDOW) -> tuple[float, float]:
     """(start, stop) from ``start``/``stop``/``window`` query parameters.
 
-    ``start`` and ``stop`` give the window exactly; otherwise ``window``
-    (default *default*) ends at ``stop`` (default now) or begins at ``start``.
+    ``start`` and ``stop`` give the window exactly; ``start`` alone runs to
+    now (or ``window`` after it); otherwise ``window`` (default *default*)
+    ends at ``stop`` (default now).
     """
     stop = parse_time("stop", args["stop"], now) if "stop" in args else None
     start = parse_time("start", args["start"], now) if "start" in args else None
@@ -93,7 +94,7 @@ def time_window(args, now: float, default: float = DEFAULT_WINDOW,
         if window is not None:
             raise ParamError("give at most two of start, stop and window")
     elif start is not None:
-        stop = min(now, start + (window or default)) if window is None else start + window
+        stop = now if window is None else start + window
     else:
         stop = now if stop is None else stop
         start = stop - (window or default)

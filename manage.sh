@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # minard's one entry point on a fresh machine (Debian 12, Python 3.11).
 #
-#   ./manage.sh up      install what is missing, then run the main job
+#   ./manage.sh up      install what is missing, then start the whole stack (minard up)
 #   ./manage.sh test    install what is missing, then run the test suite
 #   ./manage.sh setup   only install (apt packages, .venv, pip packages)
 #
@@ -93,7 +93,7 @@ case "$cmd" in
         setup ;;
     up)
         setup
-        exec "$VENV/bin/minard" demo "$@" ;;
+        exec "$VENV/bin/minard" up "$@" ;;
     test)
         setup
         exec "$VENV/bin/python" -m pytest -q "$@" ;;

@@ -68,13 +68,15 @@ _SHIFTS = np.arange(NTRIG, dtype=np.uint32)
 def hardware_skipped(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """GTIDs the hardware never issues strictly between *lo* and *hi* (mod 2**24).
 
-    The MTC/D skips GTID 0 when its 24-bit counter wraps (0xFFFFFF -> 1), so
-    a wrap looks like a gap of one that is not a missing event.  Arguments are
-    arrays of GTIDs with ``hi`` reached from ``lo`` going forward.
+    The MTC/D never issues a GTID whose low 16 bits are zero (the rule
+    minard.simulate.events documents and generates), so the 24-bit wrap goes
+    0xFFFFFF -> 0x000001 and 0x00FFFF -> 0x010001: those steps of two are
+    not missing events.  ``hi`` is reached from ``lo`` going forward.
     """
     lo = np.asarray(lo, np.int64)
     hi = np.asarray(hi, np.int64)
-    return (hi < lo).astype(np.int64)  # the step wrapped, so it passed over 0
+    hi = np.where(hi < lo, hi + GTID_MOD, hi)
+    return np.maximum(0, (hi - 1) // 0x10000 - lo // 0x10000)
 
 
 def gtid_gaps(gtids: np.ndarray, prev: int | None = None) -> tuple[int, int, int]:

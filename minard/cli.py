@@ -25,6 +25,13 @@ COMMANDS = {
     "keys": ("minard.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
     "runs": ("minard.runs:runs_cli", "List runs, or show one run's summary (events, triggers, nhit, channels)."),
     "stats": ("minard.dispatch_stream:stats_cmd", "Print the pipeline's loss counters per stage."),
+    "query": ("minard.query:query_cmd", "Print the latest per-channel CMOS rates, base currents or occupancy."),
+    "orca-replay": ("minard.orca_replay:orca_replay_cmd", "Serve a recorded ORCA stream file to clients as ORCA does."),
+    "up": ("minard.stack:up_cmd", "Start the whole stack (Redis, pipeline, web, nginx) under supervisord."),
+    "down": ("minard.stack:down_cmd", "Stop every process of the stack and check that none is left."),
+    "status": ("minard.stack:status_cmd", "Show every process of the stack (state, pid, uptime)."),
+    "pinger": ("minard.pinger:pinger_cmd", "Post heartbeats to the log server for every pipeline component."),
+    "monitors": ("minard.monitors:monitors_cmd", "Run the monitors of conf/monitors.cfg (Redis, disk, lag, losses)."),
 }
 
 

@@ -77,6 +77,37 @@ DEFAULTS: dict[str, object] = {
     "dispatch_idle_timeout": 300.0,  # pull: seconds idle before a worker is stopped
     "dispatch_event_log": "",  # pull: pool event log (default var_dir/dispatch_pool.log)
     "dispatch_close_retry": 3.0,  # pull: seconds a stopping worker retries its last flush
+    # ORCA stream monitoring (data_producer, data_consumer 5557|5558, docs/storage.md)
+    "orca_batch_records": 200,  # producer: records per ZMQ batch at most
+    "orca_batch_ms": 100.0,  # producer: longest a record waits before its batch goes
+    "orca_reconnect_max": 5.0,  # producer: longest wait between reconnection attempts (s)
+    "cmos_max_dt": 10.0,  # CMOS rate only when 0 < dt <= cmos_max_dt seconds
+    "cmos_workers": 2,  # data_consumer 5557: MaxSlaves of the CMOS pool
+    "base_workers": 2,  # data_consumer 5558: MaxSlaves of the base-current pool
+    "orca_max_total_workers": 4,  # MaxTotalSlaves of each data_consumer process
+    "orca_trx_limit": 0,  # records before a worker is recycled; 0 = never
+    "orca_idle_timeout": 300.0,  # seconds idle before a worker is stopped
+    "orca_event_log": "",  # pool event log (default var_dir/orca_<stream>_pool.log)
+    "orca_state_ttl": 86400,  # seconds the shared CMOS state and latest maps outlive their last write
+    # Whole stack (minard up, minard/stack.py; pinger and monitors, docs/deploy.md)
+    "stack_dir": "var/stack",  # where minard up keeps configs, sockets, logs, data, secrets
+    "stack_bind": "127.0.0.1",  # address nginx listens on (0.0.0.0 to serve other machines)
+    "stack_redis_maxmemory": "512mb",  # Redis memory limit (maxmemory-policy noeviction)
+    "stack_web_workers": 2,  # gunicorn workers of each web app
+    "stack_replay_speed": "1x",  # pacing of the replayed ZDAB runs by their clock (or max)
+    "stack_replay_rate": 0.0,  # events/s for the replay instead of --speed; 0 = use the speed
+    "stack_sim_events": 20000,  # events of the synthetic run written at first start
+    "stack_sim_rate": 1000.0,  # its event rate in Hz
+    "stack_orca_seconds": 120.0,  # length of the synthetic ORCA stream (served in a loop)
+    "stack_start_timeout": 60.0,  # seconds minard up waits for every process to run
+    "record_dir": "var/records",  # where minard record writes ZDAB files (watched for disk space)
+    "pinger_period": 5.0,  # seconds between the pinger's rounds of heartbeats
+    "pinger_tokens_file": "",  # program tokens for the pinger (0600; default var_dir/pinger_tokens.json)
+    "monitors_file": "conf/monitors.cfg",  # monitors and their periods, one per line
+    "monitors_redis_memory_warn": 0.8,  # alarm when used_memory / maxmemory exceeds this
+    "monitors_disk_free_warn": 0.1,  # alarm when a watched directory's free fraction is below this
+    "monitors_lag_warn": 5.0,  # alarm when a consumer's lag (s) exceeds this
+    "monitors_queue_warn": 32,  # alarm when a pool holds more batches than this
 }
 
 

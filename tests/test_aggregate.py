@@ -150,6 +150,8 @@ def test_corrupt_records_are_counted_by_reason_and_the_rest_aggregated():
     ([7, 8], 4, (1, 2, 0)),
     ([0xFFFFFE, 0xFFFFFF, 1, 2], None, (0, 0, 0)),  # wrap skips GTID 0: no gap
     ([0xFFFFFF, 3], None, (1, 2, 0)),  # across the wrap, 1 and 2 missing
+    ([0x00FFFF, 0x010001], None, (0, 0, 0)),  # low 16 bits zero: never issued
+    ([0x01FFFE, 0x020002], None, (1, 2, 0)),  # 0x01FFFF and 0x020001 missing, 0x020000 skipped
     ([10, 10, 11], None, (0, 0, 1)),  # duplicate: a jump
     ([10, 500_000, 500_001], None, (0, 0, 1)),  # far forward: a jump
     ([100, 50], None, (0, 0, 1)),  # backwards: a jump

@@ -123,7 +123,7 @@ class Stack:
         self.redis = redis_py.Redis.from_url(redis_url)
 
     def start(self):
-        self.dispatcher.start()
+        self.dispatcher.start(timeout=30)  # the machine may be busy with other suites
         self.start_proc("pull")
         self.start_proc("push", "--host", f"127.0.0.1:{self.port}")
         wait_for(lambda: self.status("minard_dispatch_pull").get("workers") is not None, 20, "pull heartbeat")
@@ -375,3 +375,35 @@ def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redi
         writer.add(pipe, "sat", big, 100)
         pipe.execute()
     assert set(np.frombuffer(redis_client.get("sat"), ">u4").tolist()) == {0xFFFFFFFF}
+
+
+def test_simulator_fault_injections_are_counted_and_skipped_gtids_are_no_gap(
+        make_stack, tmp_path, redis_client):
+    from minard.simulate.events import Faults, generate_events
+
+    faults = Faults(hot_channel=1000, dead_crates=(5,), gtid_jump=(1500, 200_000), corrupt=6)
+    path = tmp_path / "sim.zdab"
+    with ZdabWriter(path) as w:
+        for rec in generate_events(21, 3000, run=3100, start_gtid=0x00FA00, faults=faults,
+                                   orphan_rate=0.002, subrun_every=1000):
+            w.write_event(rec)
+    want, corrupt = file_totals(path)
+    assert sum(corrupt.values()) == 6
+    stack = make_stack()
+    t0 = time.time()
+    stack.replay(path)
+    stack.wait_settled(3000)
+    t1 = time.time() + 1
+    got = get_run(redis_client, 3100)
+    assert comparable(got) == want[3100]
+    assert got["subruns"] == [0, 1, 2]
+    pull = stack.pull_stats()
+    assert pull["errors"] == 6 and all(pull[reason] == n for reason, n in corrupt.items())
+    assert series_total(redis_client, "stream", "corrupt", t0, t1) == 6
+    assert series_total(redis_client, "stream", "orphans", t0, t1) == want[3100]["orphans"]
+    assert series_total(redis_client, "stream", "gtid_jumps", t0, t1) == 1
+    assert series_total(redis_client, "stream", "gtid_gaps", t0, t1) == 0  # 0x010000 is skipped
+    hits = {int(k): v for k, v in got["channel_hits"].items()}
+    assert max(hits, key=hits.get) == 1000
+    assert not any(5 * 512 <= k < 6 * 512 for k in hits)
+    check_invariants(redis_client)

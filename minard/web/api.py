@@ -116,13 +116,13 @@ def floats(values, digits: int = 4) -> list:
     if not len(arr):
         return []
     rounded = np.round(arr, digits).tolist()
-    return [None if x != x or x in (math.inf, -math.inf) else x for x in rounded]
+    return [x if math.isfinite(x) else None for x in rounded]
 
 
 def ints(values) -> list:
     """An array of (possibly NaN) integers as a JSON list with null for NaN."""
     arr = np.asarray(values, dtype=float)
-    return [None if x != x else int(x) for x in arr.tolist()]
+    return [int(x) if math.isfinite(x) else None for x in arr.tolist()]
 
 
 def json_response(obj, filename: str | None = None) -> Response:
@@ -140,7 +140,7 @@ def csv_response(header: list[str], rows, filename: str) -> Response:
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(header)
     for row in rows:
-        out.writerow(["" if isinstance(v, float) and v != v else v for v in row])
+        out.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
     resp = Response(buf.getvalue(), mimetype="text/csv")
     resp.headers["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
     return resp
@@ -190,7 +190,7 @@ def _stream_csv(view: dict, name: str) -> Response:
 
 def _cell(x, integer: bool = False):
     x = float(x)
-    if x != x:
+    if math.isnan(x):
         return ""
     return int(x) if integer else round(x, 4)
 

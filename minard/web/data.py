@@ -141,9 +141,9 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
         block = b // BLOCK
         end = min(b1, block * BLOCK + BLOCK - 1)
         if block * BLOCK + BLOCK - 1 <= settled:
-            key = ("rows", group, fields, step, block)
-            rows = cached(key, SETTLED_TTL, lambda: _read_rows(redis, group, fields, step, block * BLOCK,
-                                                                block * BLOCK + BLOCK - 1))
+            lo = block * BLOCK
+            rows = cached(("rows", group, fields, step, block), SETTLED_TTL,
+                          lambda lo=lo: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
             parts.append(rows[b - block * BLOCK: end - block * BLOCK + 1])
         else:
             parts.append(_read_rows(redis, group, fields, step, b, end))
@@ -228,7 +228,7 @@ def latest_state(redis, now: float) -> dict:
 def recent_rates(redis, now: float, seconds: int = 10) -> dict[str, float]:
     """Mean rate (Hz) of every trigger over the last *seconds* complete seconds."""
     end = math.floor(now) - 2
-    times, rows, _ = series(redis, "trig", NAMES, end - seconds + 1, end, now, step=1)
+    _, rows, _ = series(redis, "trig", NAMES, end - seconds + 1, end, now, step=1)
     return {n: float(np.nansum(rows[n]) / seconds) for n in NAMES}
 
 
@@ -313,23 +313,32 @@ def window_values(redis, quantity: str, start: float, stop: float, now: float, l
 
 def baseline(redis, quantity: str, start: float, stop: float, now: float, level: ts.Level,
              current: np.ndarray) -> np.ndarray:
-    """Rolling baseline: per channel, the median over the previous BASELINE_WINDOWS windows.
+    """Rolling baseline: per channel, the median over BASELINE_WINDOWS previous windows.
 
+    The previous windows are the ones of the same length ending at *start*
+    rounded down to a whole number of window lengths, so every view whose start
+    falls in the same window-length slot shares one (cached) baseline.
     Channels with no value in any previous window fall back to the median of
     their crate in the current window.
     """
     span = stop - start
-    prev = []
-    for k in range(1, BASELINE_WINDOWS + 1):
-        values, _, _ = window_values(redis, quantity, start - k * span, stop - k * span, now, level)
-        prev.append(values)
-    stack = np.vstack(prev)
+    anchor = math.floor(start / span) * span
+    base = cached(("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
+                  lambda: _median_of_windows(redis, quantity, anchor, span, now, level))
     with np.errstate(all="ignore"), _quiet():
-        base = np.nanmedian(stack, axis=0)
         crate_median = np.nanmedian(current.reshape(19, -1), axis=1)
+    base = base.copy()
     missing = np.isnan(base)
     base[missing] = np.repeat(crate_median, NCHANNELS_TOTAL // 19)[missing]
     return base
+
+
+def _median_of_windows(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
+    """Per-channel median of the BASELINE_WINDOWS windows of length *span* before *anchor*."""
+    prev = [window_values(redis, quantity, anchor - k * span, anchor - (k - 1) * span, now, level)[0]
+            for k in range(1, BASELINE_WINDOWS + 1)]
+    with np.errstate(all="ignore"), _quiet():
+        return np.nanmedian(np.vstack(prev), axis=0)
 
 
 class _quiet:
@@ -441,5 +450,16 @@ def dispatcher_name(redis) -> str | None:
     return raw.decode() if raw else None
 
 
-__all__ = ["CACHE", "QUANTITIES", "TRIGGER_NAMES", "stream_view", "detector_view", "channel_view",
-           "nhit_view", "run_occupancy", "latest_state", "recent_rates", "dispatcher_name"]
+__all__ = [
+    "CACHE",
+    "QUANTITIES",
+    "TRIGGER_NAMES",
+    "channel_view",
+    "detector_view",
+    "dispatcher_name",
+    "latest_state",
+    "nhit_view",
+    "recent_rates",
+    "run_occupancy",
+    "stream_view",
+]

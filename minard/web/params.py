@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .. import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
 
@@ -72,7 +72,7 @@ def parse_time(name: str, text: str, now: float) -> float:
             raise ParamError(f"{name} must be Unix seconds, negative seconds from now or ISO 8601"
                              f" (got {text[:40]!r})") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         t = dt.timestamp()
     if not math.isfinite(t) or t < now - MAX_AGE or t > now + 86400:
         raise ParamError(f"{name} is outside the data kept (the last {int(MAX_AGE // 86400)} days)")

@@ -1,0 +1,192 @@
+"""Benchmark of the website under gunicorn with a day of realistic data.
+
+Starts its own redis-server, fills it with a day of 1 s data for the whole
+detector (``minard.web.sample.write_day``: trigger rates, run/subrun/GTID,
+9728-channel hits, CMOS rates and base currents, nhit histograms at every
+resolution level), starts ``gunicorn minard:app`` on a free port and measures,
+with N concurrent clients (threads, one HTTP connection per request):
+
+* ``occupancy``  the Detector page's map query (/api/detector, 10 min window,
+  with its rolling baseline);
+* ``rate-1d``    the Stream page's 1-day rate plot query (/api/stream?window=1d);
+* ``page``       the Stream page's HTML;
+* ``static``     a static file of the same size as the occupancy answer, served
+  by the same gunicorn in the same run (the reference).
+
+Each query is run twice: every client asking for the *same* live view (many
+screens showing one view, as in a control room) and every request asking for
+a *distinct* fixed window (no response reuse).  Prints p50/p95 per target and
+the ratio of API p95 to static p95.  Goal: API p95 < 50 ms and <= 3x static.
+
+    .venv/bin/python bench/web.py            # a day of data, 20 clients
+    .venv/bin/python bench/web.py --quick    # 2 hours of data, fewer requests
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import redis as redis_py
+
+from minard.testing import RedisServer, free_port, stop_pid, wait_port
+from minard.web import sample
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="2 hours of data and fewer requests (a smoke run)")
+    p.add_argument("--clients", type=int, default=20, help="concurrent clients (threads) [20]")
+    p.add_argument("--requests", type=int, default=None, help="requests per target [600; 200 with --quick]")
+    p.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1), help="gunicorn workers [2 x cores]")
+    p.add_argument("--days", type=float, default=None, help="days of data [1; 2 h with --quick]")
+    args = p.parse_args(argv)
+    if not 1 <= args.clients <= 200:
+        p.error("--clients must be between 1 and 200")
+    args.requests = args.requests or (200 if args.quick else 600)
+    args.days = args.days or (2 / 24 if args.quick else 1.0)
+    return args
+
+
+def get(port: int, path: str) -> tuple[float, int, int]:
+    """(seconds, status, bytes) of one GET on a new connection."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        return time.perf_counter() - t0, resp.status, len(body)
+    finally:
+        conn.close()
+
+
+def load(port: int, paths, clients: int) -> list[float]:
+    """Run every path in *paths* with *clients* threads; latencies in seconds."""
+    lock = threading.Lock()
+    queue = list(paths)
+    out: list[float] = []
+    errors: list[str] = []
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                path = queue.pop()
+            dt, status, _ = get(port, path)
+            with lock:
+                out.append(dt)
+                if status != 200:
+                    errors.append(f"{status} {path}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def fill(url: str, days: float) -> float:
+    """Write the data; returns seconds taken."""
+    client = redis_py.Redis.from_url(url)
+    t0 = time.perf_counter()
+    written = sample.write_day(client, time.time(), days=days)
+    dt = time.perf_counter() - t0
+    mem = client.info("memory")["used_memory"] / 2**20
+    print(f"data: {days * 24:.1f} h of 1 s data, {written['keys']} bucket keys written in {dt:.1f} s,"
+          f" Redis {mem:.0f} MiB")
+    client.close()
+    return dt
+
+
+def targets(now: int, n: int, static_path: str) -> dict[str, dict[str, list[str]]]:
+    """For each target, the 'same' and 'distinct' request lists."""
+    def distinct(fmt):
+        return [fmt.format(start=now - 660 - 7 * i, stop=now - 60 - 7 * i) for i in range(n)]
+
+    return {
+        "occupancy": {"same": ["/api/detector?quantity=occupancy&window=10m"] * n,
+                      "distinct": distinct("/api/detector?quantity=occupancy&start={start}&stop={stop}")},
+        "rate-1d": {"same": ["/api/stream?window=1d"] * n,
+                    "distinct": distinct("/api/stream?window=1d&stop={stop}")},
+        "page": {"same": ["/stream"] * n, "distinct": [f"/stream?window=1h&stop={now - i}" for i in range(n)]},
+        "static": {"same": [static_path] * n, "distinct": [f"{static_path}?v={i}" for i in range(n)]},
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    static_dir = REPO / "static"
+    static_file = static_dir / f".bench-{os.getpid()}.json"
+    procs = []
+    with RedisServer() as server:
+        try:
+            fill(server.url, args.days)
+            port = free_port()
+            var = tempfile.mkdtemp(prefix="minard-bench-web-")
+            env = {**os.environ, "MINARD_REDIS_URL": server.url, "MINARD_VAR_DIR": var, "MINARD_LOG_LEVEL": "WARNING"}
+            procs.append(subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-b", f"127.0.0.1:{port}",
+                                           "-w", str(args.workers), "--log-level", "warning", "minard:app"],
+                                          cwd=REPO, env=env))
+            wait_port(port, timeout=20)
+            _, _, size = get(port, "/api/detector?quantity=occupancy&window=10m")
+            static_file.write_bytes(b"[" + b"0.0001234," * (size // 10) + b"0]")
+            static_path = "/static/" + static_file.name
+            for path in ("/api/stream?window=1d", "/stream", static_path):
+                get(port, path)  # warm every worker's imports
+            load(port, ["/api/detector?quantity=occupancy&window=10m", "/api/stream?window=1d"] * args.workers * 2,
+                 args.clients)
+            now = int(time.time())
+            print(f"gunicorn: {args.workers} sync workers; {args.clients} concurrent clients;"
+                  f" {args.requests} requests per target and mode; occupancy answer {size / 1024:.0f} KiB")
+            results = {}
+            for name, modes in targets(now, args.requests, static_path).items():
+                for mode, paths in modes.items():
+                    t0 = time.perf_counter()
+                    lat = load(port, paths, args.clients)
+                    wall = time.perf_counter() - t0
+                    results[(name, mode)] = (pct(lat, 50) * 1000, pct(lat, 95) * 1000, len(lat) / wall)
+            report(results)
+        finally:
+            for p in procs:
+                stop_pid(p)
+            static_file.unlink(missing_ok=True)
+    return 0
+
+
+def report(results: dict) -> None:
+    print(f"\n{'target':<11} {'mode':<9} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>8} {'p95/static':>11}")
+    for (name, mode), (p50, p95, rps) in results.items():
+        ref = results[("static", mode)][1]
+        print(f"{name:<11} {mode:<9} {p50:8.1f} {p95:8.1f} {rps:8.0f} {p95 / ref:11.2f}")
+    print("\ngoal: API p95 < 50 ms and <= 3x the static-file p95")
+    for name in ("occupancy", "rate-1d"):
+        for mode in ("same", "distinct"):
+            p95 = results[(name, mode)][1]
+            ratio = p95 / results[("static", mode)][1]
+            ok = "met" if p95 < 50 and ratio <= 3 else "NOT met"
+            print(f"  {name:<10} {mode:<9} p95 {p95:6.1f} ms, {ratio:4.2f}x static: {ok}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

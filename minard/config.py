@@ -178,3 +178,19 @@ def load(
     for key, value in (overrides or {}).items():
         cfg[key] = _coerce(key, value)
     return cfg
+
+
+def redact(url: str) -> str:
+    """*url* with any password replaced by ``***``, for logs and error messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return str(url)
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -721,7 +721,7 @@ def stats_cmd(as_json, config_path):
     try:
         data = status.stats(client)
     except redis_py.RedisError as exc:
-        raise click.ClickException(f"Redis {cfg['redis_url']}: {exc}") from None
+        raise click.ClickException(f"Redis {config_mod.redact(cfg['redis_url'])}: {exc}") from None
     if as_json:
         click.echo(json.dumps(data))
         return

@@ -407,8 +407,11 @@ class Dispatcher:
         for group in (self.analyzers, self.writers):
             if client in group:
                 group.remove(client)
-        log.info("%s disconnected%s (sent %d events, dropped %d)", client.label,
-                 f": {exc}" if exc else "", client.events_sent, client.events_dropped)
+        # Control connections (monitors, `minard send`) come and go every few
+        # seconds; only data clients are worth an INFO line.
+        level = logging.DEBUG if client.role in (None, "control") else logging.INFO
+        log.log(level, "%s disconnected%s (sent %d events, dropped %d)", client.label,
+                f": {exc}" if exc else "", client.events_sent, client.events_dropped)
         if client in self._awaiting:
             self._awaiting.discard(client)
             if not self._awaiting:
@@ -508,7 +511,7 @@ class Dispatcher:
             self.analyzers.append(client)
         elif role == "writer":
             self.writers.append(client)
-        log.info("%s identified", client.label)
+        log.log(logging.DEBUG if role == "control" else logging.INFO, "%s identified", client.label)
 
     def on_command(self, client: Client, text: str) -> None:
         """Run one text command; errors become an ERROR reply, never a disconnect."""
@@ -783,7 +786,7 @@ class Dispatcher:
         except Exception as exc:  # redis down, bad URL...: keep serving
             self.counters["redis_failures"] += 1
             log.error("cannot store the scaler record of run %s in Redis (%s): %s;"
-                      " it is kept in the log above", record.run, self.redis_url, exc)
+                      " it is kept in the log above", record.run, config_mod.redact(self.redis_url), exc)
 
     def _store_scalers(self, data: dict) -> None:
         """HSET dispatcher:scalers:<run> and index the run (runs in a thread)."""

@@ -261,6 +261,10 @@ class Pool:
             elif kind == READY:
                 w.ready = True
                 w.idle_since = time.monotonic()
+                if w.stopping:
+                    # ROUTER drops messages to a peer that has not connected yet,
+                    # so a STOP sent while this worker was starting never arrived.
+                    self.back.send_multipart([ident, STOP])
             elif kind == BYE:
                 w.stopping = True
 
@@ -323,7 +327,7 @@ class Pool:
         proc = self._mp.Process(
             target=worker_main, name=f"{self.spec.name}-S{wid}", daemon=True,
             args=(self.spec.handler, self.cfg, self.backend_endpoint, wid,
-                  self.spec.trx_limit, self.spec.flush_period))
+                  self.spec.trx_limit, self.spec.flush_period, os.getpid()))
         proc.start()
         w = _Worker(wid, proc, time.time())
         self.workers[wid] = w
@@ -370,8 +374,12 @@ def load_handler(spec: str, cfg: dict):
 
 
 def worker_main(handler_spec: str, cfg: dict, endpoint: str, wid: int,
-                trx_limit: int, flush_period: float) -> None:
-    """A worker process: ask for a batch, process it, flush every *flush_period*."""
+                trx_limit: int, flush_period: float, manager_pid: int | None = None) -> None:
+    """A worker process: ask for a batch, process it, flush every *flush_period*.
+
+    If the manager dies (kill -9), the worker notices that its parent changed,
+    flushes what it holds and exits rather than living on as an orphan.
+    """
     from . import log as minard_log
 
     minard_log.setup(cfg.get("log_level", "INFO"))
@@ -404,6 +412,9 @@ def worker_main(handler_spec: str, cfg: dict, endpoint: str, wid: int,
             if time.monotonic() >= next_flush:
                 handler.flush(time.time())
                 next_flush = time.monotonic() + flush_period
+                if manager_pid is not None and os.getppid() != manager_pid:
+                    log.error("worker S%d: the pool manager (pid %d) is gone; exiting", wid, manager_pid)
+                    break
     except KeyboardInterrupt:
         pass
     finally:

@@ -103,7 +103,7 @@ def query_cmd(name, as_json, max_age, config_path):
         else:
             values = latest_values(client, name, max_age=max_age or 0.0)
     except redis_py.RedisError as exc:
-        raise click.ClickException(f"Redis {cfg['redis_url']}: {exc}") from None
+        raise click.ClickException(f"Redis {config_mod.redact(cfg['redis_url'])}: {exc}") from None
     finally:
         client.close()
     mapping = as_mapping(values)

@@ -38,8 +38,14 @@ _WORD = struct.Struct(">I")
 _RAWDATA = tag_bytes("RAWDATA")
 
 
-def peek(record: bytes) -> tuple[int, int, int]:
-    """(run, gtid, clock10) from a PmtEventRecord header (record words 1, 5, 6, 8)."""
+def peek(record: bytes, previous: tuple[int | None, int, int] = (None, 0, 0)) -> tuple[int, int, int]:
+    """(run, gtid, clock10) from a PmtEventRecord header (record words 1, 5, 6, 8).
+
+    A record too short to hold them (a corrupt one) is still sent on, so that
+    the consumers count it; it keeps the *previous* record's run and times.
+    """
+    if len(record) < 36:
+        return previous
     run = _WORD.unpack_from(record, 4)[0]
     m0, m1 = struct.unpack_from(">II", record, 20)
     gtid = _WORD.unpack_from(record, 32)[0] & 0xFFFFFF
@@ -132,6 +138,7 @@ class Replayer:
         self.quit = False
         self.run: int | None = None
         self.gtid = 0
+        self._clock10 = 0
         self.sent = 0
         self.runs: list[int] = []
         self._parts: list[bytes] = []
@@ -213,7 +220,8 @@ class Replayer:
         for record in records:
             if self.quit:
                 break
-            run, self.gtid, clock10 = peek(record)
+            run, self.gtid, clock10 = peek(record, (self.run, self.gtid, self._clock10))
+            self._clock10 = clock10
             if self.run_override is not None:
                 run = self.run_override
             if run != self.run:

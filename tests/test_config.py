@@ -45,3 +45,9 @@ def test_every_key_is_documented():
     text = DOC.read_text()
     missing = [k for k in config.DEFAULTS if f"`{k}`" not in text]
     assert not missing, f"docs/configuration.md does not describe {missing}"
+
+
+def test_redact_hides_the_password_of_a_url():
+    assert config.redact("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert config.redact("redis://user:pw@host/1") == "redis://user:***@host/1"
+    assert config.redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

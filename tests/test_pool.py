@@ -131,3 +131,37 @@ def test_event_log_matches_the_seed_format(cfg, spec, tmp_path):
     assert names == ["ImageFile", "CmdFlags", "ASOLocation", "MaxSlaves", "ASOTrxLimit", "Timeout"]
     # field names end in the same column, as in the seed
     assert len({line.index(":") for line in lines[1:]}) == 1
+
+
+def test_workers_exit_when_their_manager_is_killed(cfg, spec, zmq_context, redis_client, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from minard.pool import Pool, PoolSpec\n"
+        "spec = PoolSpec(name='t', handler=%r, upstream=%r, max_workers=1, flush_period=0.2)\n"
+        "Pool(spec, {'redis_url': %r}).run()\n"
+    ) % (str(tmp_path.parent), HANDLER, cfg["zmq_dispatch"], cfg["redis_url"])
+    push = _push(zmq_context, cfg["zmq_dispatch"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    manager = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        _send(push, 2)
+        assert _wait(lambda: redis_client.scard("pooltest:pids") == 1)
+        worker_pid = int(redis_client.smembers("pooltest:pids").pop())
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait(5)
+
+        def gone():
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{worker_pid}/stat") as fh:  # a zombie counts as gone
+                return fh.read().split()[2] == "Z"
+
+        assert _wait(gone, 10)
+    finally:
+        if manager.poll() is None:
+            manager.kill()

@@ -300,6 +300,10 @@ def test_peek_reads_run_gtid_and_clock_from_the_record_header():
     assert peek(record) == (header["run"], header["gtid"], header["clock10"])
 
 
+def test_peek_keeps_the_previous_values_for_a_record_too_short_to_read():
+    assert peek(b"\x00" * 20, (1234, 99, 555)) == (1234, 99, 555)
+
+
 def test_recorder_builds_file_names_from_integers_only(tmp_path):
     recorder = Recorder(tmp_path / "out", max_bytes=10**9)
     recorder.handle(Frame("CMD", b"BEGINTAPE:../../etc:1"))  # malformed: ignored

@@ -81,9 +81,9 @@ def test_read_only_pages_need_no_login_and_share_the_layout(client, path):
     assert "/static/js/minard.js" in html and "<script>" not in html  # no inline script
 
 
-def test_home_redirects_to_status(client):
+def test_home_redirects_to_the_stream_page(client):
     resp = client.get("/")
-    assert resp.status_code == 302 and resp.headers["Location"].endswith("/status")
+    assert resp.status_code == 302 and resp.headers["Location"].endswith("/stream")
 
 
 def test_pages_send_a_strict_content_security_policy(client):
@@ -222,7 +222,7 @@ def test_login_never_redirects_off_site(client, users):
     token = csrf_of(client.get("/login").get_data(as_text=True))
     resp = client.post("/login", data={"username": "alice", "password": users["alice"], "csrf_token": token,
                                        "next": "//evil.example/x"})
-    assert resp.headers["Location"] == "/status"
+    assert resp.headers["Location"] == "/stream"
 
 
 # -- logs -------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_status_page_shows_pipeline_heartbeats_and_loss_counters(client, redis_c
 
     pipe = redis_client.pipeline()
     pipeline_status.beat(pipe, "pull", {"lag_seconds": 1.5, "queue": 7}, started=time.time() - 120)
-    pipeline_status.count(pipe, "pull", received=100, processed=95, dropped=5)
+    pipeline_status.count(pipe, "pull", received=100, processed=95, dropped=5, skipped=7)
     pipe.execute()
     html = client.get("/status").get_data(as_text=True)
     assert 'data-name="pull"' in html and "queue=7" in html and "dropped=5" in html

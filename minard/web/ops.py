@@ -230,7 +230,8 @@ def _pipeline(now: float) -> tuple[list[dict], list[dict]]:
         })
     stages = []
     for stage, counters in pipeline_status.stats(r).items():
-        lost = sum(v for k, v in counters.items() if k not in ("received", "processed"))
+        # Only what a stage dropped or failed on is lost; other counters are reasons or extras.
+        lost = counters.get("dropped", 0) + counters.get("errors", 0)
         stages.append({"stage": stage, "counters": counters, "lost": lost})
     return procs, stages
 

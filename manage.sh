@@ -54,7 +54,10 @@ install_python() {
     local stamp="$VENV/.minard-installed"
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         log "installing Python packages into $VENV"
-        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,dev]'
+        # (This machine's pip.conf may name local package folders that do not
+        # exist; pip warns about each one, which is noise, not a problem.)
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,dev]' 2>&1 \
+            | { grep -v "^WARNING: Location 'file:" || true; }
         touch "$stamp"
     fi
 }

@@ -61,10 +61,12 @@ from . import config as config_mod
 from . import log as log_mod
 from . import status, timeseries as ts, wire
 from .aggregate import Aggregator, SecondAgg, stream_gtids
+from .consumer import AccountedPool, PoolReporter, flushed_key, record_flushed, run_pool
+from .consumer import redis_client as _redis_client
 from .dispatch_client import ConnectionClosed, DispatchClient, connect_with_retry, query
 from .framing import HEADER, HEADER_SIZE, tag_bytes
 from .pmt import GENERIC_HEADER, PMT_RECORD_ID, decode_buffer
-from .pool import Pool, PoolManager, PoolSpec
+from .pool import PoolManager, PoolSpec
 from .runs import write_run
 
 log = logging.getLogger("minard.dispatch_stream")
@@ -147,12 +149,6 @@ class CountWriter:
         for level in levels:
             key = ts.channel_key(level.step, ts.bucket(t, level.step), name)
             self.add(pipe, key, counts, level.keep + level.step)
-
-
-def _redis_client(cfg) -> redis_py.Redis:
-    """A Redis client with short timeouts, so an outage is noticed within seconds."""
-    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=1.0,
-                                   socket_timeout=5.0)
 
 
 # =================================================================== push
@@ -500,9 +496,7 @@ class PullHandler:
             status.count(pipe, "pull", **self.pull)
             status.count(pipe, "redis", received=records + self.redis_failed,
                          processed=records, errors=self.redis_failed)
-            if self.flushed_key and self.unaccounted:
-                pipe.hincrby(self.flushed_key, str(os.getpid()), self.unaccounted)
-                pipe.expire(self.flushed_key, 86400)
+            record_flushed(pipe, self.flushed_key, self.unaccounted)
             pipe.execute()
         except redis_py.RedisError as exc:
             self.redis_failed += records
@@ -554,73 +548,6 @@ def write_second(pipe, sec: SecondAgg, counts: CountWriter) -> None:
 
 # =================================================================== pull: pool
 
-class PullPool(Pool):
-    """A Pool that also counts the records of workers that ended before flushing.
-
-    Each worker adds, in the same transaction as its aggregates, the number of
-    records it accounted for to ``dispatch_flushed_key`` (field = its pid).  When
-    a worker ends for any reason, records handed to it minus records it
-    accounted for were lost with it; :meth:`settle` counts them as ``dropped``.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ended: list[tuple[int, int]] = []  # (pid, records handed) awaiting settlement
-        self.lost = 0
-
-    def _reap(self, w, restart: bool) -> None:
-        self.ended.append((w.proc.pid, w.records + w.inflight))
-        super()._reap(w, restart)
-
-    def settle(self, pipe, redis) -> int:
-        """Count (in *pipe*) the records lost by ended workers; needs Redis readable."""
-        key = self.cfg["dispatch_flushed_key"]
-        lost = 0
-        for pid, handed in self.ended:
-            flushed = int(redis.hget(key, str(pid)) or 0)
-            lost += max(0, handed - flushed)
-            pipe.hdel(key, str(pid))
-        if lost:
-            log.warning("%d records were lost with ended workers (counted as dropped)", lost)
-            status.count(pipe, "pull", dropped=lost, worker_lost=lost)
-        return lost
-
-
-class PullReporter:
-    """The pull manager's heartbeat and counters (called once a second)."""
-
-    def __init__(self, pool: PullPool, cfg):
-        self.pool = pool
-        self.redis = _redis_client(cfg)
-        self.started = time.time()
-        self.written_received = 0
-        self.redis_ok = True
-
-    def __call__(self, pool_status: dict, final: bool = False) -> None:
-        fields = {**pool_status, "upstream": self.pool.spec.upstream,
-                  "max_workers": self.pool.spec.max_workers, "trx_limit": self.pool.spec.trx_limit,
-                  "records_lost_unflushed": self.pool.lost}
-        if final:
-            fields["state"] = "stopped"
-        received = self.pool.stats.records_received
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            ended = list(self.pool.ended)
-            lost = self.pool.settle(pipe, self.redis) if ended else 0
-            status.count(pipe, "pull", received=received - self.written_received)
-            status.beat(pipe, PULL_COMPONENT, fields, started=self.started)
-            pipe.execute()
-        except redis_py.RedisError as exc:
-            if self.redis_ok:
-                log.warning("Redis unavailable (%s): pool counters kept until it is back", exc)
-            self.redis_ok = False
-            return
-        self.redis_ok = True
-        self.written_received = received
-        del self.pool.ended[:len(ended)]
-        self.pool.lost += lost
-
-
 def pool_spec(cfg) -> PoolSpec:
     """The pull pool's parameters from the configuration."""
     return PoolSpec(name="dispatch", handler=HANDLER, upstream=str(cfg["zmq_dispatch"]),
@@ -640,26 +567,13 @@ def event_log_path(cfg) -> str:
 
 
 def run_pull(cfg) -> None:
-    """Run the pull pool until SIGTERM/SIGINT; every worker flushes before exit."""
+    """Run the pull pool (stage ``pull``) until SIGTERM/SIGINT; see :func:`minard.consumer.run_pool`."""
     cfg = dict(cfg) if not hasattr(cfg, "path") else cfg
-    cfg["dispatch_flushed_key"] = f"pool:dispatch:{socket.gethostname()}:{os.getpid()}:flushed"
-    spec = pool_spec(cfg)
+    cfg["dispatch_flushed_key"] = flushed_key("dispatch")
     manager = PoolManager(int(cfg["dispatch_max_total_workers"]))
-    pool = PullPool(spec, cfg, manager=manager, event_log=event_log_path(cfg))
-    reporter = PullReporter(pool, cfg)
-    signal.signal(signal.SIGTERM, pool.request_stop)
-    signal.signal(signal.SIGINT, pool.request_stop)
-    log.info("pull pool: %d workers (max total %d), TrxLimit %d, idle %.0fs, from %s",
-             spec.max_workers, manager.max_total, spec.trx_limit, spec.idle_timeout, spec.upstream)
-    try:
-        pool.run(tick=reporter)
-    finally:
-        for _ in range(10):
-            reporter(pool.status(), final=True)
-            if reporter.redis_ok:
-                break
-            time.sleep(0.3)
-        log.info("pull pool stopped: %s", json.dumps(pool.status()))
+    pool = AccountedPool(pool_spec(cfg), cfg, stage="pull", flushed_option="dispatch_flushed_key",
+                         manager=manager, event_log=event_log_path(cfg))
+    run_pool(pool, PoolReporter(pool, cfg, PULL_COMPONENT), "pull")
 
 
 # =================================================================== CLI

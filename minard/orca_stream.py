@@ -79,7 +79,9 @@ from . import NCARDS, NCHANNELS, NCHANNELS_TOTAL, orca, status, wire
 from . import config as config_mod
 from . import log as log_mod
 from . import timeseries as ts
-from .pool import Pool, PoolManager, PoolSpec
+from .consumer import AccountedPool, PoolReporter, flushed_key, record_flushed, run_pool
+from .consumer import redis_client as _redis_client
+from .pool import PoolManager, PoolSpec
 
 log = logging.getLogger("minard.orca_stream")
 
@@ -94,7 +96,6 @@ LATEST_TIME_KEY = "orca:{stream}:latest_t"  # 9728 big-endian float64: arrival t
 BUSY_KEY = "orca:base:busy"  # 9728 uint8: busy flag at the latest reading
 BASE_CRATE_TIME_KEY = "orca:base:crate_time"  # hash crate -> record time (µs) of the latest map
 BUSY_SERIES = "base_busy"  # per-channel count series: busy readings per bucket
-FLUSHED_KEY = "pool:orca:{stream}:{host}:{pid}:flushed"
 #: Optimistic transactions retried at most this often before a batch is given up.
 MAX_RETRIES = 100
 #: Seconds of series data a handler keeps while Redis is down.
@@ -104,12 +105,6 @@ KEEP_PENDING = 300
 def consumer_component(stream: str) -> str:
     """Heartbeat name of a consumer pool (the program names of conf/programs.cfg)."""
     return f"data_consumer_{stream}"
-
-
-def _redis_client(cfg) -> redis_py.Redis:
-    """A Redis client with short timeouts, so an outage is noticed within seconds."""
-    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=1.0,
-                                   socket_timeout=5.0)
 
 
 # =================================================================== producer
@@ -439,9 +434,7 @@ class _Handler:
                         self.transaction(pipe)
                         self.write_pending(pipe, now)
                         status.count(pipe, self.stream, **self.counts)
-                        if self.flushed_key and self.unaccounted:
-                            pipe.hincrby(self.flushed_key, str(os.getpid()), self.unaccounted)
-                            pipe.expire(self.flushed_key, 86400)
+                        record_flushed(pipe, self.flushed_key, self.unaccounted)
                         pipe.execute()
                         break
                     except redis_py.WatchError:
@@ -793,73 +786,6 @@ class BaseHandler(_Handler):
 
 # =================================================================== pool
 
-class OrcaPool(Pool):
-    """A Pool that also counts the records of workers that ended before flushing.
-
-    Each worker adds, in its flush transaction, the records it accounted for
-    to ``orca_flushed_key`` (field = its pid); when a worker ends, records
-    handed to it minus records accounted for are counted as ``dropped``.
-    """
-
-    def __init__(self, stream: str, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.stream = stream
-        self.ended: list[tuple[int, int]] = []  # (pid, records handed) awaiting settlement
-        self.lost = 0
-
-    def _reap(self, w, restart: bool) -> None:
-        self.ended.append((w.proc.pid, w.records + w.inflight))
-        super()._reap(w, restart)
-
-    def settle(self, pipe, redis) -> int:
-        """Count (in *pipe*) the records lost by ended workers."""
-        key = self.cfg["orca_flushed_key"]
-        lost = 0
-        for pid, handed in self.ended:
-            lost += max(0, handed - int(redis.hget(key, str(pid)) or 0))
-            pipe.hdel(key, str(pid))
-        if lost:
-            log.warning("%d records were lost with ended workers (counted as dropped)", lost)
-            status.count(pipe, self.stream, dropped=lost, worker_lost=lost)
-        return lost
-
-
-class Reporter:
-    """A consumer pool's heartbeat and counters (called about once a second)."""
-
-    def __init__(self, pool: OrcaPool, cfg):
-        self.pool = pool
-        self.redis = _redis_client(cfg)
-        self.started = time.time()
-        self.written_received = 0
-        self.redis_ok = True
-
-    def __call__(self, pool_status: dict, final: bool = False) -> None:
-        spec = self.pool.spec
-        fields = {**pool_status, "stream": self.pool.stream, "upstream": spec.upstream,
-                  "max_workers": spec.max_workers, "trx_limit": spec.trx_limit,
-                  "records_lost_unflushed": self.pool.lost}
-        if final:
-            fields["state"] = "stopped"
-        received = self.pool.stats.records_received
-        ended = list(self.pool.ended)
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            lost = self.pool.settle(pipe, self.redis) if ended else 0
-            status.count(pipe, self.pool.stream, received=received - self.written_received)
-            status.beat(pipe, consumer_component(self.pool.stream), fields, started=self.started)
-            pipe.execute()
-        except redis_py.RedisError as exc:
-            if self.redis_ok:
-                log.warning("Redis unavailable (%s): pool counters kept until it is back", exc)
-            self.redis_ok = False
-            return
-        self.redis_ok = True
-        self.written_received = received
-        del self.pool.ended[:len(ended)]
-        self.pool.lost += lost
-
-
 HANDLERS = {"cmos": "minard.orca_stream:CmosHandler", "base": "minard.orca_stream:BaseHandler"}
 
 
@@ -895,25 +821,12 @@ def stream_for(port: str | None, stream: str | None, cfg) -> str:
 
 
 def run_consumer(cfg, stream: str) -> None:
-    """Run one stream's pool until SIGTERM/SIGINT; every worker flushes before exit."""
-    cfg["orca_flushed_key"] = FLUSHED_KEY.format(stream=stream, host=socket.gethostname(), pid=os.getpid())
-    spec = pool_spec(cfg, stream)
+    """Run one stream's pool (stage *stream*) until SIGTERM/SIGINT; see :func:`minard.consumer.run_pool`."""
+    cfg["orca_flushed_key"] = flushed_key(f"orca:{stream}")
     manager = PoolManager(int(cfg["orca_max_total_workers"]))
-    pool = OrcaPool(stream, spec, cfg, manager=manager, event_log=event_log_path(cfg, stream))
-    reporter = Reporter(pool, cfg)
-    signal.signal(signal.SIGTERM, pool.request_stop)
-    signal.signal(signal.SIGINT, pool.request_stop)
-    log.info("%s pool: %d workers (max total %d), TrxLimit %d, idle %.0fs, from %s", stream,
-             spec.max_workers, manager.max_total, spec.trx_limit, spec.idle_timeout, spec.upstream)
-    try:
-        pool.run(tick=reporter)
-    finally:
-        for _ in range(10):
-            reporter(pool.status(), final=True)
-            if reporter.redis_ok:
-                break
-            time.sleep(0.3)
-        log.info("%s pool stopped: %s", stream, json.dumps(pool.status()))
+    pool = AccountedPool(pool_spec(cfg, stream), cfg, stage=stream, flushed_option="orca_flushed_key",
+                         manager=manager, event_log=event_log_path(cfg, stream))
+    run_pool(pool, PoolReporter(pool, cfg, consumer_component(stream), {"stream": stream}), stream)
 
 
 # =================================================================== CLI

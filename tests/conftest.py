@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,36 @@ from minard.testing import RedisServer, free_port
 #: The read-only material beside the checkout (formats, recorded data).
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 DEMO_ZDAB = SHARED / "data" / "Demo_Events.zdab"
+#: The Chromium the browser tests drive (installed by ./manage.sh setup) and its flags.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+#: A small programs.cfg registry for the operations tests (HTML in a description on purpose).
+REGISTRY = """
+[daq]
+host = buffer1
+description = DAQ <b>main</b>
+timeout = 10
+link = /logs/daq
+
+[pinger]
+timeout = 5
+"""
+
+
+def wait_for(pred, timeout=30.0, what="condition"):
+    """Poll *pred* every 0.1 s and return its first truthy value; fail after *timeout* s.
+
+    For the end-to-end tests, whose processes reach a state some time after
+    they are told to.
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +101,28 @@ def demo_zdab():
     if not DEMO_ZDAB.exists():
         pytest.fail(f"{DEMO_ZDAB} is missing: the shared/ directory must sit beside the checkout")
     return DEMO_ZDAB
+
+
+@pytest.fixture
+def registry_cfg(cfg, tmp_path):
+    """The test configuration with its own programs.cfg (:data:`REGISTRY`)."""
+    (tmp_path / "programs.cfg").write_text(REGISTRY)
+    cfg["programs_file"] = str(tmp_path / "programs.cfg")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright, one per test module, closed at its end.
+
+    Fails (rather than skips) when Chromium is missing: the browser tests are
+    part of the suite, and a silent skip would hide a broken setup.
+    """
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run ./manage.sh setup")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

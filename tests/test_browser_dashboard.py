@@ -34,9 +34,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 DOCS_IMG = REPO / "docs" / "img"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 BIN = Path(sys.executable).parent
 REPLAY_RUN = 5001
 REPLAY_EVENTS = 3000
@@ -121,18 +118,6 @@ def demo_zdab_path():
     if not DEMO_ZDAB.exists():
         pytest.fail(f"{DEMO_ZDAB} is missing: the shared/ directory must sit beside the checkout")
     return DEMO_ZDAB
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run ./manage.sh setup")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -28,20 +28,11 @@ from minard.status import stats
 from minard.testing import RedisServer, stop_pid
 from minard.zdab import ZdabWriter, read_events
 
+from conftest import wait_for
 from test_aggregate import expected
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def file_totals(path):
@@ -199,11 +190,17 @@ def comparable(summary):
     return {k: v for k, v in summary.items() if k not in ("start", "end", "hits")}
 
 
-def check_invariants(redis_client):
-    for stage, c in stats(redis_client).items():
-        if stage in ("push", "pull", "redis", "dispatcher"):
-            assert c.get("received", 0) == (c.get("processed", 0) + c.get("dropped", 0)
-                                            + c.get("errors", 0)), (stage, c)
+def check_invariants(redis_client, timeout=10):
+    """received = processed + dropped + errors at every stage, once each process
+    has written its counters (push writes them about once a second)."""
+    def unbalanced():
+        return [(stage, c) for stage, c in stats(redis_client).items()
+                if stage in ("push", "pull", "redis", "dispatcher")
+                and c.get("received", 0) != c.get("processed", 0) + c.get("dropped", 0) + c.get("errors", 0)]
+    deadline = time.monotonic() + timeout
+    while unbalanced() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not unbalanced(), unbalanced()
 
 
 # ------------------------------------------------------------------ totals

@@ -21,25 +21,11 @@ from minard.testing import free_port, stop_pid, wait_port
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
 
-REGISTRY = """
-[daq]
-host = buffer1
-description = DAQ <b>main</b>
-timeout = 10
-link = /logs/daq
-
-[pinger]
-timeout = 5
-"""
-
-
 @pytest.fixture
-def ops_cfg(cfg, tmp_path):
+def ops_cfg(registry_cfg):
     """The test configuration with its own programs.cfg and small log limits."""
-    (tmp_path / "programs.cfg").write_text(REGISTRY)
-    cfg.update(programs_file=str(tmp_path / "programs.cfg"), log_max_message=1000,
-               log_max_bytes=4000, log_backups=2)
-    return cfg
+    registry_cfg.update(log_max_message=1000, log_max_bytes=4000, log_backups=2)
+    return registry_cfg
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis as redis_py
+from conftest import wait_for
 
 from minard import NCHANNELS_TOTAL, orca, wire
 from minard import timeseries as ts
@@ -41,16 +42,6 @@ from minard.testing import stop_pid
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
 CMOS_ID, BASE_ID = 9 << 18, 12 << 18  # not the 2012-2016 ids (5<<18, 4<<18)
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ------------------------------------------------------------------ oracles

@@ -35,9 +35,6 @@ from minard.testing import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 BIN = Path(sys.executable).parent
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 ALL = [p.name for p in stack_mod.PROGRAMS]
 #: The registered programs the pinger reports (conf/programs.cfg).
 REGISTERED = ["dispatcher", "minard_dispatch_push", "minard_dispatch_pull", "data_producer", "data_consumer_cmos",
@@ -253,18 +250,6 @@ def assert_no_secret_in_logs(stack, secrets):
 # ----------------------------------------------------------------------------- in Chromium
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run ./manage.sh setup")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser):
     """A fresh page; the test fails on any page error."""
@@ -389,7 +374,15 @@ def test_redis_clean_restart_keeps_the_series_and_the_pipeline_reconnects(stack)
     assert proxy.supervisor.stopProcess("redis", True)
     time.sleep(2)  # writes fail meanwhile: counted, never silent
     assert proxy.supervisor.startProcess("redis", True)
-    assert stack.redis.dbsize() >= keys_before * 0.9  # the snapshot written at shutdown was loaded
+    deadline = time.monotonic() + 30
+    while True:  # Redis answers LOADING until its snapshot is read back
+        try:
+            keys_after = stack.redis.dbsize()
+            break
+        except redis_py.exceptions.BusyLoadingError:
+            assert time.monotonic() < deadline, "Redis still loading its snapshot after 30 s"
+            time.sleep(0.2)
+    assert keys_after >= keys_before * 0.9  # the snapshot written at shutdown was loaded
     data_resumes(stack, t0 + 3)
     assert stack.processes()["redis"]["state"] == "RUNNING"
 

@@ -19,24 +19,12 @@ from minard.logserver import append_line, format_line
 from minard.testing import stop_pid
 from minard.web import create_app, logtail, secret_key
 
-REGISTRY = """
-[daq]
-host = buffer1
-description = DAQ <b>main</b>
-timeout = 10
-link = /logs/daq
-
-[pinger]
-timeout = 5
-"""
-
 
 @pytest.fixture
-def ops_cfg(cfg, tmp_path):
-    (tmp_path / "programs.cfg").write_text(REGISTRY)
-    cfg.update(programs_file=str(tmp_path / "programs.cfg"),
-               supervisor_socket=str(tmp_path / "no-supervisor.sock"))
-    return cfg
+def ops_cfg(registry_cfg, tmp_path):
+    """The test configuration with its own programs.cfg and no supervisord to talk to."""
+    registry_cfg.update(supervisor_socket=str(tmp_path / "no-supervisor.sock"))
+    return registry_cfg
 
 
 @pytest.fixture

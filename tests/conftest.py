@@ -16,6 +16,9 @@ from minard.testing import RedisServer, free_port
 #: The read-only material beside the checkout (formats, recorded data).
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 DEMO_ZDAB = SHARED / "data" / "Demo_Events.zdab"
+#: Screenshots for the README are refreshed only on request, so that a test
+#: run never changes tracked files: MINARD_UPDATE_DOCS_IMG=1 ./manage.sh test
+UPDATE_DOCS_IMG = os.environ.get("MINARD_UPDATE_DOCS_IMG") == "1"
 #: The Chromium the browser tests drive (installed by ./manage.sh setup) and its flags.
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -5,7 +5,7 @@ pull`` and ``push`` as real processes, a synthetic ZDAB file and the demo file
 replayed through them, five minutes of history written by the consumer's own
 writers (minard.web.sample, including CMOS rates and base currents), and
 gunicorn serving the site.  Every page is checked to show that data, with no
-console error; a screenshot of each goes to test-artifacts/ (and a few to docs/img/).
+console error; a screenshot of each goes to test-artifacts/ (and a few to docs/img/ with MINARD_UPDATE_DOCS_IMG=1).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from minard.runs import get_run
 from minard.testing import RedisServer, free_port, stop_pid, wait_port
 from minard.web import sample
 from minard.zdab import ZdabWriter
+from conftest import UPDATE_DOCS_IMG
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -137,7 +138,7 @@ def page(browser):
 def shot(page, name: str, docs: bool = False) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-    if docs:
+    if docs and UPDATE_DOCS_IMG:
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         shutil.copy(ARTIFACTS / f"{name}.png", DOCS_IMG / f"{name}.png")
 

@@ -21,12 +21,15 @@ prints and the website's ``/api/runs/<run>`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import click
+import redis as redis_py
 import numpy as np
 
+from . import config as config_mod
 from . import timeseries as ts
 from .aggregate import RunAgg
 from .pmt import TRIGGER_NAMES
@@ -137,16 +140,24 @@ def list_runs(redis, limit: int = 100) -> list[dict]:
 
 def _redis(config_path):
     """A Redis client for the configured ``redis_url``."""
-    import redis as redis_py
-
-    from . import config
-
-    cfg = config.load(path=config_path)
+    cfg = config_mod.load(path=config_path)
     return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=3, socket_timeout=10)
 
 
 def _when(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+@contextlib.contextmanager
+def _clear_redis_errors(config_path):
+    """Turn a Redis failure into a one-line CLI error (password redacted)."""
+    try:
+        yield
+    except redis_py.RedisError as exc:
+        url = config_mod.redact(config_mod.load(path=config_path)["redis_url"])
+        hint = ("; is MINARD_CONFIG set to the stack's minard.conf?"
+                if isinstance(exc, redis_py.AuthenticationError) else "")
+        raise click.ClickException(f"Redis {url}: {exc}{hint}") from None
 
 
 @click.group("runs", invoke_without_command=True)
@@ -162,7 +173,8 @@ def runs_cli(ctx, as_json, limit, config_path):
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
-    rows = list_runs(_redis(config_path), limit)
+    with _clear_redis_errors(config_path):
+        rows = list_runs(_redis(config_path), limit)
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -178,7 +190,8 @@ def runs_cli(ctx, as_json, limit, config_path):
 @click.pass_obj
 def show_cmd(config_path, run, as_json):
     """Print the summary of RUN (events, triggers, nhit histogram, channel hits)."""
-    summary = get_run(_redis(config_path), run)
+    with _clear_redis_errors(config_path):
+        summary = get_run(_redis(config_path), run)
     if summary is None:
         raise click.ClickException(f"run {run} is not known")
     if as_json:

@@ -671,6 +671,8 @@ def up(cfg, lay: Layout, foreground: bool = False, echo=click.echo) -> int:
             return 1
     echo(f"minard is up: open {url_of(cfg)}")
     echo("  minard status   shows every process;   minard down   stops them all")
+    # The stack's Redis has a password, kept in the stack's own configuration.
+    echo(f"  for minard runs/stats/query against this stack: export MINARD_CONFIG={lay.minard_conf}")
     if foreground:
         return _foreground(lay, proc, echo)
     return 0 if not bad else 1

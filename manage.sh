@@ -46,9 +46,14 @@ install_apt() {
 }
 
 install_python() {
-    if [ ! -x "$VENV/bin/python" ]; then
+    if [ ! -x "$VENV/bin/pip" ]; then
         log "creating virtualenv $VENV"
-        "$PY" -m venv "$VENV"
+        # Debian's own python3 needs the python3-venv package for this.
+        if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+            rm -rf "$VENV"
+            apt_install python3-venv
+            "$PY" -m venv "$VENV"
+        fi
     fi
     # Reinstall only when the package metadata changed since the last install.
     local stamp="$VENV/.minard-installed"

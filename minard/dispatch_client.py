@@ -20,9 +20,10 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import click
+import numpy as np
 
 from .framing import (
     CMD,
@@ -35,6 +36,7 @@ from .framing import (
     command_frame,
     encode_frame,
     encode_frames,
+    encode_rawbatch,
 )
 
 ROLES = ("source", "analyzer", "writer", "control")
@@ -70,11 +72,16 @@ class DispatchClient:
 
     def __init__(self, host: str, port: int, role: str = "control", name: str = "",
                  timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 rcvbuf: int | None = None, sndbuf: int | None = None):
-        """Connect and send HELLO; ``socket_number`` is the server-side socket."""
+                 rcvbuf: int | None = None, sndbuf: int | None = None, batch: bool = False):
+        """Connect and send HELLO; ``socket_number`` is the server-side socket.
+
+        *batch*: ask for RAWBATCH frames as the source sent them (otherwise
+        the dispatcher expands them into RAWDATA frames for this client).
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.host, self.port, self.role, self.name = host, port, role, name
+        self.batch = batch
         self.timeout = timeout
         self.decoder = FrameDecoder(max_frame)
         self.backlog: deque[Frame] = deque()
@@ -100,8 +107,10 @@ class DispatchClient:
         return sock
 
     def _hello(self) -> int:
-        """Send HELLO role[:name] and wait for ``OK:HELLO:<socket>``."""
-        hello = f"{self.role}:{self.name}" if self.name else self.role
+        """Send HELLO role[:name[:batch]] and wait for ``OK:HELLO:<socket>``."""
+        hello = f"{self.role}:{self.name}" if self.name or self.batch else self.role
+        if self.batch:
+            hello += ":batch"
         self.sock.sendall(encode_frame(HELLO, hello))
         reply = self._wait_reply("HELLO", self.timeout)
         if not reply.startswith("OK:HELLO:"):
@@ -125,6 +134,13 @@ class DispatchClient:
         """Send bytes that are already framed (many frames in one call)."""
         self.sock.sendall(data)
 
+    def send_parts(self, parts: Sequence) -> None:
+        """Send several buffers as one stream of bytes (scatter-gather, no join)."""
+        sent = self.sock.sendmsg(parts)
+        total = sum(memoryview(p).nbytes for p in parts)
+        if sent < total:  # a partial write: send the rest the simple way
+            self.sock.sendall(memoryview(b"".join(parts))[sent:])
+
     def send_command(self, text: str) -> None:
         """Send a CMD frame without waiting for its reply."""
         self.sock.sendall(command_frame(text))
@@ -138,6 +154,11 @@ class DispatchClient:
         from .pmt import pack_dispatch
 
         self.send_dispatch([pack_dispatch(r) for r in pmt_records])
+
+    def send_batch(self, dispatch_records: Sequence[bytes]) -> None:
+        """Send 'PMT ' dispatch records as one RAWBATCH frame."""
+        lengths = np.fromiter(map(len, dispatch_records), np.int64, len(dispatch_records))
+        self.sock.sendall(encode_rawbatch(lengths, b"".join(dispatch_records)))
 
     def send_record(self, pmt_record: bytes) -> None:
         """Send one PmtEventRecord as a RAWDATA frame."""

@@ -64,7 +64,7 @@ from .aggregate import Aggregator, SecondAgg, stream_gtids
 from .consumer import AccountedPool, PoolReporter, flushed_key, record_flushed, run_pool
 from .consumer import redis_client as _redis_client
 from .dispatch_client import ConnectionClosed, DispatchClient, connect_with_retry, query
-from .framing import HEADER, HEADER_SIZE, tag_bytes
+from .framing import HEADER, HEADER_SIZE, RAWBATCH_RAW, RawBatchError, split_rawbatch, tag_bytes
 from .pmt import GENERIC_HEADER, PMT_RECORD_ID, decode_buffer
 from .pool import PoolManager, PoolSpec
 from .runs import write_run
@@ -171,6 +171,71 @@ def record_gtid(view: memoryview) -> int | None:
     return (h0 & 0xFFFF) | (h2 >> 12 & 0xF) << 16 | (h2 >> 28 & 0xF) << 20
 
 
+class Pending:
+    """Records of one kind waiting to be sent, as (lengths, payload) pieces in order.
+
+    A RAWBATCH frame is one piece as it arrived (no copy, no loop over its
+    records); consecutive RAWDATA/RECHDR frames become one piece each time
+    data arrives.  :meth:`take` joins pieces into one wire batch.
+    """
+
+    def __init__(self):
+        self.pieces: list[tuple[np.ndarray, memoryview]] = []  # (uint32 BE lengths, records)
+        self.count = 0
+
+    def add_packed(self, lengths, records) -> None:
+        """Add records given as their uint32 BE lengths and their bytes back to back."""
+        lengths = np.frombuffer(lengths, ">u4")
+        if len(lengths):
+            self.pieces.append((lengths, memoryview(records)))
+            self.count += len(lengths)
+
+    def add_records(self, records: list) -> None:
+        """Add separate records (buffers)."""
+        if records:
+            self.add_packed(np.fromiter(map(len, records), ">u4", len(records)).tobytes(),
+                            b"".join(records))
+
+    def take(self, limit: int) -> tuple[bytes, bytes, int]:
+        """Up to *limit* records from the front: (lengths frame, payload, count).
+
+        A single whole piece is returned as it is (no copy).
+        """
+        if self.pieces and len(self.pieces[0][0]) <= limit and (
+                len(self.pieces) == 1 or len(self.pieces[0][0]) + len(self.pieces[1][0]) > limit):
+            piece_lengths, records = self.pieces.pop(0)
+            self.count -= len(piece_lengths)
+            return piece_lengths.tobytes(), records, len(piece_lengths)
+        lengths, payloads, n = [], [], 0
+        while self.pieces and n < limit:
+            piece_lengths, records = self.pieces[0]
+            k = min(len(piece_lengths), limit - n)
+            if k == len(piece_lengths):
+                self.pieces.pop(0)
+                cut = len(records)
+            else:
+                cut = int(piece_lengths[:k].sum(dtype=np.int64))
+                self.pieces[0] = (piece_lengths[k:], records[cut:])
+            lengths.append(piece_lengths[:k].tobytes())
+            payloads.append(records[:cut])
+            n += k
+        self.count -= n
+        return b"".join(lengths), b"".join(payloads), n
+
+
+def last_gtid(lengths: bytes, payload) -> int | None:
+    """GTID of the last record of a batch that has one (:func:`record_gtid`), or None."""
+    view = memoryview(payload)
+    end = len(view)
+    for i in range(len(lengths) // 4 - 1, -1, -1):  # usually one turn: the last record
+        size = _WORD.unpack_from(lengths, 4 * i)[0]
+        gtid = record_gtid(view[end - size:end])
+        if gtid is not None:
+            return gtid
+        end -= size
+    return None
+
+
 class Pusher:
     """The push process: dispatcher analyzer in, ZMQ PUSH out, counted."""
 
@@ -192,7 +257,7 @@ class Pusher:
         self.started = time.time()
         self.running = True
         self.client: DispatchClient | None = None
-        self.pending: dict[str, list] = {"pmt": [], "rechdr": []}
+        self.pending = {"pmt": Pending(), "rechdr": Pending()}
         self.first_pending: float | None = None
         self.last_gtid: int | None = None
         self.seq = 0
@@ -215,7 +280,7 @@ class Pusher:
                 try:
                     self.client = connect_with_retry(
                         self.address, "analyzer", "minard_dispatch_push", retry_for=None,
-                        should_stop=self._waiting, timeout=5.0)
+                        should_stop=self._waiting, timeout=5.0, batch=True)
                 except ConnectionClosed:
                     break
                 log.info("reading dispatcher %s (socket %s)", self.address, self.client.socket_number)
@@ -245,7 +310,8 @@ class Pusher:
     def serve(self, client: DispatchClient) -> None:
         """Read frames until the connection closes or we are stopped."""
         decoder = client.decoder
-        decoder.batch_tags = frozenset({_RAWDATA, _RECHDR})
+        decoder.batch_tags = frozenset({_RAWDATA, _RECHDR, RAWBATCH_RAW})
+        buf = memoryview(bytearray(1 << 20))
         while client.backlog:
             self.on_frame(client.backlog.popleft())
         while self.running:
@@ -255,10 +321,10 @@ class Pusher:
                 wait = min(wait, self.first_pending + self.batch_seconds - now)
             ready, _, _ = select.select([client.sock], [], [], max(0.0, min(wait, 1.0)))
             if ready:
-                data = client.sock.recv(1 << 20)
-                if not data:
+                n = client.sock.recv_into(buf)  # a reused buffer: no 1 MiB allocation per read
+                if not n:
                     raise ConnectionClosed("dispatcher closed the connection")
-                decoder.feed(data)
+                decoder.feed(buf[:n])
                 while (item := decoder.next_item()) is not None:
                     if hasattr(item, "raw"):
                         self.on_data(item.raw)
@@ -272,27 +338,42 @@ class Pusher:
 
     # -------------------------------------------------------- data
     def on_data(self, raw: bytes) -> None:
-        """Split consecutive data frames into pending records (no copy)."""
+        """Add consecutive data frames to the pending records (no copy of RAWBATCHes)."""
         view = memoryview(raw)
         pos, size, unpack = 0, len(raw), HEADER.unpack_from
-        pmt, other = self.pending["pmt"], self.pending["rechdr"]
+        pmt, other = [], []  # single-record frames since the last RAWBATCH
         n = 0
         while pos < size:
             tag, length = unpack(raw, pos)
             start = pos + HEADER_SIZE
-            (pmt if tag == _RAWDATA else other).append(view[start:start + length])
+            body = view[start:start + length]
             pos = start + length
-            n += 1
+            if tag != RAWBATCH_RAW:
+                (pmt if tag == _RAWDATA else other).append(body)
+                n += 1
+                continue
+            self.pending["pmt"].add_records(pmt)  # keep the stream order
+            pmt = []
+            try:
+                lengths, records, count = split_rawbatch(body)
+            except RawBatchError as exc:  # the dispatcher checks them; never expected
+                self.deltas["push"].update(received=1, errors=1)
+                log.error("bad RAWBATCH from the dispatcher: %s", exc)
+                continue
+            self.pending["pmt"].add_packed(lengths, records)
+            n += count
+        self.pending["pmt"].add_records(pmt)
+        self.pending["rechdr"].add_records(other)
         self.deltas["push"]["received"] += n
         self.totals["received"] += n
         if self.first_pending is None:
             self.first_pending = time.monotonic()
-        if len(pmt) >= self.batch_records or len(other) >= self.batch_records:
+        if any(p.count >= self.batch_records for p in self.pending.values()):
             self.send_pending()
 
     def on_frame(self, frame) -> None:
         """A command from the dispatcher (data frames come through on_data)."""
-        if frame.tag in ("RAWDATA", "RECHDR"):
+        if frame.tag in ("RAWDATA", "RECHDR", "RAWBATCH"):
             self.on_data(HEADER.pack(tag_bytes(frame.tag), len(frame.payload)) + frame.payload)
             return
         text = frame.text
@@ -308,26 +389,21 @@ class Pusher:
             log.debug("dispatcher command %r", text[:80])
 
     def send_pending(self) -> None:
-        """Send what is pending as one batch per kind; count what ZMQ refuses."""
-        for kind, records in self.pending.items():
-            while records:
-                chunk, rest = records[:self.batch_records], records[self.batch_records:]
-                self.pending[kind] = records = rest
-                self._send(kind, chunk)
+        """Send what is pending in batches of dispatch_batch_records; count what ZMQ refuses."""
+        for kind, pending in self.pending.items():
+            while pending.count:
+                self._send(kind, *pending.take(self.batch_records))
         self.first_pending = None
 
-    def _send(self, kind: str, records: list) -> None:
+    def _send(self, kind: str, lengths: bytes, payload: bytes, n: int) -> None:
         meta = {"producer": self.producer, "seq": self.seq, "dispatcher": self.address}
         if kind == "pmt":
             meta["prev_gtid"] = self.last_gtid
-            for rec in reversed(records):
-                gtid = record_gtid(rec)
-                if gtid is not None:
-                    self.last_gtid = gtid
-                    break
+            gtid = last_gtid(lengths, payload)
+            if gtid is not None:
+                self.last_gtid = gtid
         self.seq += 1
-        frames = wire.encode(kind, records, meta)
-        n = len(records)
+        frames = wire.encode_packed(kind, lengths, payload, meta)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -38,17 +38,23 @@ from .framing import (
     CMD,
     DATA_TAGS_RAW,
     HELLO,
+    RAWBATCH,
     Batch,
     Frame,
     FrameDecoder,
     FrameError,
+    RawBatchError,
     TruncatedFrame,
     command_frame,
+    expand_rawbatches,
+    rawbatch_count,
 )
 
 log = logging.getLogger("minard.dispatcher")
 
 ROLES = ("source", "analyzer", "writer", "control")
+#: HELLO options (``role:name:option,...``): ``batch`` = send me RAWBATCH frames as they come.
+HELLO_OPTIONS = frozenset({"batch"})
 #: The transport's own buffer per client before it reports "paused" (bytes);
 #: beyond it events wait in the client's counted queue.
 TRANSPORT_HIGH_WATER = 256 * 1024
@@ -160,6 +166,7 @@ class Client(asyncio.Protocol):
         self.conn_id = conn_id
         self.role: str | None = None
         self.name = ""
+        self.batch = False  # takes RAWBATCH frames (HELLO option "batch")
         self.fd = -1
         self.peer = ("?", 0)
         self.transport: asyncio.Transport | None = None
@@ -303,7 +310,7 @@ class Client(asyncio.Protocol):
     def as_dict(self) -> dict:
         """Counters and queue state, for STATS? and DUMP."""
         return {
-            "socket": self.fd, "role": self.role, "name": self.name,
+            "socket": self.fd, "role": self.role, "name": self.name, "batch": self.batch,
             "peer": f"{self.peer[0]}:{self.peer[1]}",
             "events_sent": self.events_sent, "events_dropped": self.events_dropped,
             "bytes_sent": self.bytes_sent, "events_received": self.events_received,
@@ -353,7 +360,7 @@ class Dispatcher:
         self.counters = dict.fromkeys((
             "received_events", "received_bytes", "dropped_events", "rejected_events",
             "finished_timeouts", "redis_failures", "protocol_errors",
-            "backpressure_pauses", "runs_ended", "connections"), 0)
+            "backpressure_pauses", "runs_ended", "connections", "malformed_batches"), 0)
         self.handlers = {
             "ACCTREC": self.cmd_acctrec, "ANALYZERS?": self.cmd_analyzers,
             "BEGINTAPE": self.cmd_begintape, "BROADCAST": self.cmd_broadcast,
@@ -447,12 +454,22 @@ class Dispatcher:
         counters["received_events"] += batch.count
         counters["received_bytes"] += len(batch.raw)
         raw, count, limit = batch.raw, batch.count, self.analyzer_limit
+        expanded = None  # RAWDATA form, made once for the clients that need it
         for analyzer in self.analyzers:
-            if not analyzer.send(raw, count, limit):
+            if batch.packed and not analyzer.batch:
+                expanded = expanded or expand_rawbatches(raw)
+                sent = analyzer.send(expanded, count, limit)
+            else:
+                sent = analyzer.send(raw, count, limit)
+            if not sent:
                 counters["dropped_events"] += count
         backlog = False
         for writer in self.writers:
-            writer.send(raw, count)
+            if batch.packed and not writer.batch:
+                expanded = expanded or expand_rawbatches(raw)
+                writer.send(expanded, count)
+            else:
+                writer.send(raw, count)
             if writer.queued_events > self.writer_limit:
                 backlog = True
         if backlog and "backpressure" not in client.holds:
@@ -487,12 +504,26 @@ class Dispatcher:
             if client.role is None:
                 self._set_role(client, "control", "")
             self.on_command(client, frame.text)
+        elif frame.tag == RAWBATCH:  # only a malformed one comes here (FrameDecoder.next_item)
+            self._reject_rawbatch(client, frame.payload)
         else:
             client.send_cmd(f"ERROR:unknown frame tag {frame.tag!r}")
 
+    def _reject_rawbatch(self, client: Client, payload: bytes) -> None:
+        """A RAWBATCH whose lengths do not add up: dropped whole, counted, ERROR reply."""
+        try:
+            rawbatch_count(payload, 0, len(payload))
+            reason = "not expected here"
+        except RawBatchError as exc:
+            reason = str(exc)
+        self.counters["malformed_batches"] += 1
+        client.send_cmd(f"ERROR:RAWBATCH rejected: {reason}")
+        log.warning("%s: RAWBATCH of %d bytes rejected: %s", client.label, len(payload), reason)
+
     def on_hello(self, client: Client, text: str) -> None:
-        """``HELLO role[:name]``: the client says what it is (once)."""
-        role, _, name = text.strip().partition(":")
+        """``HELLO role[:name[:options]]``: the client says what it is (once)."""
+        role, _, rest = text.strip().partition(":")
+        name, _, options = rest.partition(":")
         if client.role is not None:
             client.send_cmd(f"ERROR:HELLO: already identified as {client.role}")
             return
@@ -500,6 +531,12 @@ class Dispatcher:
             self.protocol_error(client, f"HELLO: unknown role {role[:20]!r}"
                                 f" (want one of {', '.join(ROLES)})")
             return
+        wanted = {o.strip() for o in options.split(",") if o.strip()}
+        if wanted - HELLO_OPTIONS:
+            self.protocol_error(client, f"HELLO: unknown option {min(wanted - HELLO_OPTIONS)[:20]!r}"
+                                f" (known: {', '.join(sorted(HELLO_OPTIONS))})")
+            return
+        client.batch = "batch" in wanted
         self._set_role(client, role, _NAME_SAFE.sub("_", name)[:64])
         client.send_cmd(f"OK:HELLO:{client.fd}")
         if role in ("analyzer", "writer") and self.state == "Tape":

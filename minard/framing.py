@@ -25,6 +25,8 @@ import re
 import struct
 from typing import NamedTuple
 
+import numpy as np
+
 #: 8-byte tag + 4-byte big-endian payload length.
 HEADER = struct.Struct(">8sI")
 HEADER_SIZE = HEADER.size
@@ -35,12 +37,16 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
 # Tags used by minard (docs/protocol.md).
 RAWDATA = "RAWDATA"   # a 'PMT ' dispatch record (ZDAB_FORMAT.md section 9)
+RAWBATCH = "RAWBATCH"  # many 'PMT ' dispatch records in one frame (docs/protocol.md)
 RECHDR = "RECHDR"     # any other dispatch record (RUN, TRIG, EPED, ...)
 CMD = "CMD"           # a text command or the reply to one
 HELLO = "HELLO"       # role identification, the first frame of a client
 
 #: Tags that carry data records, as they appear on the wire.
-DATA_TAGS_RAW = frozenset({b"RAWDATA\0", b"RECHDR\0\0"})
+DATA_TAGS_RAW = frozenset({b"RAWDATA\0", b"RECHDR\0\0", b"RAWBATCH"})
+RAWBATCH_RAW = b"RAWBATCH"
+RAWDATA_RAW = b"RAWDATA\0"
+_COUNT = struct.Struct(">I")
 
 _TAG_RE = re.compile(rb"[A-Z0-9_\-]{1,8}[\x00 ]*")
 _TAG_CACHE_LIMIT = 256
@@ -74,11 +80,84 @@ class Batch(NamedTuple):
     """Consecutive data frames kept as their original bytes, headers included.
 
     The dispatcher forwards data frames without re-encoding them; a batch is
-    what it writes to each client in one call.
+    what it writes to each client in one call.  ``count`` is the number of
+    records (a RAWBATCH frame counts for the records it holds); ``packed``
+    says whether any RAWBATCH frame is inside.
     """
 
     raw: bytes
     count: int
+    packed: bool = False
+
+
+class RawBatchError(FrameError):
+    """A RAWBATCH frame whose record count or lengths do not add up."""
+
+
+def rawbatch_count(buf, start: int, length: int) -> int:
+    """Records in the RAWBATCH payload ``buf[start:start+length]``, checked.
+
+    The payload is ``count`` (uint32 BE), ``count`` record lengths (uint32 BE)
+    and the records back to back; the lengths must add up to the rest.
+    Raises RawBatchError otherwise.
+    """
+    if length < 4:
+        raise RawBatchError(f"RAWBATCH of {length} bytes has no record count")
+    (count,) = _COUNT.unpack_from(buf, start)
+    if 4 + 4 * count > length:
+        raise RawBatchError(f"RAWBATCH says {count} records but has {length} bytes")
+    lengths = np.frombuffer(buf, ">u4", count, start + 4)
+    if int(lengths.sum(dtype=np.int64)) != length - 4 - 4 * count:
+        raise RawBatchError(f"RAWBATCH record lengths add up to {int(lengths.sum(dtype=np.int64))},"
+                            f" not the {length - 4 - 4 * count} bytes that follow them")
+    return count
+
+
+def rawbatch_parts(lengths: np.ndarray, records) -> list:
+    """The buffers of one RAWBATCH frame: header, count, *lengths*, *records* (not copied)."""
+    lengths = np.asarray(lengths, ">u4")
+    size = 4 + 4 * len(lengths) + memoryview(records).nbytes
+    return [HEADER.pack(RAWBATCH_RAW, size), _COUNT.pack(len(lengths)), lengths.tobytes(), records]
+
+
+def encode_rawbatch(lengths: np.ndarray, records: bytes) -> bytes:
+    """One RAWBATCH frame from record *lengths* and the *records* back to back."""
+    return b"".join(rawbatch_parts(lengths, records))
+
+
+def split_rawbatch(payload) -> tuple[memoryview, memoryview, int]:
+    """(lengths as uint32 BE bytes, records, count) of a checked RAWBATCH payload (no copy)."""
+    view = memoryview(payload)
+    count = rawbatch_count(view, 0, len(view))
+    return view[4:4 + 4 * count], view[4 + 4 * count:], count
+
+
+def expand_rawbatches(raw: bytes) -> bytes:
+    """*raw* data frames with every RAWBATCH replaced by one RAWDATA frame per record.
+
+    For clients that did not ask for RAWBATCH (docs/protocol.md section 2):
+    the result is byte for byte what a source sending RAWDATA would have sent.
+    Vectorized: the 12-byte frame headers are inserted with numpy, not a loop
+    over records.
+    """
+    parts, pos, size = [], 0, len(raw)
+    view = memoryview(raw)
+    while pos < size:
+        tag, length = HEADER.unpack_from(raw, pos)
+        start = pos + HEADER_SIZE
+        if tag == RAWBATCH_RAW:
+            lengths_b, records, count = split_rawbatch(view[start:start + length])
+            lengths = np.frombuffer(lengths_b, ">u4")
+            heads = np.empty((count, HEADER_SIZE), np.uint8)
+            heads[:, :TAG_SIZE] = np.frombuffer(RAWDATA_RAW, np.uint8)
+            heads[:, TAG_SIZE:] = np.frombuffer(lengths_b, np.uint8).reshape(count, 4)
+            at = np.cumsum(lengths, dtype=np.int64) - lengths
+            body = np.frombuffer(records, np.uint8)
+            parts.append(np.insert(body, np.repeat(at, HEADER_SIZE), heads.ravel()).tobytes())
+        else:
+            parts.append(view[pos:start + length])
+        pos = start + length
+    return b"".join(parts)
 
 
 def tag_bytes(tag: str | bytes) -> bytes:
@@ -185,7 +264,11 @@ class FrameDecoder:
         return Frame(self._tags.get(raw) or self._tag(raw), bytes(self._buf[start:end]))
 
     def next_item(self) -> Frame | Batch | None:
-        """Like :meth:`next`, but consecutive batch-tag frames come as a Batch."""
+        """Like :meth:`next`, but consecutive batch-tag frames come as a Batch.
+
+        A RAWBATCH frame whose contents do not add up is returned on its own
+        as a Frame (the caller rejects it; the stream itself is still intact).
+        """
         head = self._header_at(self._pos)
         if head is None:
             return None
@@ -193,10 +276,10 @@ class FrameDecoder:
             return self.next()
         return self._batch()
 
-    def _batch(self) -> Batch | None:
+    def _batch(self) -> Frame | Batch | None:
         """Collect complete consecutive data frames starting at the cursor."""
         buf, start = self._buf, self._pos
-        pos, count = start, 0
+        pos, count, frames, packed = start, 0, 0, False
         last = min(len(buf), start + self.batch_bytes) - HEADER_SIZE
         size = len(buf)
         tags, unpack, max_frame = self.batch_tags, HEADER.unpack_from, self.max_frame
@@ -206,15 +289,25 @@ class FrameDecoder:
             end = pos + HEADER_SIZE + length
             if end > size or length > max_frame or raw not in tags:
                 break
+            if raw == RAWBATCH_RAW:
+                try:
+                    count += rawbatch_count(buf, pos + HEADER_SIZE, length)
+                except RawBatchError:
+                    if frames:
+                        break  # hand over the good frames first
+                    return self.next()
+                packed = True
+            else:
+                count += 1
+            frames += 1
             pos = end
-            count += 1
-        if not count:
+        if not frames:
             # Only reached for an oversized or incomplete first frame.
             self._header_at(pos)
             return None
         self._pos = pos
         with memoryview(buf) as view:
-            return Batch(bytes(view[start:pos]), count)
+            return Batch(bytes(view[start:pos]), count, packed)
 
     def frames(self) -> list[Frame]:
         """Every complete frame available now."""

@@ -62,6 +62,8 @@ HEADER_WORDS = 11  # §4: 5 header words + 6 MTC words
 HEADER_BYTES = 4 * HEADER_WORDS  # 44 = sizeof(PmtEventRecord), RecordLength in §9
 HIT_WORDS = 3  # §6
 GENERIC_HEADER = struct.Struct(">III")  # §9: RecordID, RecordLength, RecordVersion
+#: The generic header of every 'PMT ' dispatch record (§9): 'PMT ', 44, 'PTK0'.
+PMT_DISPATCH_HEADER = GENERIC_HEADER.pack(PMT_RECORD_ID, HEADER_BYTES, PTK0)
 
 RECORD_TYPE_PMT = 10  # §4 word 0 bits 25-31
 ZDAB_VERSION = 23  # §4 word 0 bits 16-23
@@ -885,7 +887,7 @@ def pack_dispatch(record: bytes) -> bytes:
     """
     if memoryview(record).nbytes < HEADER_BYTES:
         raise ValueError("a PmtEventRecord has at least 44 bytes")
-    return GENERIC_HEADER.pack(PMT_RECORD_ID, HEADER_BYTES, PTK0) + bytes(record)
+    return PMT_DISPATCH_HEADER + bytes(record)
 
 
 def pack_rechdr(name: str, bank_words: bytes) -> bytes:

@@ -66,14 +66,22 @@ class Batch:
 
 def encode(kind: str, records: Sequence[bytes], meta: dict | None = None) -> list[bytes]:
     """Build the frames of one batch of *records* of *kind*."""
+    lengths = np.fromiter((len(r) for r in records), dtype=">u4", count=len(records))
+    return encode_packed(kind, lengths.tobytes(), b"".join(records), meta)
+
+
+def encode_packed(kind: str, lengths: bytes, payload: bytes, meta: dict | None = None) -> list[bytes]:
+    """Build the frames of one batch from its lengths frame (uint32 BE) and payload.
+
+    For producers that already hold records back to back (a RAWBATCH).
+    """
     kind_b = kind.encode("ascii")
     if kind_b not in KINDS:
         raise WireError("unknown_kind", kind)
     meta = dict(meta or {})
     meta.setdefault("sent", time.time())
-    meta["count"] = len(records)
-    lengths = np.fromiter((len(r) for r in records), dtype=">u4", count=len(records))
-    return [VERSION_FRAME, kind_b, json.dumps(meta).encode(), lengths.tobytes(), b"".join(records)]
+    meta["count"] = len(lengths) // 4
+    return [VERSION_FRAME, kind_b, json.dumps(meta).encode(), lengths, payload]
 
 
 def decode(frames: Sequence[bytes], max_payload: int = MAX_PAYLOAD) -> Batch:

@@ -72,6 +72,8 @@ _STEERING = struct.Struct(">8I")
 _TWO = struct.Struct(">2I")
 _PILOT = struct.Struct(">10I")
 _BANK_HEADER = struct.Struct(">9I")
+_WORD = struct.Struct(">I")
+_ZDAB_ID = int.from_bytes(b"ZDAB", "big")
 
 
 class ZdabError(RecordError):
@@ -161,10 +163,15 @@ class _Reader:
         return struct.unpack_from(">I", self.data, offset)[0]
 
     # -- layer 1: physical records -------------------------------------------
+    #
+    # Layers 2 and 3 append the banks of one physical record to a list rather
+    # than yielding them one by one: a chain of nested generators costs more
+    # per event than reading the event itself (bench/pipeline.py, replay).
 
     def banks(self) -> Iterator[Bank]:
         """Walk the physical records and yield the banks of every good record."""
         pos = 0
+        out: list[Bank] = []
         while True:
             if pos + 4 * STEERING_WORDS > self.size:
                 if pos < self.size:
@@ -180,7 +187,11 @@ class _Reader:
             elif not STEERING_WORDS < size <= MAX_RECORD_WORDS:
                 self.error("bad_block_size", pos, f"size {size}", skipped=False)
             else:
-                pos = yield from self._physical_record(pos, steering)
+                try:
+                    pos = self._physical_record(pos, steering, out)
+                finally:  # strict mode: the banks before the error still come out
+                    yield from out
+                    out.clear()
                 continue
             pos = self._resync(pos + 4)
             if pos is None:
@@ -213,8 +224,8 @@ class _Reader:
             start += 4 * max(nwords - 3, 1)
         return None
 
-    def _physical_record(self, pos: int, steering) -> Iterator[Bank]:
-        """Yield the banks of one physical record (+ fast blocks); return the next offset."""
+    def _physical_record(self, pos: int, steering, out: list[Bank]) -> int:
+        """Append the banks of one physical record (+ fast blocks) to *out*; return the next offset."""
         size, nfast, first = steering[4] & SIZE_MASK, steering[7], steering[6]
         end = pos + 4 * size * (1 + nfast)
         if end > self.size:
@@ -225,15 +236,15 @@ class _Reader:
         self.stats.blocks += 1
         begins = STEERING_WORDS <= first and pos + 4 * first < end
         start = pos + 4 * first if begins else end
-        yield from self._continuation(pos + 4 * STEERING_WORDS, start, begins)
+        self._continuation(pos + 4 * STEERING_WORDS, start, begins, out)
         if begins:
             self.lost = False
-            yield from self._records(start, end)
+            self._records(start, end, out)
         return end
 
     # -- layer 2: logical records ----------------------------------------------
 
-    def _continuation(self, start: int, end: int, begins: bool) -> Iterator[Bank]:
+    def _continuation(self, start: int, end: int, begins: bool, out: list[Bank]) -> None:
         """Handle the words before the first record that begins in this block."""
         nwords = (end - start) // 4
         pending = self.pending
@@ -257,7 +268,7 @@ class _Reader:
                 self.error("length_mismatch", pending.offset, "record length disagrees with steering word 6")
                 return
             buf = b"".join(pending.parts)
-            yield from self._logical(buf, 0, len(buf), pending.offset)
+            self._logical(buf, 0, len(buf), pending.offset, out)
         elif begins:
             self.pending = None
             self.error("length_mismatch", pending.offset, "record shorter than its length word says")
@@ -274,43 +285,51 @@ class _Reader:
         self.error("bad_record_type", offset, f"type {rtype}")
         return None
 
-    def _records(self, pos: int, end: int) -> Iterator[Bank]:
+    def _records(self, pos: int, end: int, out: list[Bank]) -> None:
         """Parse the logical records from *pos* to the end of the payload."""
+        data, unpack = self.data, _TWO.unpack_from
         while pos + 4 <= end:
-            length = self.word(pos)
+            if pos + 8 > end:
+                if not _WORD.unpack_from(data, pos)[0]:  # 1-word padding
+                    self.stats.padding += 1
+                    pos += 4
+                    continue
+                self.pending = _Pending(pos, [bytes(data[pos:end])], 1, None)
+                return
+            length, rtype = unpack(data, pos)
             if length == 0:  # 1-word padding
                 self.stats.padding += 1
                 pos += 4
                 continue
-            if pos + 8 > end:
-                self.pending = _Pending(pos, [bytes(self.data[pos:end])], 1, None)
-                return
-            total = self._total_words(length, self.word(pos + 4), pos)
-            if total is None:
-                self.lost = True  # the rest of this block is unreadable
-                return
+            if rtype in LR_DATA:  # the common case, inlined
+                total = length + 2
+            else:
+                total = self._total_words(length, rtype, pos)
+                if total is None:
+                    self.lost = True  # the rest of this block is unreadable
+                    return
             if pos + 4 * total > end:
                 have = (end - pos) // 4
-                self.pending = _Pending(pos, [bytes(self.data[pos:end])], have, total)
+                self.pending = _Pending(pos, [bytes(data[pos:end])], have, total)
                 return
-            yield from self._logical(self.data, pos, pos + 4 * total, pos)
+            self._logical(data, pos, pos + 4 * total, pos, out)
             pos += 4 * total
 
-    def _logical(self, buf, start: int, end: int, offset: int) -> Iterator[Bank]:
-        """Dispatch one complete logical record held in ``buf[start:end]``."""
-        rtype = struct.unpack_from(">I", buf, start + 4)[0]
+    def _logical(self, buf, start: int, end: int, offset: int, out: list[Bank]) -> None:
+        """Handle one complete logical record held in ``buf[start:end]``."""
+        rtype = _WORD.unpack_from(buf, start + 4)[0]
         if rtype == LR_PADDING:
             self.stats.padding += 1
         elif rtype == LR_SPECIAL:
             self.stats.special += 1
         else:
             self.stats.records += 1
-            yield from self._banks(buf, start + 8, end, offset)
+            self._banks(buf, start + 8, end, offset, out)
 
     # -- layer 3: banks --------------------------------------------------------
 
-    def _banks(self, buf, start: int, end: int, offset: int) -> Iterator[Bank]:
-        """Yield every bank of a data-record body ``buf[start:end]`` (§2, §3)."""
+    def _banks(self, buf, start: int, end: int, offset: int, out: list[Bank]) -> None:
+        """Append every bank of a data-record body ``buf[start:end]`` (§2, §3)."""
         if end - start < 4 * PILOT_WORDS:
             self.error("bad_pilot", offset, "body shorter than the 10-word pilot")
             return
@@ -319,8 +338,9 @@ class _Reader:
         if pos > end:
             self.error("bad_pilot", offset, f"R={pilot[6]} U={pilot[9]} past the body")
             return
+        stats, header_unpack, word_unpack = self.stats, _BANK_HEADER.unpack_from, _WORD.unpack_from
         while pos < end:
-            io = struct.unpack_from(">I", buf, pos)[0]
+            io = word_unpack(buf, pos)[0]
             if io & 0xFFFF < 12:
                 self.error("bad_bank", offset, f"i/o word {io:#010x}")
                 return
@@ -328,17 +348,19 @@ class _Reader:
             if header + 4 * BANK_HEADER_WORDS > end:
                 self.error("bank_past_body", offset, "bank header past the body")
                 return
-            h = _BANK_HEADER.unpack_from(buf, header)
+            h = header_unpack(buf, header)
             data_start = header + 4 * BANK_HEADER_WORDS
             data_end = data_start + 4 * h[7]  # ND
             if data_end > end:
                 self.error("bank_past_body", offset, f"ND={h[7]} past the body")
                 return
-            name = h[4].to_bytes(4, "big").decode("latin-1")
-            self.stats.banks += 1
-            if name == "ZDAB":
-                self.stats.events += 1
-            yield Bank(name, bytes(buf[data_start:data_end]), offset)
+            stats.banks += 1
+            if h[4] == _ZDAB_ID:
+                stats.events += 1
+                name = "ZDAB"
+            else:
+                name = h[4].to_bytes(4, "big").decode("latin-1")
+            out.append(Bank(name, bytes(buf[data_start:data_end]), offset))
             pos = data_end
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from minard import framing, pmt
-from minard.dispatch_client import ConnectionClosed, DispatchClient
+from minard.dispatch_client import CommandFailed, ConnectionClosed, DispatchClient
 from minard.dispatcher import CommandError, DispatcherProcess, ScalerRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -673,3 +673,49 @@ def test_slow_writer_back_pressures_the_source_and_nothing_is_lost(start_dispatc
     assert analyzer_reader.result() == list(range(n))
     stats = connect(proc=disp).stats()
     assert stats["backpressure_pauses"] >= 1 and stats["dropped_events"] == 0
+
+
+# --------------------------------------------------------------------------
+# RAWBATCH (docs/protocol.md section 1)
+# --------------------------------------------------------------------------
+
+def test_rawbatch_goes_as_is_to_batch_clients_and_as_rawdata_frames_to_the_others(connect):
+    source = connect("source")
+    plain, batched = connect("analyzer", "plain"), connect("analyzer", "batched", batch=True)
+    writer = connect("writer")
+    begin(source, 5, 1)
+    sent = payloads(300)
+    source.send_batch(sent[:200])
+    source.send_dispatch(sent[200:])
+    source.send_command("ENDTAPE")
+    for client in (plain, writer):
+        data, _ = collect(client, "ENDTAPE")
+        assert data == sent  # one RAWDATA frame each, byte for byte
+    data, _ = collect(batched, "ENDTAPE")
+    _, records, count = framing.split_rawbatch(data[0])
+    assert count == 200 and bytes(records) == b"".join(sent[:200]) and data[1:] == sent[200:]
+    for a in (plain, batched):
+        a.finished()
+    collect(source, "ALLFINISHED")
+    stats = {c["name"]: c for c in connect().stats()["clients"]}
+    assert stats["plain"]["events_sent"] == stats["batched"]["events_sent"] == 300
+    assert stats["batched"]["batch"] and not stats["plain"]["batch"]
+
+
+def test_a_malformed_rawbatch_is_rejected_counted_and_the_stream_goes_on(connect):
+    source, analyzer = connect("source"), connect("analyzer")
+    begin(source, 6, 1)
+    source.send_dispatch(payloads(3))
+    source.send_frame("RAWBATCH", (7).to_bytes(4, "big") + b"\0" * 12)
+    source.send_dispatch(payloads(2, start=3))
+    reply = source.wait_command(lambda t: t.startswith("ERROR:"), 5)
+    assert reply.startswith("ERROR:RAWBATCH rejected: RAWBATCH says 7 records")
+    source.send_command("ENDTAPE")
+    data, _ = collect(analyzer, "ENDTAPE")
+    assert [evnum(d) for d in data] == [0, 1, 2, 3, 4]
+    assert connect().stats()["malformed_batches"] == 1
+
+
+def test_hello_with_an_unknown_option_is_refused(disp):
+    with pytest.raises(CommandFailed, match="unknown option 'zip'"):
+        DispatchClient.connect(disp.address, "analyzer", "x:zip", timeout=5.0)

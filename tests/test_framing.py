@@ -124,3 +124,62 @@ def test_any_frames_round_trip_through_any_chunking(frames, cuts):
         while (item := decoder.next_item()) is not None:
             out.extend(framing.iter_batch(item.raw) if isinstance(item, Batch) else [item])
     assert [tuple(f) for f in out] == frames
+
+
+# --------------------------------------------------------------------------
+# RAWBATCH
+# --------------------------------------------------------------------------
+
+def rawbatch(records):
+    return framing.encode_rawbatch([len(r) for r in records], b"".join(records))
+
+
+def test_rawbatch_layout_is_count_then_lengths_then_records():
+    raw = rawbatch([b"abcd", b"efghijkl"])
+    assert raw == (b"RAWBATCH" + (4 + 8 + 12).to_bytes(4, "big") + (2).to_bytes(4, "big")
+                   + (4).to_bytes(4, "big") + (8).to_bytes(4, "big") + b"abcdefghijkl")
+
+
+def test_a_rawbatch_counts_as_its_records_in_a_data_batch():
+    decoder = FrameDecoder(batch_tags=framing.DATA_TAGS_RAW)
+    decoder.feed(framing.encode_frames("RAWDATA", [b"x"]) + rawbatch([b"a", b"bb", b"ccc"])
+                 + framing.encode_frames("RECHDR", [b"y"]))
+    batch = decoder.next_item()
+    assert (batch.count, batch.packed) == (5, True)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=20), st.lists(st.binary(max_size=9), max_size=3))
+@settings(max_examples=100, deadline=None)
+def test_expanding_rawbatches_gives_exactly_the_rawdata_frames_of_the_same_records(records, before):
+    raw = framing.encode_frames("RECHDR", before) + rawbatch(records) + framing.encode_frames("RAWDATA", before)
+    expected = (framing.encode_frames("RECHDR", before) + framing.encode_frames("RAWDATA", records)
+                + framing.encode_frames("RAWDATA", before))
+    assert framing.expand_rawbatches(raw) == expected
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\0\0", "no record count"),
+    ((5).to_bytes(4, "big") + b"\0" * 8, "says 5 records"),
+    ((1).to_bytes(4, "big") + (9).to_bytes(4, "big") + b"abc", "add up to 9"),
+])
+def test_a_rawbatch_whose_lengths_do_not_add_up_is_returned_alone_after_the_good_frames(payload, reason):
+    decoder = FrameDecoder(batch_tags=framing.DATA_TAGS_RAW)
+    good = framing.encode_frames("RAWDATA", [b"ok"])
+    decoder.feed(good + framing.encode_frame("RAWBATCH", payload) + good)
+    assert decoder.next_item() == Batch(good, 1, False)
+    bad = decoder.next_item()
+    assert bad == Frame("RAWBATCH", payload)
+    with pytest.raises(framing.RawBatchError, match=reason):
+        framing.rawbatch_count(payload, 0, len(payload))
+    assert decoder.next_item() == Batch(good, 1, False)  # the stream goes on
+
+
+def test_rawbatch_example_of_docs_is_what_the_encoder_writes():
+    from minard import pmt
+
+    one = pmt.encode_event(run=1, evnum=0, gtid=1, trigger_word=1, hits={"crate": [0], "card": [1], "channel": [2]})
+    two = pmt.encode_event(run=1, evnum=1, gtid=2, trigger_word=1,
+                           hits={"crate": [0, 1], "card": [1, 1], "channel": [2, 3]})
+    records = [pmt.pack_dispatch(one), pmt.pack_dispatch(two)]
+    assert rawbatch(records)[:36] == bytes.fromhex(
+        "524157424154434800 0000a0 00000002 00000044 00000050 504d5420 0000002c 50544b30".replace(" ", ""))

@@ -50,6 +50,7 @@ _COUNT = struct.Struct(">I")
 
 _TAG_RE = re.compile(rb"[A-Z0-9_\-]{1,8}[\x00 ]*")
 _TAG_CACHE_LIMIT = 256
+_INITIAL_BUFFER = 64 * 1024
 
 
 class FrameError(ValueError):
@@ -211,21 +212,38 @@ class FrameDecoder:
         self.max_frame = int(max_frame)
         self.batch_tags = frozenset(batch_tags)
         self.batch_bytes = batch_bytes
-        self._buf = bytearray()
+        # Bytes live in self._buf[self._pos:self._end]; the buffer is reused and
+        # only ever replaced by a larger one, so a busy connection does not
+        # allocate (and page-fault) fresh memory on every read.
+        self._buf = bytearray(_INITIAL_BUFFER)
         self._pos = 0
+        self._end = 0
         self._tags: dict[bytes, str] = {}
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def feed(self, data: bytes) -> None:
         """Append bytes read from the stream."""
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        if self._end + n > len(self._buf):
+            self._make_room(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def _make_room(self, n: int) -> None:
+        """Move the unread bytes to the front, in a larger buffer if *n* more do not fit."""
+        live = self._end - self._pos
+        if live + n > len(self._buf):
+            new = bytearray(max(2 * len(self._buf), live + n))
+            new[:live] = memoryview(self._buf)[self._pos:self._end]
+            self._buf = new
+        elif live:
+            with memoryview(self._buf) as view:
+                view[:live] = bytes(view[self._pos:self._end])
+        self._pos, self._end = 0, live
 
     def _tag(self, raw: bytes) -> str:
         """The str form of a wire tag, raising FrameError if it is garbage."""
@@ -240,7 +258,7 @@ class FrameDecoder:
 
     def _header_at(self, pos: int) -> tuple[bytes, int] | None:
         """The (raw tag, length) at *pos*, None if incomplete; validates both."""
-        if len(self._buf) - pos < HEADER_SIZE:
+        if self._end - pos < HEADER_SIZE:
             return None
         raw, length = HEADER.unpack_from(self._buf, pos)
         self._tag(raw)
@@ -258,7 +276,7 @@ class FrameDecoder:
         raw, length = head
         start = self._pos + HEADER_SIZE
         end = start + length
-        if end > len(self._buf):
+        if end > self._end:
             return None
         self._pos = end
         return Frame(self._tags.get(raw) or self._tag(raw), bytes(self._buf[start:end]))
@@ -280,8 +298,8 @@ class FrameDecoder:
         """Collect complete consecutive data frames starting at the cursor."""
         buf, start = self._buf, self._pos
         pos, count, frames, packed = start, 0, 0, False
-        last = min(len(buf), start + self.batch_bytes) - HEADER_SIZE
-        size = len(buf)
+        size = self._end
+        last = min(size, start + self.batch_bytes) - HEADER_SIZE
         tags, unpack, max_frame = self.batch_tags, HEADER.unpack_from, self.max_frame
         # The hot loop of the dispatcher: one header unpack per frame.
         while pos <= last:

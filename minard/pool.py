@@ -233,7 +233,8 @@ class Pool:
     def _read_upstream(self) -> None:
         while len(self.queue) < self.spec.queue_limit:
             try:
-                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=True)
+                # zmq.Frame objects: handed on to a worker without a copy in Python
+                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.stats.batches_received += 1

@@ -252,6 +252,32 @@ class Stack:
         self.dispatcher.stop()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by the processes *pids* (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def stage_pids(stack: Stack, replay: subprocess.Popen) -> dict[str, list[int]]:
+    """The processes of each stage (the pull stage: its manager and workers)."""
+    pull = stack.procs["pull"].pid
+    workers = []
+    try:
+        for task in os.listdir(f"/proc/{pull}/task"):
+            with open(f"/proc/{pull}/task/{task}/children") as fh:
+                workers += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    return {"replay": [replay.pid], "dispatcher": [stack.dispatcher.proc.pid],
+            "push": [stack.procs["push"].pid], "pull manager": [pull], "pull workers": workers}
+
+
 def _processed(stack: Stack) -> int:
     s = stack.stats().get("pull", {})
     return s.get("processed", 0) + s.get("errors", 0)
@@ -268,11 +294,14 @@ def bench_end_to_end(redis_url: str, path: Path, nhit: float, workers: int, seco
     try:
         replay = stack.replay(path, loop=True)
         time.sleep(1.0)  # warm-up
+        pids = stage_pids(stack, replay)
+        cpu0 = {stage: cpu_seconds(p) for stage, p in pids.items()}
         n0, t0 = _processed(stack), time.monotonic()
         while time.monotonic() - t0 < seconds:
             time.sleep(0.5)
             rss = max(rss, rss_tree_mb(stack.procs["pull"].pid))
         n1, t1 = _processed(stack), time.monotonic()
+        cpu_us = {stage: (cpu_seconds(p) - cpu0[stage]) / max(1, n1 - n0) * 1e6 for stage, p in pids.items()}
         replay.send_signal(signal.SIGTERM)
         replay.wait(60)
         sent = 0
@@ -292,7 +321,7 @@ def bench_end_to_end(redis_url: str, path: Path, nhit: float, workers: int, seco
                 for st in ("dispatcher", "push", "pull", "redis")}
         sent = s.get("push", {}).get("received", 0)
         return {"nhit": nhit, "workers": workers, "events_s": rate, "hits_s": rate * nhit,
-                "events": sent, "lost": lost, "rss_mb": rss,
+                "events": sent, "lost": lost, "rss_mb": rss, "cpu_us": cpu_us,
                 "redis_mb_per_hour": (mem1 - mem0) / max(1.0, elapsed + 2) * 3600 / 1e6,
                 "lag_s": float(client.hget("status:minard_dispatch_pull", "lag_seconds") or 0)}
     finally:
@@ -456,6 +485,8 @@ def main(argv=None) -> int:
                           f" ({r['hits_s'] / 1e6:5.1f} M hits/s), {r['events']:,} events; lost {r['lost']};"
                           f" Redis +{r['redis_mb_per_hour']:.0f} MB/h; pull RSS {r['rss_mb']:.0f} MB;"
                           f" lag {r['lag_s']:.2f} s")
+                    print("    CPU per event: " + ", ".join(f"{k} {v:.2f} us" for k, v in r["cpu_us"].items())
+                          + f" (total {sum(r['cpu_us'].values()):.1f} us; {os.cpu_count()} CPUs)")
             say("burst of 10^4 events")
             sub = workdir / "burst"
             sub.mkdir()

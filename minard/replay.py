@@ -1,8 +1,7 @@
 """``minard replay``: a data source that plays ZDAB files into the dispatcher.
 
 For each run found in the data: ``BEGINTAPE:run:tape``, the events as
-``RAWDATA`` 'PMT ' dispatch records, ``ENDTAPE``, then it waits for
-``ALLFINISHED``.  A change of run number inside the data ends the tape and
+'PMT ' dispatch records, ``ENDTAPE``, then it waits for ``ALLFINISHED``.  A change of run number inside the data ends the tape and
 begins a new one.  The dispatcher's ``QUIT`` (sent on SHUTDOWN) and SIGTERM
 stop the sending; the run is then ended normally.
 

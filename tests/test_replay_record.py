@@ -150,7 +150,7 @@ def test_large_synthetic_file_survives_record_replay_record_byte_identical(disp,
     stop_recorder(recorder)
     assert read_records(first.iterdir()) == original
     recorder = start_recorder(run_cli, disp.address, second)
-    replay(run_cli, disp.address, *sorted(first.iterdir()))
+    replay(run_cli, disp.address, *sorted(first.iterdir()), extra=["--per-record"])  # as the DAQ frames them
     stop_recorder(recorder)
     assert read_records(second.iterdir()) == original
     stats = DispatchClient.connect(disp.address).stats()

@@ -81,40 +81,50 @@ _WORD = struct.Struct(">I")
 NHIT_LEVELS = (ts.Level(10, 2 * ts.HOUR), ts.Level(300, 2 * ts.DAY), ts.Level(3600, 30 * ts.DAY))
 
 
-#: Adds an array of big-endian uint32 (ARGV[1]) to the array stored at KEYS[1],
-#: saturating at 2**32-1, in 256-entry chunks: one command instead of one
-#: BITFIELD operation per channel when most channels have hits.  The stored
-#: layout is that of minard.timeseries (readers do not know the difference).
+#: Adds an array of big-endian uint32 (ARGV[1]) to the array stored at each of
+#: KEYS, saturating at 2**32-1, in 1024-entry chunks: one command for all the
+#: levels of a series instead of one BITFIELD operation per channel and level
+#: when most channels have hits.  A key that does not exist yet is simply set
+#: to the array.  The stored layout is that of minard.timeseries (readers do
+#: not know the difference).
 ADD_U32_LUA = r"""
-local cur = redis.call('GET', KEYS[1]) or ''
 local add = ARGV[1]
 local n = #add / 4
-local out = {}
-local i = 0
-while i < n do
-  local k = math.min(256, n - i)
-  local fmt = '>' .. string.rep('I4', k)
-  local a = {struct.unpack(fmt, add, i * 4 + 1)}
-  local have = #cur >= (i + k) * 4
-  local c
-  if have then c = {struct.unpack(fmt, cur, i * 4 + 1)} end
-  local sums = {}
-  for j = 1, k do
-    local v = a[j]
-    if have then
-      v = v + c[j]
-    elseif #cur >= (i + j) * 4 then
-      v = v + struct.unpack('>I4', cur, (i + j - 1) * 4 + 1)
+for k = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[k]) or ''
+  if #cur == 0 then
+    redis.call('SET', KEYS[k], add)
+  else
+    local out = {}
+    local i = 0
+    while i < n do
+      local m = math.min(1024, n - i)
+      local fmt = '>' .. string.rep('I4', m)
+      local a = {struct.unpack(fmt, add, i * 4 + 1)}
+      if #cur >= (i + m) * 4 then
+        local c = {struct.unpack(fmt, cur, i * 4 + 1)}
+        for j = 1, m do
+          local v = a[j] + c[j]
+          if v > 4294967295 then v = 4294967295 end
+          a[j] = v
+        end
+      else
+        for j = 1, m do
+          local pos = (i + j - 1) * 4
+          if #cur >= pos + 4 then
+            local v = a[j] + struct.unpack('>I4', cur, pos + 1)
+            if v > 4294967295 then v = 4294967295 end
+            a[j] = v
+          end
+        end
+      end
+      out[#out + 1] = struct.pack(fmt, unpack(a, 1, m))
+      i = i + m
     end
-    if v > 4294967295 then v = 4294967295 end
-    sums[j] = v
+    redis.call('SET', KEYS[k], table.concat(out) .. string.sub(cur, #add + 1))
   end
-  out[#out + 1] = struct.pack(fmt, unpack(sums))
-  i = i + k
 end
-local merged = table.concat(out) .. string.sub(cur, #add + 1)
-redis.call('SET', KEYS[1], merged)
-return #merged
+return #KEYS
 """
 #: Arrays with more nonzero entries than this go through ADD_U32_LUA.
 SPARSE_MAX = 256
@@ -125,7 +135,8 @@ class CountWriter:
 
     Sparse arrays use ``BITFIELD INCRBY`` per nonzero entry (as
     :func:`minard.timeseries.add_counts`); dense ones one script call with the
-    whole array as a binary string.  Both are atomic, so workers combine exactly.
+    whole array as a binary string, for every level at once.  Both are atomic,
+    so workers combine exactly.
     """
 
     def __init__(self, redis):
@@ -133,22 +144,28 @@ class CountWriter:
 
     def add(self, pipe, key: str, counts: np.ndarray, ttl: int) -> None:
         """Add *counts* (indexed by channel) to the array at *key*; set its expiry."""
+        self.add_many(pipe, [(key, ttl)], counts)
+
+    def add_many(self, pipe, keys: list[tuple[str, int]], counts: np.ndarray) -> None:
+        """Add *counts* to the array at each ``(key, ttl)`` of *keys* and set its expiry."""
         nz = np.flatnonzero(counts)
         if not len(nz):
             return
         if len(nz) <= SPARSE_MAX:
-            ts._bitfield_incr(pipe, key, "u32", nz, counts[nz])
+            for key, _ in keys:
+                ts._bitfield_incr(pipe, key, "u32", nz, counts[nz])
         else:
             blob = np.minimum(counts[:nz[-1] + 1], 0xFFFFFFFF).astype(">u4").tobytes()
-            self.script(keys=[key], args=[blob], client=pipe)
-        pipe.expire(key, ttl)
+            self.script(keys=[key for key, _ in keys], args=[blob], client=pipe)
+        for key, ttl in keys:
+            pipe.expire(key, ttl)
 
     def add_levels(self, pipe, name: str, t: float, counts: np.ndarray,
                    levels=ts.CHANNEL_LEVELS) -> None:
         """Add *counts* to the per-channel series *name* at every level (time *t*)."""
-        for level in levels:
-            key = ts.channel_key(level.step, ts.bucket(t, level.step), name)
-            self.add(pipe, key, counts, level.keep + level.step)
+        keys = [(ts.channel_key(level.step, ts.bucket(t, level.step), name), level.keep + level.step)
+                for level in levels]
+        self.add_many(pipe, keys, counts)
 
 
 # =================================================================== push
@@ -311,7 +328,6 @@ class Pusher:
         """Read frames until the connection closes or we are stopped."""
         decoder = client.decoder
         decoder.batch_tags = frozenset({_RAWDATA, _RECHDR, RAWBATCH_RAW})
-        buf = memoryview(bytearray(1 << 20))
         while client.backlog:
             self.on_frame(client.backlog.popleft())
         while self.running:
@@ -321,10 +337,10 @@ class Pusher:
                 wait = min(wait, self.first_pending + self.batch_seconds - now)
             ready, _, _ = select.select([client.sock], [], [], max(0.0, min(wait, 1.0)))
             if ready:
-                n = client.sock.recv_into(buf)  # a reused buffer: no 1 MiB allocation per read
+                n = client.sock.recv_into(decoder.writable(1 << 20))  # straight into the decoder
                 if not n:
                     raise ConnectionClosed("dispatcher closed the connection")
-                decoder.feed(buf[:n])
+                decoder.commit(n)
                 while (item := decoder.next_item()) is not None:
                     if hasattr(item, "raw"):
                         self.on_data(item.raw)
@@ -482,31 +498,47 @@ class Pusher:
 
 # =================================================================== pull: worker
 
+def record_ids(payload, starts: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The big-endian 32-bit word at each byte offset *starts* of *payload* (where *valid*).
+
+    One gather of whole words when every offset is word-aligned (records
+    are whole words, so this is the rule); a byte gather otherwise.  Entries
+    that are not *valid* (records too short to hold a word) are 0.
+    """
+    out = np.zeros(len(starts), np.uint32)
+    if not valid.any():
+        return out
+    if not np.any(starts & 3):
+        words = np.frombuffer(payload, ">u4", count=len(payload) // 4)
+        if valid.all():
+            return words[starts >> 2]
+        out[valid] = words[starts[valid] >> 2]
+        return out
+    data = np.frombuffer(payload, np.uint8)
+    ids = data[starts[valid][:, None] + np.arange(4)].astype(np.uint32)
+    out[valid] = ids[:, 0] << 24 | ids[:, 1] << 16 | ids[:, 2] << 8 | ids[:, 3]
+    return out
+
+
 def split_dispatch(batch: wire.Batch) -> tuple[np.ndarray, np.ndarray, Counter]:
     """Offsets and lengths of the PmtEventRecords inside 'PMT ' dispatch records.
 
     Vectorized check of the 12-byte generic header (record id 'PMT '); records
-    failing it are given length -1 (so decode_buffer rejects them) and counted
-    here by reason.
+    failing it are left out and counted here by reason (``truncated``: shorter
+    than the generic header, ``bad_header``: another record id).
     """
     offsets = batch.offsets + GENERIC_HEADER.size
     lengths = batch.lengths - GENERIC_HEADER.size
     bad = Counter()
     short = lengths < 0
-    data = np.frombuffer(batch.payload, np.uint8)
-    ok = ~short
-    if ok.any():
-        idx = batch.offsets[ok][:, None] + np.arange(4)
-        ids = data[idx].astype(np.uint32)
-        rid = ids[:, 0] << 24 | ids[:, 1] << 16 | ids[:, 2] << 8 | ids[:, 3]
-        wrong = np.zeros(len(lengths), bool)
-        wrong[np.flatnonzero(ok)] = rid != PMT_RECORD_ID
-        if wrong.any():
-            bad["bad_header"] += int(wrong.sum())
-        short |= wrong
+    wrong = ~short & (record_ids(batch.payload, batch.offsets, ~short) != PMT_RECORD_ID)
+    if not (short.any() or wrong.any()):
+        return offsets, lengths, bad
+    if wrong.any():
+        bad["bad_header"] += int(wrong.sum())
     if short.any():
-        bad["truncated"] += int((lengths < 0).sum())
-    keep = ~short
+        bad["truncated"] += int(short.sum())
+    keep = ~(short | wrong)
     return offsets[keep], lengths[keep], bad
 
 

@@ -58,6 +58,8 @@ HELLO_OPTIONS = frozenset({"batch"})
 #: The transport's own buffer per client before it reports "paused" (bytes);
 #: beyond it events wait in the client's counted queue.
 TRANSPORT_HIGH_WATER = 256 * 1024
+#: Free buffer offered to each socket read (bytes).
+READ_SIZE = 256 * 1024
 #: A source or control client with this many reply bytes unread stops being
 #: read until it catches up (a client flooding commands cannot eat memory).
 REPLY_BACKLOG = 8 * 1024 * 1024
@@ -158,8 +160,11 @@ class ScalerRecord:
 # One connection
 # --------------------------------------------------------------------------
 
-class Client(asyncio.Protocol):
-    """One TCP connection: its decoder, its counted output queue and counters."""
+class Client(asyncio.BufferedProtocol):
+    """One TCP connection: its decoder, its counted output queue and counters.
+
+    A buffered protocol: the transport reads straight into the decoder's buffer.
+    """
 
     def __init__(self, server: Dispatcher, conn_id: int):
         self.server = server
@@ -194,9 +199,12 @@ class Client(asyncio.Protocol):
         transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         self.server.register(self)
 
-    def data_received(self, data):
-        self.bytes_received += len(data)
-        self.decoder.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.writable(max(sizehint, READ_SIZE))
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        self.decoder.commit(nbytes)
         self.process()
 
     def eof_received(self):

@@ -228,9 +228,20 @@ class FrameDecoder:
     def feed(self, data: bytes) -> None:
         """Append bytes read from the stream."""
         n = len(data)
-        if self._end + n > len(self._buf):
-            self._make_room(n)
-        self._buf[self._end:self._end + n] = data
+        self.writable(n)[:n] = data
+        self._end += n
+
+    def writable(self, size: int) -> memoryview:
+        """At least *size* bytes of free buffer to read into; then call :meth:`commit`.
+
+        Lets a reader ``recv_into`` the decoder's own buffer (one copy less).
+        """
+        if self._end + size > len(self._buf):
+            self._make_room(size)
+        return memoryview(self._buf)[self._end:]
+
+    def commit(self, n: int) -> None:
+        """*n* bytes were written at the start of the last :meth:`writable` buffer."""
         self._end += n
 
     def _make_room(self, n: int) -> None:

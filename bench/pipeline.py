@@ -181,17 +181,22 @@ def bench_consumer(redis_url: str, nhit: float, n: int, n_base: int) -> dict:
 
 # ------------------------------------------------------------------ end to end
 
-def rss_tree_mb(pid: int) -> float:
-    """Resident memory of *pid* and its children (the pool's workers), MB."""
-    total = 0
-    pids = [pid]
+def children(pid: int) -> list[int]:
+    """The child processes of *pid* (the pool's workers), from /proc."""
+    out = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as fh:
-                pids += [int(p) for p in fh.read().split()]
+                out += [int(p) for p in fh.read().split()]
     except OSError:
         pass
-    for p in pids:
+    return out
+
+
+def rss_tree_mb(pid: int) -> float:
+    """Resident memory of *pid* and its children (the pool's workers), MB."""
+    total = 0
+    for p in [pid, *children(pid)]:
         try:
             with open(f"/proc/{p}/status") as fh:
                 for line in fh:
@@ -267,15 +272,8 @@ def cpu_seconds(pids: list[int]) -> float:
 def stage_pids(stack: Stack, replay: subprocess.Popen) -> dict[str, list[int]]:
     """The processes of each stage (the pull stage: its manager and workers)."""
     pull = stack.procs["pull"].pid
-    workers = []
-    try:
-        for task in os.listdir(f"/proc/{pull}/task"):
-            with open(f"/proc/{pull}/task/{task}/children") as fh:
-                workers += [int(p) for p in fh.read().split()]
-    except OSError:
-        pass
     return {"replay": [replay.pid], "dispatcher": [stack.dispatcher.proc.pid],
-            "push": [stack.procs["push"].pid], "pull manager": [pull], "pull workers": workers}
+            "push": [stack.procs["push"].pid], "pull manager": [pull], "pull workers": children(pull)}
 
 
 def _processed(stack: Stack) -> int:

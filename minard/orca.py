@@ -28,7 +28,7 @@ import math
 import plistlib
 import re
 import struct
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -949,26 +949,28 @@ class BaseBatch:
 
 def _stack(records: Sequence, nwords: int, byteorder: str):
     """Stack records of *nwords* words into ``(index, u8 rows, uint32 rows,
-    errors)``.  Integer words are read in each record's byte order; the
-    ``u8`` rows keep the bytes as they are for the byte arrays (§2)."""
+    timestamp texts, errors)``.  Integer words are read in each record's byte
+    order; the ``u8`` rows keep the bytes as they are for the byte arrays, and
+    the texts are each record's last 24 bytes (§2)."""
     nbytes = 4 * nwords
     raws, big, index, errors = _split_records(records, nbytes, byteorder)
-    u8 = np.frombuffer(b"".join(raws), dtype=np.uint8).reshape(len(raws), nbytes)
-    if not any(big):
-        words = u8.view("<u4").astype(np.uint32, copy=False)
+    joined = b"".join(raws)
+    u8 = np.frombuffer(joined, dtype=np.uint8).reshape(len(raws), nbytes)
+    if True not in big:
+        words = np.frombuffer(joined, dtype="<u4").reshape(len(raws), nwords).astype(np.uint32, copy=False)
     else:
         big_rows = np.array(big, dtype=bool)
         words = np.empty((len(raws), nwords), dtype=np.uint32)
         words[~big_rows] = u8[~big_rows].view("<u4")
         words[big_rows] = u8[big_rows].view(">u4")
-    return index, u8, words, errors
+    return index, u8, words, [raw[-TIMESTAMP_BYTES:] for raw in raws], errors
 
 
 def _split_records(records: Sequence, nbytes: int, byteorder: str):
     """``(raw bytes, is-big-endian flags, input positions, errors)`` of the
     records of the right size; the others become errors."""
-    if all(type(rec) is bytes and len(rec) == nbytes for rec in records) and byteorder in _U32:
-        n = len(records)  # fast path: raw records as received from a queue
+    if set(map(type, records)) == {bytes} and set(map(len, records)) == {nbytes} and byteorder in _U32:
+        n = len(records)  # fast path: raw records as received from a queue (checked in C)
         return list(records), [byteorder == "big"] * n, np.arange(n, dtype=np.int64), []
     raws, big, index, errors = [], [], [], []
     for i, rec in enumerate(records):
@@ -990,30 +992,39 @@ def _split_records(records: Sequence, nbytes: int, byteorder: str):
     return raws, big, np.array(index, dtype=np.int64), errors
 
 
-def _check_common(words, u8, nwords: int, crate_word: int, slots_word: int):
+#: Words 0-2 of both XL3 records (§5, §6): length, crate, slot mask; a
+#: record is good if ``(word & _HEAD_MASK) - lowest < span`` (unsigned) for all three.
+_HEAD_MASK = np.array([LONG_LENGTH_MASK, 0xFFFFFFFF, 0xFFFFFFFF], dtype=np.uint32)
+_HEAD_SPAN = np.array([1, NCRATES, 0x10000], dtype=np.uint32)
+
+
+def _check_common(words, texts: list[bytes], nwords: int):
     """Per-record checks shared by both decoders; returns ``(reasons, time_us)``
-    where reasons[r] is None for a good record."""
+    where reasons[r] is None for a good record.  A handful of numpy calls
+    whatever the number of records (each call costs microseconds)."""
     n = len(words)
     reasons: list[tuple[str, str] | None] = [None] * n
-    time_us = np.zeros(n, dtype=np.int64)
-    length = words[:, 0] & LONG_LENGTH_MASK
-    crate = words[:, crate_word]
-    slots = words[:, slots_word]
-    for r in np.nonzero((length != nwords) | (crate >= NCRATES) | (slots > 0xFFFF))[0]:
-        if length[r] != nwords:
-            reasons[r] = ("bad_length", f"length word says {int(length[r])}, expected {nwords}")
-        elif crate[r] >= NCRATES:
-            reasons[r] = ("bad_crate", f"crate {int(crate[r])}")
-        else:
-            reasons[r] = ("bad_slot_mask", f"slot mask {int(slots[r]):#x}")
-    # One bytes object per record in a single call ('S' drops trailing NULs);
-    # the parser is cached, and the records of one poll share their text.
-    texts = u8[:, -TIMESTAMP_BYTES:].view(f"S{TIMESTAMP_BYTES}").ravel().tolist()
+    head = words[:, :3] & _HEAD_MASK
+    head[:, 0] -= np.uint32(nwords)  # wraps: anything but nwords is >= 1
+    bad = head >= _HEAD_SPAN
+    if bad.any():
+        for r in np.flatnonzero(bad.any(axis=1)).tolist():
+            length, crate, slots = int(words[r, 0]) & LONG_LENGTH_MASK, int(words[r, 1]), int(words[r, 2])
+            if length != nwords:
+                reasons[r] = ("bad_length", f"length word says {length}, expected {nwords}")
+            elif crate >= NCRATES:
+                reasons[r] = ("bad_crate", f"crate {crate}")
+            else:
+                reasons[r] = ("bad_slot_mask", f"slot mask {slots:#x}")
+    # The parser is cached, and the records of one poll share their text.
     parsed = {text: _try_timestamp(text) for text in set(texts)}
-    values = [parsed[text] for text in texts]
-    if all(type(v) is int for v in values):
-        return reasons, np.array(values, dtype=np.int64)
-    for r, value in enumerate(values):
+    if all(type(v) is int for v in parsed.values()):
+        if len(parsed) == 1:
+            return reasons, np.full(n, next(iter(parsed.values())), dtype=np.int64)
+        return reasons, np.fromiter(map(parsed.__getitem__, texts), dtype=np.int64, count=n)
+    time_us = np.zeros(n, dtype=np.int64)
+    for r, text in enumerate(texts):
+        value = parsed[text]
         if type(value) is int:
             time_us[r] = value
         elif reasons[r] is None:
@@ -1042,8 +1053,17 @@ def _masked_bits(mask_words: np.ndarray) -> np.ndarray:
     return np.unpackbits(as_bytes, bitorder="little").view(bool)
 
 
+def _good(reasons: list) -> np.ndarray:
+    """Bool per record: not rejected (the usual all-good case without a loop)."""
+    if reasons.count(None) == len(reasons):
+        return np.ones(len(reasons), dtype=bool)
+    return np.array([why is None for why in reasons], dtype=bool)
+
+
 def _errors_list(index, reasons, earlier):
     """Merge the per-record rejections with the stacking errors, by position."""
+    if not earlier and reasons.count(None) == len(reasons):
+        return []
     errs = list(earlier)
     errs += [(int(index[r]), OrcaError(*why)) for r, why in enumerate(reasons) if why is not None]
     return sorted(errs, key=lambda item: item[0])
@@ -1063,31 +1083,127 @@ def decode_cmos(records: Sequence, byteorder: str = "little") -> CmosBatch:
     ignored.  Channel masks are indexed by absolute slot.  Records with a bad
     length, crate ≥ 19, a slot mask above 16 bits or with more than 8 cards,
     or an unparsable timestamp go to ``errors``.
+
+    Speed: a readout is ~10k channels but each numpy call costs microseconds,
+    so what depends only on the records' header words (which cards, their
+    channel numbers and masks: :class:`_CmosLayout`) is computed once per
+    detector configuration and reused; per call there remain the checks, the
+    timestamps and the counts.  The per-card and per-channel arrays of the
+    layout are shared between batches and read-only.
     """
-    index, u8, words, errors = _stack(records, CMOS_WORDS, byteorder)
-    reasons, time_us = _check_common(words, u8, CMOS_WORDS, _C_CRATE, _C_SLOTS)
-    bits = _slot_bits(words[:, _C_SLOTS])
-    rank = np.cumsum(bits, axis=1, dtype=np.int16)  # rank[:, s] - 1 = block of slot s
-    for r in np.flatnonzero(rank[:, -1] > CMOS_MAX_CARDS):
-        if reasons[r] is None:
-            reasons[r] = ("too_many_cards", f"{int(rank[r, -1])} cards in slot mask {int(words[r, _C_SLOTS]):#x}")
-    good = np.array([why is None for why in reasons], dtype=bool)
-    words, bits, rank, time_us = _keep(good, words, bits, rank, time_us)
-    crate = words[:, _C_CRATE].astype(np.int64)
-    chmasks = words[:, _C_CHMASK:_C_CHMASK + NCARDS]
-    rr, ss = np.nonzero(bits)  # row-major: ascending slot within each record
-    block = rank[rr, ss] - 1
-    blocks = words[:, _C_COUNTS:_C_COUNTS + CMOS_MAX_CARDS * NCHANNELS].reshape(-1, CMOS_MAX_CARDS, NCHANNELS)
-    raw = blocks[rr, block].ravel()  # one 32-word row per card
-    card = crate[rr] * NCARDS + ss
+    index, _, words, texts, errors = _stack(records, CMOS_WORDS, byteorder)
+    reasons, time_us = _check_common(words, texts, CMOS_WORDS)
+    lay = _cmos_layout(words, reasons)
+    for r, why in lay.too_many:
+        reasons[r] = why
+    raw = _count_words(words, lay)
+    kept = (index, words, time_us) if lay.rows is None else (index[lay.rows], words[lay.rows], time_us[lay.rows])
     return CmosBatch(
-        index=index[good], crate=crate, slot_mask=words[:, _C_SLOTS],
-        channel_masks=chmasks, delay=words[:, _C_DELAY], error_flags=words[:, _C_ERR],
-        time_us=time_us, timestamp=time_us / 1e6, lcn=((card * NCHANNELS)[:, None] + _CHANNEL).ravel(),
-        count=np.bitwise_and(raw, 0x7FFFFFFF, dtype=np.int64), flagged=raw >= SHORT_BIT,
-        masked=_masked_bits(chmasks[rr, ss]), card=card, card_record=rr,
+        index=kept[0], crate=lay.crate, slot_mask=lay.slot_mask, channel_masks=lay.channel_masks,
+        delay=kept[1][:, _C_DELAY], error_flags=kept[1][:, _C_ERR], time_us=kept[2], timestamp=kept[2] / 1e6,
+        lcn=lay.lcn, count=(raw & 0x7FFFFFFF).astype(np.int64), flagged=raw.view(np.int32) < 0,
+        masked=lay.masked, card=lay.card, card_record=lay.card_record,
         errors=_errors_list(index, reasons, errors),
     )
+
+
+class _CmosLayout(NamedTuple):
+    """What decoding CMOS records takes from their header words alone (crate,
+    slot mask, channel masks) and from the rows the common checks rejected.
+
+    ``rows``: the records kept (None: all); ``too_many``: ``(row, reason)``
+    of the records with more than 8 cards; per kept record ``crate``,
+    ``slot_mask``, ``channel_masks``; per card ``card_record`` and ``card``;
+    per channel ``lcn`` and ``masked``; ``blocks``: ``(row, block)`` of each
+    card's count block, or None when every record is kept and holds 8 cards
+    (the usual half-crate record), so that the counts are all the blocks.
+    """
+
+    rows: np.ndarray | None
+    too_many: list
+    crate: np.ndarray
+    slot_mask: np.ndarray
+    channel_masks: np.ndarray
+    card_record: np.ndarray
+    card: np.ndarray
+    lcn: np.ndarray
+    masked: np.ndarray
+    blocks: tuple[np.ndarray, np.ndarray] | None
+
+
+#: Recently used CMOS layouts: a detector configuration gives the same layout
+#: every readout (a consumer's batches, cut by size and time, a few more).
+_LAYOUTS: OrderedDict[tuple, _CmosLayout] = OrderedDict()
+_LAYOUTS_MAX = 32
+
+
+def _cmos_layout(words: np.ndarray, reasons: list) -> _CmosLayout:
+    """The layout of these records, from a small LRU cache keyed by their
+    header words 1-18 (crate, slot mask, channel masks: all a layout depends
+    on) and the rows already rejected."""
+    rejected = () if reasons.count(None) == len(reasons) else \
+        tuple(r for r, why in enumerate(reasons) if why is not None)
+    key = (words[:, _C_CRATE:_C_CHMASK + NCARDS].tobytes(), rejected)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        lay = _LAYOUTS[key] = _make_cmos_layout(words, rejected)
+        if len(_LAYOUTS) > _LAYOUTS_MAX:
+            _LAYOUTS.popitem(last=False)
+    else:
+        _LAYOUTS.move_to_end(key)
+    return lay
+
+
+def _make_cmos_layout(words: np.ndarray, rejected: tuple) -> _CmosLayout:
+    """Compute a :class:`_CmosLayout` (§5: card k of a record is the k-th set
+    bit of its slot mask, ascending, and owns count block k)."""
+    n = len(words)
+    bits = _slot_bits(words[:, _C_SLOTS])
+    ncards = bits.sum(axis=1)
+    too_many = [(r, ("too_many_cards", f"{int(ncards[r])} cards in slot mask {int(words[r, _C_SLOTS]):#x}"))
+                for r in np.flatnonzero(ncards > CMOS_MAX_CARDS).tolist() if r not in rejected]
+    keep = np.ones(n, dtype=bool)
+    keep[[*rejected, *(r for r, _ in too_many)]] = False
+    rows = np.flatnonzero(keep)
+    bits, ncards = bits[rows], ncards[rows]
+    crate = words[rows, _C_CRATE].astype(np.int64)
+    chmasks = words[rows, _C_CHMASK:_C_CHMASK + NCARDS]
+    rr, ss = np.nonzero(bits)  # row-major: ascending slot within each record
+    card = crate[rr] * NCARDS + ss
+    full = len(rows) == n and bool((ncards == CMOS_MAX_CARDS).all())
+    blocks = None if full else (rows[rr], np.arange(len(rr)) - (np.cumsum(ncards) - ncards)[rr])
+    lay = _CmosLayout(None if len(rows) == n else rows, too_many, crate, words[rows, _C_SLOTS], chmasks,
+                      rr, card, _card_channels(card), _masked_bits(chmasks[rr, ss]), blocks)
+    for array in (lay.rows, lay.crate, lay.slot_mask, lay.channel_masks, lay.card_record, lay.card,
+                  lay.lcn, lay.masked, *(blocks or ())):
+        if array is not None:
+            array.flags.writeable = False  # shared by every batch of this layout
+    return lay
+
+
+def _count_words(words: np.ndarray, lay: _CmosLayout) -> np.ndarray:
+    """The raw count words of every card of *lay*, flat (32 per card): all
+    blocks in one copy when every record is full, else one row gather."""
+    counts = words[:, _C_COUNTS:_C_COUNTS + CMOS_MAX_CARDS * NCHANNELS]
+    if lay.blocks is None:
+        return counts.ravel()
+    row, block = lay.blocks
+    return counts.reshape(len(words), CMOS_MAX_CARDS, NCHANNELS)[row, block].ravel()
+
+
+#: Channel numbers 0..31 repeated card after card (a whole detector), grown on demand.
+_TILE = {"channels": np.tile(_CHANNEL, NCARDS * NCRATES)}
+
+
+def _card_channels(card: np.ndarray) -> np.ndarray:
+    """``card*32 + channel`` for channels 0..31 of each card, flat."""
+    n = len(card) * NCHANNELS
+    tile = _TILE["channels"]
+    if len(tile) < n:
+        tile = _TILE["channels"] = np.tile(_CHANNEL, 2 * len(card))
+    lcn = np.repeat(card * NCHANNELS, NCHANNELS)
+    lcn += tile[:n]
+    return lcn
 
 
 def decode_base(records: Sequence, byteorder: str = "little") -> BaseBatch:
@@ -1097,9 +1213,9 @@ def decode_base(records: Sequence, byteorder: str = "little") -> BaseBatch:
     each slot in the slot mask; positions of absent slots are ignored.  The
     byte arrays are read as bytes in either stream byte order (§2).
     """
-    index, u8, words, errors = _stack(records, BASE_WORDS, byteorder)
-    reasons, time_us = _check_common(words, u8, BASE_WORDS, _B_CRATE, _B_SLOTS)
-    good = np.array([why is None for why in reasons], dtype=bool)
+    index, u8, words, texts, errors = _stack(records, BASE_WORDS, byteorder)
+    reasons, time_us = _check_common(words, texts, BASE_WORDS)
+    good = _good(reasons)
     words, u8, time_us = _keep(good, words, u8, time_us)
     crate = words[:, _B_CRATE].astype(np.int64)
     chmasks = words[:, _B_CHMASK:_B_CHMASK + NCARDS]
@@ -1163,6 +1279,8 @@ class CmosRateState:
         #: _NO_TIME marks "no baseline": Δt from it exceeds any max_dt, so
         #: the hot path needs no separate flag array.
         self.last_time_us = np.full(size, _NO_TIME, dtype=np.int64)
+        self._scratch = np.empty((2, 0), dtype=np.int64)  # see _work
+        self._plan_memo: tuple | None = None  # see _card_plan
 
     @property
     def have(self) -> np.ndarray:
@@ -1177,13 +1295,11 @@ class CmosRateState:
         if len(lcn) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float64)
         invalid = batch.flagged | batch.masked
-        if self._by_card(batch, lcn):
-            # Fast path: whole distinct cards, so the state is updated by rows
-            # of 32 channels (row scatters are far cheaper than per-element).
-            shape = (-1, NCHANNELS)
-            t_card = batch.time_us[batch.card_record][:, None]
-            return self._apply(batch.card, lcn, batch.count.reshape(shape), t_card,
-                               invalid.reshape(shape), by_card=True)
+        cards = self._card_plan(batch.card, len(lcn))
+        if cards is not None:
+            # Fast path: whole distinct cards (every batch decode_cmos makes of
+            # a readout), so the state is read and written by rows of 32.
+            return self._apply_cards(cards, lcn, batch.count, batch.time_us[batch.card_record], invalid)
         count, times = batch.count, batch.channel_time_us
         if lcn.min() < 0 or lcn.max() >= self.size:
             keep = (lcn >= 0) & (lcn < self.size)
@@ -1195,36 +1311,90 @@ class CmosRateState:
                 for sel in (np.flatnonzero(rank == r) for r in range(int(rank.max()) + 1))]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
-    def _by_card(self, batch: CmosBatch, lcn: np.ndarray) -> bool:
-        """True if the batch's channels are whole, distinct, in-range cards."""
-        card = batch.card  # decode_cmos guarantees lcn == card*32 + channel
-        if self.size % NCHANNELS or len(card) == 0 or len(card) * NCHANNELS != len(lcn):
-            return False
-        try:
-            per_card = np.bincount(card)
-        except ValueError:  # negative card numbers
-            return False
-        return len(per_card) <= self.size // NCHANNELS and per_card.max() <= 1
+    def _card_plan(self, card: np.ndarray, nchannels: int) -> slice | np.ndarray | None:
+        """How :meth:`_apply_cards` addresses the state rows of *card*: a slice
+        when the cards are consecutive (a whole readout, or a batch of whole
+        crates), the card numbers when they are distinct and in range, None
+        when the fast path does not apply (partial or repeated cards).
 
-    def _apply(self, index, lcn, count, t_us, invalid, by_card: bool = False):
-        """One vectorised pass over distinct channels (or distinct cards:
-        *index* are then card numbers and the arrays have rows of 32)."""
-        counts = self.last_count.reshape(-1, NCHANNELS) if by_card else self.last_count
-        times = self.last_time_us.reshape(-1, NCHANNELS) if by_card else self.last_time_us
-        dt = t_us - times[index]
-        inc = count - counts[index]
-        # 0 < Δt ≤ max_dt as one unsigned comparison: Δt - 1 < max_dt
-        emit = ((dt - 1).view(np.uint64) < round(self.max_dt * 1e6)) & (inc >= 0)
-        counts[index] = count  # an invalid reading's count is never used:
-        times[index] = t_us  # its time is _NO_TIME
+        decode_cmos hands out the same read-only card array for every batch
+        of one layout, so the answer for the last such array is kept.
+        """
+        memo = self._plan_memo
+        if memo is not None and memo[0] is card:
+            return memo[1]
+        plan = self._make_card_plan(card, nchannels)
+        if not card.flags.writeable:
+            self._plan_memo = (card, plan)
+        return plan
+
+    def _make_card_plan(self, card: np.ndarray, nchannels: int) -> slice | np.ndarray | None:
+        """See :meth:`_card_plan` (decode_cmos guarantees lcn == card*32 + channel)."""
+        ncards = len(card)
+        if self.size % NCHANNELS or ncards == 0 or ncards * NCHANNELS != nchannels:
+            return None
+        first, last = int(card.min()), int(card.max())
+        if first < 0 or last >= self.size // NCHANNELS:
+            return None
+        if last - first + 1 == ncards and (ncards == 1 or bool((np.diff(card) == 1).all())):
+            return slice(first, last + 1)
+        return card if np.bincount(card).max() <= 1 else None
+
+    def _apply_cards(self, cards: slice | np.ndarray, lcn, count, t_card, invalid):
+        """One vectorised pass over distinct whole cards (the hot path).
+
+        *cards* addresses the state rows (see :meth:`_card_plan`); *t_card*
+        is per card; *lcn*, *count* and *invalid* per channel, 32 per card.
+        The same rules as :meth:`_apply`.  A readout is ~10k channels, but
+        each numpy call costs microseconds and each fresh 80 kB temporary a
+        trip to memory, so: few calls, Δt and Δcount in two reused work
+        arrays, consecutive cards as slices, and the division only for the
+        channels that give a rate.
+        """
+        rows = (-1, NCHANNELS)
+        counts, times = self.last_count.reshape(rows), self.last_time_us.reshape(rows)
+        dt, inc = self._work(len(lcn))
+        t = np.repeat(t_card, NCHANNELS)
+        if isinstance(cards, slice):
+            np.subtract(t, times[cards].ravel(), out=dt)
+            np.subtract(count, counts[cards].ravel(), out=inc)
+        else:
+            np.take(times, cards, axis=0, out=dt.reshape(rows), mode="clip")  # in range: _card_plan
+            np.subtract(t, dt, out=dt)
+            np.take(counts, cards, axis=0, out=inc.reshape(rows), mode="clip")
+            np.subtract(count, inc, out=inc)
+        counts[cards] = count.reshape(rows)  # an invalid reading's count is never used:
+        t[invalid] = _NO_TIME  # its time says "no baseline",
+        inc[invalid] = -1  # and it gives no rate
+        times[cards] = t.reshape(rows)
+        emit = self._emits(dt, inc)
+        return lcn[emit], inc[emit] * 1e6 / dt[emit]
+
+    def _work(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two int64 work arrays of length *n*, reused from call to call."""
+        if self._scratch.shape[1] < n:
+            self._scratch = np.empty((2, n), dtype=np.int64)
+        return self._scratch[0, :n], self._scratch[1, :n]
+
+    def _emits(self, dt: np.ndarray, inc: np.ndarray) -> np.ndarray:
+        """Where a pair gives a rate: 0 < Δt ≤ max_dt and the count did not go down."""
+        emit = dt > 0
+        emit &= dt <= round(self.max_dt * 1e6)
+        emit &= inc >= 0
+        return emit
+
+    def _apply(self, index, lcn, count, t_us, invalid):
+        """One vectorised pass over distinct channels (*index* = *lcn*)."""
+        dt = t_us - self.last_time_us[index]
+        inc = count - self.last_count[index]
+        emit = self._emits(dt, inc)
+        self.last_count[index] = count  # an invalid reading's count is never used:
+        self.last_time_us[index] = t_us  # its time is _NO_TIME
         bad = np.flatnonzero(invalid)
         if len(bad):
-            emit.ravel()[bad] = False
+            emit[bad] = False
             self.last_time_us[lcn[bad]] = _NO_TIME
-        emit = emit.ravel()
-        with np.errstate(divide="ignore", invalid="ignore"):  # Δt = 0 is not emitted
-            rate = (inc * 1e6 / dt).ravel()
-        return lcn[emit], rate[emit]
+        return lcn[emit], inc[emit] * 1e6 / dt[emit]
 
     # -- serialisation ----------------------------------------------------------
 

@@ -37,9 +37,12 @@ chosen by the port (that of ``zmq_cmos`` or ``zmq_base``) or ``--stream``:
   error flags; busy flags are kept (a count series and a latest map).
 
 Both flush once a second, in ONE ``MULTI/EXEC``, into the multi-resolution
-per-channel series ``cmos`` / ``base`` (:func:`minard.timeseries.add_values`,
-bucketed by the producer's send time like the dispatch stream), plus the stage
-counters.  Each also keeps a *latest map*: the value of every channel at its
+per-channel series ``cmos`` / ``base`` (the layout of
+:func:`minard.timeseries.add_values`, bucketed by the producer's send time like
+the dispatch stream), plus the stage counters.  The series arrays are added to
+whole, read under ``WATCH`` and written back (:class:`SeriesWriter`): ~10k
+readings a second as per-channel ``BITFIELD`` operations cost most of a
+worker's CPU.  Each also keeps a *latest map*: the value of every channel at its
 most recent reading (NaN when that reading gave none), read by ``minard query``.
 Crate/card average and maximum are derived at read time
 (:func:`minard.timeseries.crate_card_stats`), as for occupancy: a worker sees
@@ -354,6 +357,93 @@ def _hex(value: int | None) -> str:
     return "" if value is None else f"{value:#x}"
 
 
+# =================================================================== per-channel series
+
+#: Stored element types of the per-channel series (minard.timeseries): big-endian
+#: int64 fixed-point sums, uint32 counts; their saturation limits (BITFIELD SAT).
+_SERIES_TYPES = {"i64": (np.dtype(">i8"), -(1 << 63), (1 << 63) - 1), "u32": (np.dtype(">u4"), 0, (1 << 32) - 1)}
+
+
+class SeriesWriter:
+    """Adds per-channel series to Redis by read-modify-write of whole arrays.
+
+    :func:`minard.timeseries.add_values` sends one ``BITFIELD INCRBY`` per
+    channel reading and gets one reply integer back for each: with the whole
+    detector read every second that is ~10k operations on each of 8 keys a
+    second, which redis-py packs and parses in Python (~85 % of a consumer
+    worker's CPU in the soak, by py-spy).  This writer adds a flush's readings
+    into dense numpy arrays (one per key), and in the flush transaction
+    WATCHes and reads the stored arrays (:meth:`read`, before ``MULTI``) and
+    SETs their sums (:meth:`write`, inside it).  If another worker writes one
+    of these keys meanwhile, ``EXEC`` fails and the flush is recomputed, so
+    workers still combine exactly.  The stored layout is that of
+    :mod:`minard.timeseries` (big-endian, as long as the highest channel with
+    a nonzero entry, saturating like ``BITFIELD OVERFLOW SAT``): readers do
+    not know the difference.
+    """
+
+    def __init__(self, levels=ts.CHANNEL_LEVELS):
+        self.levels = levels
+        self.deltas: dict[str, tuple[str, np.ndarray, int]] = {}  # key -> (type, int64 delta, ttl)
+        self.merged: dict[str, bytes] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.deltas)
+
+    def add_values(self, name: str, t: float, lcn: np.ndarray, values: np.ndarray) -> None:
+        """Readings *values* of channels *lcn* at time *t* (``name:sum`` / ``name:n``, as add_values)."""
+        fixed = np.rint(np.asarray(values, dtype=float) * ts.VALUE_SCALE).astype(np.int64)
+        self._add(f"{name}:sum", "i64", t, lcn, fixed)
+        self._add(f"{name}:n", "u32", t, lcn, 1)
+
+    def add_counts(self, name: str, t: float, lcn: np.ndarray, counts) -> None:
+        """Counts at channels *lcn* at time *t* (as :func:`minard.timeseries.add_counts`)."""
+        self._add(name, "u32", t, lcn, counts)
+
+    def _add(self, name: str, kind: str, t: float, lcn: np.ndarray, delta) -> None:
+        for level in self.levels:
+            key = ts.channel_key(level.step, ts.bucket(t, level.step), name)
+            if key not in self.deltas:
+                self.deltas[key] = (kind, np.zeros(NCHANNELS_TOTAL, dtype=np.int64), level.keep + level.step)
+            np.add.at(self.deltas[key][1], lcn, delta)
+
+    def read(self, pipe) -> None:
+        """WATCH the keys and compute their new contents (call before ``MULTI``)."""
+        keys = list(self.deltas)
+        pipe.watch(*keys)
+        self.merged = {key: self._merge(self.deltas[key], raw) for key, raw in zip(keys, pipe.mget(keys))}
+
+    def write(self, pipe) -> None:
+        """SET the merged arrays with their level's expiry (inside ``MULTI``)."""
+        for key, blob in self.merged.items():
+            if blob is not None:
+                pipe.set(key, blob, ex=self.deltas[key][2])
+
+    @staticmethod
+    def _merge(entry: tuple[str, np.ndarray, int], raw: bytes | None) -> bytes | None:
+        """The stored array plus the delta, saturated, as long as needed."""
+        kind, delta, _ = entry
+        nz = np.flatnonzero(delta)
+        if not len(nz):
+            return None  # nothing to add (e.g. only 0.0 readings in a sum)
+        dtype, lo, hi = _SERIES_TYPES[kind]
+        old = np.frombuffer(raw or b"", dtype=dtype)[:NCHANNELS_TOTAL].astype(np.int64)
+        total = delta[:max(len(old), int(nz[-1]) + 1)].copy()
+        head = total[:len(old)]
+        head += old
+        if kind == "i64":  # int64 wrap-around: the exact sum left the range
+            part = delta[:len(old)]
+            head[(old > 0) & (part > 0) & (head < 0)] = hi
+            head[(old < 0) & (part < 0) & (head >= 0)] = lo
+        else:
+            np.clip(total, lo, hi, out=total)
+        return total.astype(dtype).tobytes()
+
+    def clear(self) -> None:
+        self.deltas.clear()
+        self.merged.clear()
+
+
 # =================================================================== consumers: common
 
 class _Handler:
@@ -437,7 +527,8 @@ class _Handler:
                         record_flushed(pipe, self.flushed_key, self.unaccounted)
                         pipe.execute()
                         break
-                    except redis_py.WatchError:
+                    except redis_py.WatchError:  # another worker wrote a watched key: recompute
+                        self.counts["flush_conflicts"] += 1
                         continue
                 else:
                     raise redis_py.RedisError("flush transaction kept conflicting")
@@ -539,6 +630,7 @@ class CmosHandler(_Handler):
         self.max_dt = float(cfg.get("cmos_max_dt", 10.0))
         self.max_dt_us = round(self.max_dt * 1e6)
         self.pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.writer = SeriesWriter()
         self.conflicts = 0
 
     def process(self, frames) -> None:
@@ -668,15 +760,25 @@ class CmosHandler(_Handler):
     def pending_stores(self) -> list[dict]:
         return [self.pending]
 
+    def transaction(self, pipe) -> None:
+        """Read the stored series arrays under WATCH (see :class:`SeriesWriter`);
+        rebuilt from the pending rates at each try (they may have grown, or
+        been trimmed, since a failed flush)."""
+        self.writer.clear()
+        for sec, parts in self.pending.items():
+            self.writer.add_values("cmos", sec, np.concatenate([p[0] for p in parts]),
+                                   np.concatenate([p[1] for p in parts]))
+        if self.writer:
+            self.writer.read(pipe)
+        pipe.multi()
+
     def write_pending(self, pipe, now: float) -> None:
         """The rates of each second into the per-channel series ``cmos``."""
-        for sec, parts in sorted(self.pending.items()):
-            lcn = np.concatenate([p[0] for p in parts])
-            rate = np.concatenate([p[1] for p in parts])
-            ts.add_values(pipe, "cmos", sec, lcn, rate)
+        self.writer.write(pipe)
 
     def clear_pending(self) -> None:
         self.pending.clear()
+        self.writer.clear()
 
 
 # =================================================================== base currents
@@ -690,6 +792,7 @@ class BaseHandler(_Handler):
         super().__init__(cfg)
         self.series: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.busy: dict[int, list[np.ndarray]] = {}
+        self.writer = SeriesWriter()
         #: crate -> (record time µs, arrival t, 512 values, 512 busy) of its newest reading
         self.latest: dict[int, tuple[int, float, np.ndarray, np.ndarray]] = {}
 
@@ -744,23 +847,26 @@ class BaseHandler(_Handler):
         return [self.series, self.busy]
 
     def transaction(self, pipe) -> None:
-        """WATCH the per-crate times of the latest map, so that only newer readings win."""
+        """WATCH the per-crate times of the latest map, so that only newer readings
+        win, and read the stored series arrays (see :class:`SeriesWriter`)."""
+        self.writer.clear()
+        for sec, parts in self.series.items():
+            self.writer.add_values("base", sec, np.concatenate([p[0] for p in parts]),
+                                   np.concatenate([p[1] for p in parts]))
+        for sec, parts in self.busy.items():
+            self.writer.add_counts(BUSY_SERIES, sec, np.concatenate(parts), 1)
         self.newer = list(self.latest)
         if self.latest:
             pipe.watch(BASE_CRATE_TIME_KEY)
             stored = pipe.hmget(BASE_CRATE_TIME_KEY, [str(c) for c in self.latest])
             self.newer = [c for c, s in zip(self.latest, stored) if s is None or int(s) <= self.latest[c][0]]
+        if self.writer:
+            self.writer.read(pipe)
         pipe.multi()
 
     def write_pending(self, pipe, now: float) -> None:
         """Series ``base`` and ``base_busy`` per second; latest map of newer crates."""
-        for sec, parts in sorted(self.series.items()):
-            lcn = np.concatenate([p[0] for p in parts])
-            vals = np.concatenate([p[1] for p in parts])
-            ts.add_values(pipe, "base", sec, lcn, vals)
-        for sec, parts in sorted(self.busy.items()):
-            lcn = np.concatenate(parts)
-            ts.add_counts(pipe, BUSY_SERIES, sec, lcn, np.ones(len(lcn), dtype=np.int64))
+        self.writer.write(pipe)
         if not self.newer:
             return
         values = np.full(NCHANNELS_TOTAL, np.nan)
@@ -782,6 +888,7 @@ class BaseHandler(_Handler):
         self.series.clear()
         self.busy.clear()
         self.latest.clear()
+        self.writer.clear()
 
 
 # =================================================================== pool

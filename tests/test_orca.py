@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import plistlib
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -620,3 +621,146 @@ def test_timestamp_and_plist_and_state_parsers_only_raise_orca_error(text):
             fn(text)
         except OrcaError:
             pass
+
+
+# -- the vectorised CMOS path against a per-channel reference ------------------------
+#
+# decode_cmos caches what depends only on the header words (_CmosLayout) and
+# CmosRateState.update has a whole-card fast path (slices or row gathers) beside
+# the per-channel one; both must give exactly what a plain loop over channels
+# gives, whatever the mix of layouts, masks, flags, resets, Δt and repeated cards.
+
+
+def reference_decode(raw: bytes, order: str = "little"):
+    """One record the straightforward way: ``(crate, time_us, [(lcn, count, flagged, masked)])``."""
+    fmt = "<" if order == "little" else ">"
+    w = struct.unpack_from(fmt + f"{orca.CMOS_WORDS}I", raw)
+    crate, slots, chmasks = w[1], w[2], w[3:19]
+    channels, block = [], 0
+    for slot in range(16):
+        if slots >> slot & 1:
+            for ch in range(32):
+                word = w[21 + block * 32 + ch]
+                channels.append((crate * 512 + slot * 32 + ch, word & 0x7FFFFFFF, bool(word >> 31),
+                                 not chmasks[slot] >> ch & 1))
+            block += 1
+    return crate, orca.parse_timestamp_us(raw[-24:]), channels
+
+
+class ReferenceRates:
+    """CmosRateState's rules one channel at a time (see its docstring)."""
+
+    def __init__(self, max_dt: float):
+        self.max_dt_us = round(max_dt * 1e6)
+        self.last: dict[int, tuple[int, int]] = {}  # lcn -> (count, time_us)
+
+    def update(self, records, order="little"):
+        out = []
+        for raw in records:
+            _, t, channels = reference_decode(raw, order)
+            for lcn, count, flagged, masked in channels:
+                if flagged or masked:
+                    self.last.pop(lcn, None)
+                    continue
+                prev = self.last.get(lcn)
+                if prev and 0 < t - prev[1] <= self.max_dt_us and count >= prev[0]:
+                    out.append((lcn, (count - prev[0]) * 1e6 / (t - prev[1])))
+                self.last[lcn] = (count, t)
+        return out
+
+
+@st.composite
+def cmos_streams(draw):
+    """Readouts of random crates, each split into records of random slot masks;
+    counts that mostly grow (sometimes reset or flagged); channel masks that
+    sometimes change (a new layout); Δt of 0, negative, normal or too long;
+    and batches that sometimes hold the same card twice."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    nreadouts = draw(st.integers(1, 6))
+    crates = draw(st.lists(st.integers(0, 18), min_size=1, max_size=4, unique=True))
+    masks = draw(st.lists(st.integers(1, 0xFFFF).filter(lambda m: m.bit_count() <= 8), min_size=1, max_size=3))
+    counts = rng.integers(0, 1 << 30, (19, 16, 32))
+    chmask = {c: FULL for c in crates}
+    t, batches, batch = T0, [], []
+    for _ in range(nreadouts):
+        t += float(rng.choice([0.0, -0.5, 0.01, 1.0, 2.0, 30.0], p=[.05, .05, .1, .5, .2, .1]))
+        counts += rng.integers(0, 5000, counts.shape)
+        counts[rng.random(counts.shape) < 0.01] = 0  # counter resets
+        for c in crates:
+            if rng.random() < 0.2:
+                chmask[c] = [int(x) for x in rng.integers(0, 1 << 32, 16)]
+            for mask in masks:
+                slots = [s for s in range(16) if mask >> s & 1]
+                words = counts[c][slots] | (rng.random((len(slots), 32)) < 0.02).astype(np.int64) << 31
+                batch.append(orca.encode_cmos(CMOS_ID, c, mask, chmask[c], words, t))
+        if rng.random() < 0.6:
+            batches.append(batch)
+            batch = []
+    return [b for b in batches + [batch] if b]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=cmos_streams(), order=st.sampled_from(["little", "big"]))
+def test_decode_cmos_matches_a_per_channel_decode_with_and_without_its_layout_cache(stream, order):
+    for records in stream:
+        if order == "big":
+            records = [swap_cmos(r) for r in records]
+        want = [reference_decode(r, order) for r in records]
+        for _ in range(2):  # the second decode of each layout comes from the cache
+            batch = orca.decode_cmos(records, byteorder=order)
+            assert not batch.errors and batch.index.tolist() == list(range(len(records)))
+            assert batch.crate.tolist() == [w[0] for w in want] and batch.time_us.tolist() == [w[1] for w in want]
+            channels = [ch for w in want for ch in w[2]]
+            assert list(zip(batch.lcn.tolist(), batch.count.tolist(), batch.flagged.tolist(),
+                            batch.masked.tolist())) == channels
+            assert (batch.card * 32 + np.arange(32)[:, None]).T.ravel().tolist() == batch.lcn.tolist()
+            assert batch.record.tolist() == [r for r, w in enumerate(want) for _ in w[2]]
+            assert batch.count.dtype == np.int64 and batch.lcn.dtype == np.int64
+
+
+def swap_cmos(raw: bytes) -> bytes:
+    """The same CMOS record written by a big-endian ORCA (§2: the text is not swapped)."""
+    words = np.frombuffer(raw[:-24], "<u4")
+    return words.astype(">u4").tobytes() + raw[-24:]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=cmos_streams(), max_dt=st.sampled_from([1.0, 2.5, 10.0]))
+def test_vectorised_rates_are_bit_identical_to_a_per_channel_loop(stream, max_dt):
+    state, ref = orca.CmosRateState(max_dt), ReferenceRates(max_dt)
+    for records in stream:
+        lcn, rate = state.update(orca.decode_cmos(records))
+        want = ref.update(records)
+        # per channel the order is the stream order; between channels any order
+        assert sorted(zip(lcn.tolist(), rate.tolist())) == sorted(want)
+    have = {lcn: (int(state.last_count[lcn]), int(state.last_time_us[lcn])) for lcn in np.flatnonzero(state.have)}
+    assert have == ref.last
+
+
+def test_a_cached_layout_is_read_only_and_shared_but_counts_are_fresh():
+    rec = cmos(crate=5, mask=0x00FF)
+    a, b = orca.decode_cmos([rec]), orca.decode_cmos([rec])
+    assert a.lcn is b.lcn and a.card is b.card and a.masked is b.masked
+    assert a.count is not b.count and a.count.flags.writeable
+    with pytest.raises(ValueError):
+        a.lcn[0] = 1
+
+
+def test_rates_are_the_same_through_the_slice_the_row_gather_and_the_per_channel_paths():
+    counts = np.arange(8 * 32).reshape(8, 32) * 7
+    first = [orca.encode_cmos(CMOS_ID, c, m, FULL, counts + 100 * c, T0) for c in (2, 3) for m in (0xFF, 0xFF00)]
+    second = [orca.encode_cmos(CMOS_ID, c, m, FULL, counts * 2 + 100 * c, T0 + 2)
+              for c in (2, 3) for m in (0xFF, 0xFF00)]
+    results = []
+    for order in ([0, 1, 2, 3], [3, 0, 2, 1]):  # consecutive cards: a slice; shuffled: a row gather
+        state = orca.CmosRateState()
+        state.update(orca.decode_cmos([first[i] for i in order]))
+        batch = orca.decode_cmos([second[i] for i in order])
+        plan = state._card_plan(batch.card, len(batch.lcn))
+        assert isinstance(plan, slice if order == sorted(order) else np.ndarray)
+        lcn, rate = state.update(batch)
+        results.append(sorted(zip(lcn.tolist(), rate.tolist())))
+    state = orca.CmosRateState()  # each card twice in one batch: the per-channel path, in order
+    lcn, rate = state.update(orca.decode_cmos(first + second))
+    results.append(sorted(zip(lcn.tolist(), rate.tolist())))
+    assert results[0] == results[1] == results[2] and len(results[0]) == 4 * 8 * 32

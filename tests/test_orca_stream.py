@@ -11,6 +11,8 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import os
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from minard.orca_stream import (
     CMOS_STATE_KEY,
     BaseHandler,
     CmosHandler,
+    SeriesWriter,
     card_rounds,
     stream_for,
 )
@@ -151,7 +154,7 @@ class Stack:
     def start_all(self, **workers):
         cmos_port = str(self.cfg["zmq_cmos"]).rsplit(":", 1)[1]
         self.start("cmos", cmos_port, *(["--workers", str(workers["cmos"])] if "cmos" in workers else []))
-        self.start("base", "--stream", "base")
+        self.start("base", "--stream", "base", *(["--workers", str(workers["base"])] if "base" in workers else []))
         self.start("producer")
         self.wait_consumers()
         return self
@@ -174,9 +177,10 @@ class Stack:
             stop_pid(self.procs.pop(name), 15)
         self.redis.close()
 
-    def serve(self, path):
-        """Serve *path* like ORCA (in a thread) until its end; return the replay."""
-        replay = OrcaReplay(path, port=self.port, speed=None, wait=True, progress=False)
+    def serve(self, path, speed=None):
+        """Serve *path* like ORCA (in a thread) until its end, at full speed or
+        paced (*speed* 1.0 = real time); return the replay."""
+        replay = OrcaReplay(path, port=self.port, speed=speed, wait=True, progress=False)
         thread = threading.Thread(target=replay.serve, daemon=True)
         thread.start()
         thread.join(60)
@@ -374,6 +378,92 @@ def test_two_cmos_workers_give_the_same_rates_as_one(cfg, tmp_path):
     np.testing.assert_allclose(mean1[has], sim.true_rates[has], atol=6e-4)
 
 
+def test_two_cmos_workers_racing_for_the_same_crates_retry_and_give_exactly_the_rates_of_one(cfg, tmp_path):
+    """Each record is a batch of its own, paced as ORCA sends them: the two
+    half-crate records of a poll reach the two workers together, so both
+    transactions WATCH the same crate state and one of them must retry."""
+    sim = OrcaSimulator(21, cmos_id=CMOS_ID, base_id=BASE_ID, poll_period=0.5, flag_probability=0,
+                        counter_reset=False, masked_fraction=0.02)
+    path = write_chunks(tmp_path / "run.orca", sim.stream(6.0))
+    cmos, base = file_records(path, "cmos"), file_records(path, "base")
+    stack = Stack(cfg, tmp_path, orca_batch_records=1, orca_batch_ms=1)
+    try:
+        stack.start_all(cmos=2)
+        stack.serve(path, speed=1.0)
+        stack.wait_processed(len(cmos), len(base))
+        events = (tmp_path / "var" / "orca_cmos_pool.log").read_text()
+        assert events.count("STARTING:") >= 2  # two workers took part
+        s = stack.stats()["cmos"]
+        assert s["state_conflicts"] > 0, s  # the race happened and was retried
+        assert s.get("stale", 0) == 0 and s["processed"] == len(cmos)  # and nothing overtook anything
+        rates, latest = oracle_cmos(cmos)
+        n, mean = series_counts(stack.redis, "cmos")
+        want_n = np.nan_to_num(as_array({k: len(v) for k, v in rates.items()})).astype(int)
+        assert np.array_equal(n, want_n)  # every rate once: none lost, none doubled
+        has = want_n > 0
+        np.testing.assert_allclose(mean[has], sim.true_rates[has], atol=6e-4)  # 1e-3 storage resolution
+        got, want = latest_values(stack.redis, "cmos"), as_array(latest)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got[~np.isnan(got)], sim.true_rates[~np.isnan(got)], rtol=1e-12)
+    finally:
+        stack.close()
+
+
+def _worker_pids(log_path):
+    """Pids of the pool's workers, in start order, from its event log."""
+    text = Path(log_path).read_text()
+    return [int(p) for p in re.findall(r"(?:STARTING|RESTARTING): D\d+ S\d+\n\s+Pid: (\d+)", text)]
+
+
+def _holds_unflushed(redis, stream, pid):
+    """True if worker *pid* has been handed records it has not accounted for in
+    Redis yet: the pool's heartbeat (a second old at most) counts more records
+    done than the worker's entry in the pool's flushed hash (current)."""
+    beat = redis.hgetall(f"status:data_consumer_{stream}")
+    handed = int(float(beat.get(b"records_processed", 0)))
+    (key,) = redis.keys(f"pool:orca:{stream}:*:flushed") or [None]
+    flushed = int(redis.hget(key, str(pid)) or 0) if key else 0
+    return handed > flushed
+
+
+@pytest.mark.parametrize("stream", ["cmos", "base"])
+def test_a_killed_consumer_worker_is_restarted_and_what_it_held_is_counted_dropped(cfg, tmp_path, stream):
+    sim = OrcaSimulator(23, cmos_id=CMOS_ID, base_id=BASE_ID, poll_period=0.25, crates=[1, 4, 9])
+    path = write_chunks(tmp_path / "run.orca", sim.stream(8.0))
+    ncmos, nbase = len(file_records(path, "cmos")), len(file_records(path, "base"))
+    total = {"cmos": ncmos, "base": nbase}[stream]
+    stack = Stack(cfg, tmp_path, orca_batch_records=2, orca_batch_ms=1)
+    try:
+        stack.start_all(**{stream: 1})
+        thread = threading.Thread(target=stack.serve, args=(path, 1.0), daemon=True)
+        thread.start()
+        log = tmp_path / "var" / f"orca_{stream}_pool.log"
+        wait_for(lambda: stack.stats().get(stream, {}).get("processed", 0) >= total // 4, 30, "data flowing")
+        victim = _worker_pids(log)[0]
+        wait_for(lambda: _holds_unflushed(stack.redis, stream, victim), 30, "records handed but not flushed")
+        os.kill(victim, signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive()
+
+        def settled():
+            s = stack.stats().get(stream, {})
+            done = s.get("processed", 0) + s.get("dropped", 0) + s.get("errors", 0)
+            return s if s.get("received") == total and done == total else None
+        s = wait_for(settled, 30, f"{stream} counters settled")
+        text = log.read_text()
+        assert "CRASHED: D1 S1" in text and "RESTARTING: D1 S2" in text
+        assert s["dropped"] == s.get("worker_lost", 0) > 0  # the records it held unflushed
+        assert s["processed"] == total - s["dropped"] and s.get("errors", 0) == 0
+        assert _worker_pids(log)[-1] != victim and stack.procs[stream].poll() is None
+        if stream == "cmos":  # the restarted worker carries on from the shared state: still true rates
+            got = latest_values(stack.redis, "cmos")
+            ok = ~np.isnan(got)
+            assert ok.sum() > 0
+            np.testing.assert_allclose(got[ok], sim.true_rates[ok], rtol=1e-12)
+    finally:
+        stack.close()
+
+
 # ------------------------------------------------------------------ handlers in-process
 
 def _frames(kind, records, order="little", sent=None):
@@ -496,3 +586,59 @@ def test_a_flush_while_redis_is_down_keeps_the_data_for_the_next_one(cfg):
             assert n.sum() == (~sim.masked_channels() & sim.present_channels()).sum()
         finally:
             client.close()
+
+
+def _padded(raw, dtype):
+    arr = np.zeros(NCHANNELS_TOTAL, dtype=np.dtype(dtype).newbyteorder("="))
+    got = np.frombuffer(raw or b"", dtype=dtype)
+    arr[:len(got)] = got
+    return arr
+
+
+def test_the_series_writer_stores_exactly_what_bitfield_add_values_stores(redis_client):
+    rng = np.random.default_rng(3)
+    t0 = 1_700_000_000.0
+    for round_ in range(3):  # the second and third rounds add to what is stored
+        with redis_client.pipeline(transaction=True) as pipe:
+            writer = SeriesWriter()
+            for k in range(4):
+                t = t0 + 7 * k + round_
+                lcn = rng.choice(NCHANNELS_TOTAL, 3000 + 1000 * k, replace=False)
+                values = rng.normal(0, 500, len(lcn)).round(4)
+                values[::50] = 0.0  # a zero reading adds to :n only
+                writer.add_values("a", t, lcn, values)
+                writer.add_counts("c", t, lcn[::3], 1)
+                ts.add_values(redis_client, "b", t, lcn, values)
+                ts.add_counts(redis_client, "d", t, lcn[::3], np.ones(len(lcn[::3]), dtype=np.int64))
+            writer.read(pipe)
+            pipe.multi()
+            writer.write(pipe)
+            pipe.execute()
+    keys = sorted(k.decode() for k in redis_client.keys("ch:*"))
+    mine = [k for k in keys if k.endswith((":a:sum", ":a:n", ":c"))]
+    assert 2 * len(mine) == len(keys) and len(mine) == 3 * (3 + 1 + 1 + 1)  # 3 buckets of 10 s, 1 of the others
+    for key in mine:
+        twin = key.replace(":a:", ":b:") if ":a:" in key else key[:-1] + "d"
+        dtype = ">i8" if key.endswith("sum") else ">u4"
+        assert np.array_equal(_padded(redis_client.get(key), dtype), _padded(redis_client.get(twin), dtype))
+        assert abs(redis_client.ttl(key) - redis_client.ttl(twin)) <= 10  # keep + step after the write
+    for window in ((t0, t0 + 30), (t0 + 10, t0 + 12)):
+        a, _ = ts.read_values(redis_client, "a", *window, now=t0 + 40)
+        b, _ = ts.read_values(redis_client, "b", *window, now=t0 + 40)
+        assert np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(a[~np.isnan(a)], b[~np.isnan(b)])
+
+
+def test_the_series_writer_saturates_like_bitfield_overflow_sat(redis_client):
+    key_n, key_sum = ts.channel_key(10, 170_000_000, "x:n"), ts.channel_key(10, 170_000_000, "x:sum")
+    redis_client.set(key_n, np.array([2**32 - 3, 7], ">u4").tobytes())
+    redis_client.set(key_sum, np.array([2**63 - 10, -(2**63) + 5, 4], ">i8").tobytes())
+    writer = SeriesWriter(levels=(ts.Level(10, 3600),))
+    for _ in range(5):
+        writer.add_values("x", 1_700_000_000.0, np.array([0, 1, 2]), np.array([1.0, -1.0, 0.002]))
+    with redis_client.pipeline(transaction=True) as pipe:
+        writer.read(pipe)
+        pipe.multi()
+        writer.write(pipe)
+        pipe.execute()
+    assert np.frombuffer(redis_client.get(key_n), ">u4").tolist() == [2**32 - 1, 12, 5]
+    assert np.frombuffer(redis_client.get(key_sum), ">i8").tolist() == [2**63 - 1, -(2**63), 14]

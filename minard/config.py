@@ -92,7 +92,7 @@ DEFAULTS: dict[str, object] = {
     # Whole stack (minard up, minard/stack.py; pinger and monitors, docs/deploy.md)
     "stack_dir": "var/stack",  # where minard up keeps configs, sockets, logs, data, secrets
     "stack_bind": "127.0.0.1",  # address nginx listens on (0.0.0.0 to serve other machines)
-    "stack_redis_maxmemory": "512mb",  # Redis memory limit (maxmemory-policy noeviction)
+    "stack_redis_maxmemory": "2gb",  # Redis memory limit (maxmemory-policy noeviction)
     "stack_web_workers": 2,  # gunicorn workers of each web app
     "stack_replay_speed": "1x",  # pacing of the replayed ZDAB runs by their clock (or max)
     "stack_replay_rate": 0.0,  # events/s for the replay instead of --speed; 0 = use the speed

@@ -5,18 +5,27 @@ Parts, all in the same run, on a throwaway redis-server:
 1. **consumer**: the pull worker's code path (wire decode, numpy decode,
    aggregation, one Redis transaction per second of data) against a *baseline*
    consumer that decodes with a per-hit ``struct`` loop, the way the original
-   minard did, and writes the same aggregates.  Same batches, same Redis.
-   Goal: consumer >= 20x baseline.
+   minard did, and writes the same aggregates.  Same batches (1000 records,
+   the push's default), same Redis; each side runs for 1.5 s at a time
+   (flushing once a second, as a worker does), the two sides in turn, three
+   times; the best round of each side is reported, with the spread of the
+   round-by-round ratios.  Goal: consumer >= 20x baseline.
 2. **end to end**: ``minard replay --loop --speed max`` -> dispatcher -> push
    -> pull (1 and 2 workers) -> Redis, as real processes, at mean nhit ~40
    and ~300.  events/s = records the pool processed / elapsed; losses at
    every stage come from ``stats:*`` in Redis.  Also Redis memory growth per
    hour at that rate and the RSS of the pull process and its workers.
-3. **burst**: 10^4 events sent at once; every drop (if any) must be counted.
+3. **burst**: a data source sends 10^4 events as one RAWBATCH (the time they
+   take to leave it is printed; goal <= 10 ms); every event must end up
+   stored or counted as dropped.
+   **latency**: seconds from a record leaving the source to its aggregate in
+   Redis (goal <= 2 s), for single records at different phases of the
+   workers' once-a-second flush.
 4. **storage**: MEMORY USAGE of every key family at full detector occupancy,
    extrapolated to bytes/day and the steady-state total (docs/storage.md).
 
-Run: ``.venv/bin/python bench/pipeline.py [--quick]`` (about 3 minutes; --quick ~1).
+Run: ``.venv/bin/python bench/pipeline.py [--quick] [--skip-e2e]`` (about 3 minutes; --quick ~1;
+--skip-e2e leaves out the sustained end-to-end runs, part 2).
 """
 
 from __future__ import annotations
@@ -40,8 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minard import pmt, status, timeseries as ts, wire  # noqa: E402
 from minard.aggregate import NAMES, NHIT_BINS, NTRIG, TOTAL, RunAgg, SecondAgg, nhit_bin  # noqa: E402
+from minard.dispatch_client import DispatchClient  # noqa: E402
 from minard.dispatch_stream import NHIT_LEVELS, CountWriter, PullHandler, write_second  # noqa: E402
 from minard.dispatcher import DispatcherProcess  # noqa: E402
+from minard.framing import encode_rawbatch  # noqa: E402
 from minard.runs import RUN_KEEP, write_run  # noqa: E402
 from minard.testing import RedisServer, free_port, stop_pid  # noqa: E402
 from minard.zdab import ZdabWriter  # noqa: E402
@@ -146,36 +157,55 @@ class BaselineConsumer:
         self.run = {}
 
 
-def bench_consumer(redis_url: str, nhit: float, n: int, n_base: int) -> dict:
-    """events/s of the pull handler and of the baseline on the same batches."""
+def run_for(process, flush, batches: list, seconds: float) -> tuple[int, float]:
+    """Feed *batches* to *process* in turn for at least *seconds*; (events, elapsed s).
+
+    As a pool worker does: one flush per second of wall time, and a last one
+    at the end (counted in the elapsed time).  The batches are used round
+    robin, so a run lasts long enough for the flush to weigh what it does in
+    production (a few percent of a second), whatever the speed.
+    """
+    t0 = time.perf_counter()
+    next_flush = t0 + 1.0
+    events = i = 0
+    while True:
+        frames = batches[i % len(batches)]
+        process(frames)
+        events += len(frames[3]) // 4
+        i += 1
+        now = time.perf_counter()
+        if now >= next_flush:
+            flush(time.time())
+            next_flush += 1.0
+        if now - t0 >= seconds:
+            break
+    flush(time.time())
+    return events, time.perf_counter() - t0
+
+
+def bench_consumer(redis_url: str, nhit: float, n: int, seconds: float, rounds: int) -> dict:
+    """events/s of the pull handler and of the baseline on the same batches.
+
+    The two sides run in turn, *rounds* times each for *seconds*, so that a
+    busy machine slows both alike; each side's best round is reported (and
+    the spread of the round-by-round ratios).
+    """
     records = make_records(n, nhit)
+    hits = sum(struct.unpack_from(">I", r, 12)[0] & 0xFFFF for r in records) / len(records)
     batches = wire_batches(records)
-    hits = sum(struct.unpack_from(">I", r, 12)[0] & 0xFFFF for r in records)
     cfg = {"redis_url": redis_url, "zmq_max_frame": 64 << 20}
-    handler = PullHandler(cfg)
-    t0 = time.perf_counter()
-    next_flush = t0 + 1.0
-    for frames in batches:  # as a worker does: flush once a second of wall time
-        handler.process(frames)
-        if time.perf_counter() >= next_flush:
-            handler.flush(time.time())
-            next_flush += 1.0
-    handler.flush(time.time())
-    fast = time.perf_counter() - t0
-    base = BaselineConsumer(redis_url)
-    nb = max(1, n_base // 1000)
-    t0 = time.perf_counter()
-    next_flush = t0 + 1.0
-    for frames in batches[:nb]:
-        base.process(frames)
-        if time.perf_counter() >= next_flush:
-            base.flush(time.time())
-            next_flush += 1.0
-    base.flush(time.time())
-    slow = time.perf_counter() - t0
-    ev_fast, ev_slow = n / fast, nb * 1000 / slow
-    return {"nhit": nhit, "events_s": ev_fast, "hits_s": ev_fast * hits / n,
-            "baseline_events_s": ev_slow, "ratio": ev_fast / ev_slow,
+    fast, slow = [], []
+    for _ in range(rounds):
+        handler = PullHandler(cfg)  # a fresh worker each round
+        events, elapsed = run_for(handler.process, handler.flush, batches, seconds)
+        fast.append(events / elapsed)
+        base = BaselineConsumer(redis_url)
+        events, elapsed = run_for(base.process, base.flush, batches, seconds)
+        slow.append(events / elapsed)
+    ratios = [f / s for f, s in zip(fast, slow)]
+    return {"nhit": nhit, "events_s": max(fast), "hits_s": max(fast) * hits,
+            "baseline_events_s": max(slow), "ratio": max(fast) / max(slow),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -327,33 +357,89 @@ def bench_end_to_end(redis_url: str, path: Path, nhit: float, workers: int, seco
         client.close()
 
 
-def bench_burst(redis_url: str, workdir: Path, n: int = 10_000) -> dict:
-    """10^4 events at once (one file at --speed max); drops must all be counted."""
+def source_client(stack: Stack, run: int) -> DispatchClient:
+    """A data-source connection to the stack's dispatcher that has begun *run*.
+
+    Its send buffer holds a whole burst, so sending does not wait for the
+    dispatcher to read: the time measured is the time the data took to leave
+    the source.
+    """
+    client = DispatchClient.connect(f"127.0.0.1:{stack.port}", "source", "bench", sndbuf=16 << 20)
+    client.command(f"BEGINTAPE:{run}:1", check=True)
+    return client
+
+
+def stored_events(client, run: int) -> int:
+    """Events of *run* in its Redis summary (written in the same transaction as the time series)."""
+    return int(client.hget(f"run:{run}", "events") or 0)
+
+
+def wait_stored(client, run: int, events: int, timeout: float = 30.0) -> float:
+    """time.time() at which *run* shows *events* events in Redis (polled every 2 ms)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if stored_events(client, run) >= events:
+            return time.time()
+        time.sleep(0.002)
+    raise RuntimeError(f"run {run}: {events} events not in Redis after {timeout} s")
+
+
+def bench_latency(redis_url: str, workdir: Path, n: int = 8) -> dict:
+    """Seconds from a record leaving the source to its aggregate in Redis.
+
+    One record at a time, spaced so that they land at different phases of the
+    workers' once-a-second flush; the first one also starts the pool's worker.
+    """
     client = redis_py.Redis.from_url(redis_url)
     client.flushall()
-    path = workdir / "burst.zdab"
-    with ZdabWriter(path) as w:
-        for rec in make_records(n, 40, seed=5, run=9100):
-            w.write_event(rec)
+    records = [pmt.pack_dispatch(r) for r in make_records(n, 40, seed=7, run=9200)]
+    stack = Stack(redis_url, workdir, 1).start()
+    latencies = []
+    try:
+        with source_client(stack, 9200) as src:
+            for i, rec in enumerate(records):
+                sent = time.time()
+                src.send_batch([rec])
+                latencies.append(wait_stored(client, 9200, i + 1) - sent)
+                time.sleep(0.1 + 0.23 * i)
+            src.command("ENDTAPE", check=True)
+        return {"first": latencies[0], "warm": latencies[1:]}
+    finally:
+        stack.stop()
+        client.close()
+
+
+def bench_burst(redis_url: str, workdir: Path, n: int = 10_000) -> dict:
+    """10^4 events sent by the source as one RAWBATCH; every event stored or its drop counted."""
+    client = redis_py.Redis.from_url(redis_url)
+    client.flushall()
+    records = [pmt.pack_dispatch(r) for r in make_records(n, 40, seed=5, run=9100)]
+    frame = encode_rawbatch(np.fromiter(map(len, records), np.int64, n), b"".join(records))
     stack = Stack(redis_url, workdir, 1).start()
     try:
-        t0 = time.monotonic()
-        replay = stack.replay(path, loop=False)
-        replay.wait(60)
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            s = stack.stats()
-            pull = s.get("pull", {})
-            done = pull.get("processed", 0) + pull.get("errors", 0) + pull.get("dropped", 0)
-            if done + s.get("push", {}).get("dropped", 0) + s.get("dispatcher", {}).get("dropped", 0) >= n:
-                break
-            time.sleep(0.05)
-        elapsed = time.monotonic() - t0
+        with source_client(stack, 9099) as src:
+            src.send_batch([pmt.pack_dispatch(make_records(1, 40, run=9099)[0])])  # a worker is running
+            wait_stored(client, 9099, 1)
+            src.command("ENDTAPE", check=True)
+            src.wait_command("ALLFINISHED", timeout=30)
+            src.command("BEGINTAPE:9100:1", check=True)
+            t0 = time.perf_counter()
+            src.send_raw(frame)
+            sent = time.perf_counter() - t0
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                s = stack.stats()
+                dropped = sum(s.get(st, {}).get("dropped", 0) for st in ("dispatcher", "push", "pull"))
+                if stored_events(client, 9100) + dropped >= n:
+                    break
+                time.sleep(0.01)
+            settled = time.perf_counter() - t0
+            src.command("ENDTAPE", check=True)
         s = stack.stats()
-        stored = int(client.hget("run:9100", "events") or 0)
+        stored = stored_events(client, 9100)
         dropped = sum(s.get(st, {}).get("dropped", 0) for st in ("dispatcher", "push", "pull"))
-        return {"events": n, "stored": stored, "dropped_counted": dropped,
-                "accounted": stored + dropped == n, "seconds": elapsed}
+        return {"events": n, "megabytes": len(frame) / 1e6, "send_ms": sent * 1e3, "stored": stored,
+                "dropped_counted": dropped, "accounted": stored + dropped == n, "seconds": settled}
     finally:
         stack.stop()
         client.close()
@@ -442,7 +528,8 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="Shorter runs (about a minute).")
     parser.add_argument("--seconds", type=float, default=None, help="Seconds per end-to-end run.")
-    parser.add_argument("--skip-e2e", action="store_true", help="Only the consumer, burst and storage parts.")
+    parser.add_argument("--skip-e2e", action="store_true",
+                        help="Skip the sustained end-to-end runs (consumer, storage, burst and latency only).")
     args = parser.parse_args(argv)
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     n_consumer = 20_000 if args.quick else 100_000
@@ -457,14 +544,16 @@ def main(argv=None) -> int:
         print(f"total: {st['bytes_per_day'] / 1e6:.1f} MB/day, steady state {st['steady_bytes'] / 1e9:.2f} GB;"
               f" one run summary {st['run_bytes'] / 1e3:.1f} kB")
 
+        rounds, run_s = (2, 0.6) if args.quick else (3, 1.5)
         print("\n== Consumer: numpy pull handler vs per-hit struct loop (same batches, same Redis) ==")
+        print(f"(batches of 1000 records; {rounds} interleaved rounds of {run_s} s per side, best of each;"
+              " one flush per second)")
         for nhit in (40, 300):
             say(f"consumer at nhit {nhit}")
-            r = bench_consumer(server.url, nhit, n_consumer if nhit == 40 else n_consumer // 4,
-                               (10_000 if nhit == 40 else 2_000) // (3 if args.quick else 1))
+            r = bench_consumer(server.url, nhit, n_consumer if nhit == 40 else n_consumer // 4, run_s, rounds)
             print(f"nhit {nhit:>3}: consumer {r['events_s']:>10,.0f} events/s ({r['hits_s'] / 1e6:6.1f} M hits/s)"
                   f"  baseline {r['baseline_events_s']:>8,.0f} events/s  ratio {r['ratio']:5.1f}x"
-                  f"  (goal >= 20x)  RSS {r['rss_mb']:.0f} MB")
+                  f" (rounds {r['ratio_min']:.1f}-{r['ratio_max']:.1f}x)  (goal >= 20x)  RSS {r['rss_mb']:.0f} MB")
 
         if not args.skip_e2e:
             print("\n== End to end: replay -> dispatcher -> push -> pull -> Redis ==")
@@ -485,12 +574,21 @@ def main(argv=None) -> int:
                           f" lag {r['lag_s']:.2f} s")
                     print("    CPU per event: " + ", ".join(f"{k} {v:.2f} us" for k, v in r["cpu_us"].items())
                           + f" (total {sum(r['cpu_us'].values()):.1f} us; {os.cpu_count()} CPUs)")
-            say("burst of 10^4 events")
-            sub = workdir / "burst"
-            sub.mkdir()
-            b = bench_burst(server.url, sub)
-            print(f"\n== Burst: {b['events']} events at once: stored {b['stored']}, drops counted"
-                  f" {b['dropped_counted']}, all accounted: {b['accounted']} ({b['seconds']:.2f} s to settle) ==")
+
+        say("burst of 10^4 events")
+        sub = workdir / "burst"
+        sub.mkdir()
+        b = bench_burst(server.url, sub)
+        print(f"\n== Burst: {b['events']} events ({b['megabytes']:.1f} MB) left the source in {b['send_ms']:.1f} ms"
+              f" (goal <= 10 ms): stored {b['stored']}, drops counted {b['dropped_counted']},"
+              f" all accounted: {b['accounted']} ({b['seconds']:.2f} s to settle) ==")
+        say("latency source -> Redis")
+        sub = workdir / "latency"
+        sub.mkdir()
+        lat = bench_latency(server.url, sub)
+        print(f"\n== Latency, record leaves the source -> its aggregate in Redis (goal <= 2 s):"
+              f" max {max(lat['warm']):.2f} s, median {float(np.median(lat['warm'])):.2f} s"
+              f" over {len(lat['warm'])} records; first record (starts the worker) {lat['first']:.2f} s ==")
     say(f"done (work files in {workdir})")
     return 0
 

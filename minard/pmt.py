@@ -18,6 +18,7 @@ bytes out, no I/O.
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -25,9 +26,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
-from . import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
+from . import NCARDS, NCHANNELS, NCHANNELS_TOTAL
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -341,44 +341,97 @@ def encode_batch(events: Mapping[str, object], hits: Mapping[str, object] | None
 class EventBatch:
     """Decoded events and hits as numpy arrays (one row per event / per hit).
 
-    Per event: ``run, subrun, evnum, gtid, nhit, trigger`` (27-bit word, §5),
-    ``clock10, clock50, orphan``, ``bad_hits`` (hits dropped for crate > 18),
+    Per event, stored: ``run, subrun, gtid, nhit, trigger`` (27-bit word,
+    §5), ``orphan``, ``bad_hits`` (hits dropped for crate > 18),
     ``gtid_mismatch`` (hits whose GTID differs from the MTC GTID; always 0 for
     orphans, whose MTC GTID is zero) and ``valid_index`` (index in the input
-    of each decoded record).
+    of each decoded record); computed from ``header`` on first use:
+    ``evnum, clock10, clock50``.
 
-    Per hit, stored: ``lcn, qhs, qhl, qlx, tac, cell, flags, hit_gtid``;
-    computed on first use and cached: ``hit_event`` (row in the event
-    arrays), ``crate, card, channel`` (from lcn) and ``hit_gtid_mismatch``.
-    Keeping those lazy halves the memory a batch touches, which is most of
-    the decoding cost.  Hits of an event are contiguous and in record order.
+    Per hit, stored: ``lcn, qhs, hit_gtid`` (what the monitoring aggregates);
+    computed from ``hit_words`` on first use and cached: ``qhl, qlx, tac,
+    cell, flags``, ``hit_event`` (row in the event arrays), ``crate, card,
+    channel`` (from lcn) and ``hit_gtid_mismatch``.  Decoding only what is
+    read keeps the decoder's passes over the hits to the few the pull
+    workers need.  Hits of an event are contiguous and in record order.
 
-    ``errors`` lists ``(input index, RecordError)`` for records that could
-    not be decoded.  ``nhit`` is NPmtHit from the header, so
-    ``nhit - bad_hits`` hits of each event are kept (``hit_counts``).
+    ``header`` holds the 11 native header words of each decoded record and
+    ``hit_words`` the 3 big-endian words of each kept hit (§6).  ``errors``
+    lists ``(input index, RecordError)`` for records that could not be
+    decoded.  ``nhit`` is NPmtHit from the header, so ``nhit - bad_hits``
+    hits of each event are kept (``hit_counts``).
     """
 
     run: np.ndarray
     subrun: np.ndarray
-    evnum: np.ndarray
     gtid: np.ndarray
     nhit: np.ndarray
     trigger: np.ndarray
-    clock10: np.ndarray
-    clock50: np.ndarray
     orphan: np.ndarray
     bad_hits: np.ndarray
     gtid_mismatch: np.ndarray
     valid_index: np.ndarray
     lcn: np.ndarray
     qhs: np.ndarray
-    qhl: np.ndarray
-    qlx: np.ndarray
-    tac: np.ndarray
-    cell: np.ndarray
-    flags: np.ndarray
     hit_gtid: np.ndarray
+    header: np.ndarray = field(default_factory=lambda: np.zeros((0, HEADER_WORDS), np.uint32))
+    hit_words: np.ndarray = field(default_factory=lambda: np.zeros((0, HIT_WORDS), ">u4"))
     errors: list[tuple[int, RecordError]] = field(default_factory=list)
+
+    @cached_property
+    def evnum(self) -> np.ndarray:
+        """EventNumber of each event (§4 word 2)."""
+        return self.header[:, 2].copy()
+
+    @cached_property
+    def clock10(self) -> np.ndarray:
+        """53-bit 10 MHz clock of each event (§5, M0 and M1 bits 0-20)."""
+        m = self.header[:, 5:11]
+        return m[:, 0].astype(np.uint64) | (m[:, 1].astype(np.uint64) & 0x1FFFFF) << np.uint64(32)
+
+    @cached_property
+    def clock50(self) -> np.ndarray:
+        """43-bit 50 MHz clock of each event (§5, M1 bits 21-31 and M2)."""
+        m = self.header[:, 5:11]
+        return (m[:, 1] >> 21).astype(np.uint64) | m[:, 2].astype(np.uint64) << np.uint64(11)
+
+    @cached_property
+    def _adc_fields(self) -> dict[str, np.ndarray]:
+        """qhl, qlx, tac, cell, flags of every kept hit, from ``hit_words`` (§6)."""
+        h0, h1, h2 = (self.hit_words[:, k].astype(np.uint32) for k in range(HIT_WORDS))
+        return {
+            "qlx": ((h1 & 0xFFF) ^ ADC_XOR).astype(np.uint16),
+            "cell": (h1 >> 12 & 0xF).astype(np.uint8),
+            "qhl": ((h2 & 0xFFF) ^ ADC_XOR).astype(np.uint16),
+            "tac": ((h2 >> 16 & 0xFFF) ^ ADC_XOR).astype(np.uint16),
+            # H0 bits 30-31 -> flag bits 0-1, H1 bits 28-31 -> flag bits 2-5.
+            "flags": (h0 >> 30 | (h1 >> 28) << 2).astype(np.uint8),
+        }
+
+    @property
+    def qhl(self) -> np.ndarray:
+        """QHL of each hit, 0..4095 (§6)."""
+        return self._adc_fields["qhl"]
+
+    @property
+    def qlx(self) -> np.ndarray:
+        """QLX of each hit, 0..4095 (§6)."""
+        return self._adc_fields["qlx"]
+
+    @property
+    def tac(self) -> np.ndarray:
+        """TAC of each hit, 0..4095 (§6)."""
+        return self._adc_fields["tac"]
+
+    @property
+    def cell(self) -> np.ndarray:
+        """CMOS cell of each hit, 0..15 (§6)."""
+        return self._adc_fields["cell"]
+
+    @property
+    def flags(self) -> np.ndarray:
+        """``HIT_FLAG_NAMES`` bits of each hit (§6)."""
+        return self._adc_fields["flags"]
 
     def __len__(self) -> int:
         return len(self.gtid)
@@ -392,6 +445,12 @@ class EventBatch:
     def hit_counts(self) -> np.ndarray:
         """Hits kept per event: NPmtHit minus dropped bad-crate hits."""
         return self.nhit - self.bad_hits
+
+    @cached_property
+    def hit_starts(self) -> np.ndarray:
+        """Index of the first kept hit of each event (int64); with ``hit_counts``, its hit range."""
+        counts = self.hit_counts
+        return np.cumsum(counts, dtype=np.int64) - counts
 
     @cached_property
     def hit_event(self) -> np.ndarray:
@@ -436,14 +495,11 @@ class EventBatch:
 
 
 _EVENT_DTYPES = {
-    "run": np.uint32, "subrun": np.uint16, "evnum": np.uint32, "gtid": np.uint32, "nhit": np.int32,
-    "trigger": np.uint32, "clock10": np.uint64, "clock50": np.uint64, "orphan": np.bool_,
+    "run": np.uint32, "subrun": np.uint16, "gtid": np.uint32, "nhit": np.int32,
+    "trigger": np.uint32, "orphan": np.bool_,
     "bad_hits": np.int32, "gtid_mismatch": np.int32, "valid_index": np.int64,
 }
-_HIT_DTYPES = {
-    "lcn": np.uint16, "qhs": np.uint16, "qhl": np.uint16, "qlx": np.uint16, "tac": np.uint16,
-    "cell": np.uint8, "flags": np.uint8, "hit_gtid": np.uint32,
-}
+_HIT_DTYPES = {"lcn": np.uint16, "qhs": np.uint16, "hit_gtid": np.uint32}
 
 
 def empty_batch() -> EventBatch:
@@ -485,13 +541,6 @@ def _as_bytes_buffer(buf) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8)
 
 
-def _to_native(arr: np.ndarray) -> np.ndarray:
-    """Byte-swap a big-endian array we own in place; same values, native dtype."""
-    if arr.dtype.isnative:
-        return arr
-    return arr.byteswap(inplace=True).view(arr.dtype.newbyteorder("="))
-
-
 class _Scratch(threading.local):
     """Per-thread temporary arrays reused from one decode to the next.
 
@@ -506,7 +555,7 @@ class _Scratch(threading.local):
 
     def get(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
         """A C-contiguous array of *shape*, possibly holding stale values."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         arr = self.arrays.get(name)
         if arr is None or arr.dtype != dtype or arr.size < size:
             grow = 0 if arr is None else arr.size + arr.size // 2
@@ -544,49 +593,86 @@ def decode_events(records: Sequence) -> EventBatch:
     return decode_buffer(b"".join(parts), offsets, lengths)
 
 
-def _check_records(words: np.ndarray, offsets, lengths, nbytes: int):
+#: One record header (11 words) as a single item, for a one-pass header gather.
+_HEADER_ITEM = np.dtype((np.void, HEADER_BYTES))
+
+
+def _gather_headers(data: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The 11 header words starting at word *first* of each record, native uint32 (n, 11).
+
+    One gather of 44-byte items from an overlapping view of the buffer with
+    a 4-byte stride (every word position is an item), then one byte-swapping
+    copy: three times faster than gathering rows of 11 words.
+    """
+    n_items = len(data) // 4 - HEADER_WORDS + 1
+    if n_items <= 0:
+        return np.zeros((len(first), HEADER_WORDS), np.uint32)
+    items = np.ndarray((n_items,), _HEADER_ITEM, buffer=data, strides=(4,))
+    return items[first].view(">u4").reshape(len(first), HEADER_WORDS).astype(np.uint32)
+
+
+def _check_records(data: np.ndarray, offsets, lengths):
     """Validate record extents and headers; return (header words, error map).
 
-    Vectorized over records.  *words* is the buffer as big-endian uint32 and
-    every offset is a multiple of 4.  Returns the 11 header words of each
+    Vectorized over records, with one combined test for the usual batch where
+    every record is good; the reasons are only worked out when one is not.
+    Every offset is a multiple of 4.  Returns the 11 header words of each
     record as native uint32 (rows of short records are zero) and
     ``{index: RecordError}``.
     """
-    n = len(offsets)
+    nbytes = len(data)
+    long_enough = (offsets >= 0) & (lengths >= HEADER_BYTES) & (offsets + lengths <= nbytes)
+    all_long = bool(long_enough.all())
+    header = _gather_headers(data, offsets // 4 if all_long else np.where(long_enough, offsets // 4, 0))
+    if not all_long:
+        header[~long_enough] = 0
+    nhit = (header[:, 3] & 0xFFFF).astype(np.int64)  # §4 word 3 bits 0-15
+    fits = long_enough & (nhit <= MAX_NHIT) & (HEADER_BYTES + 12 * nhit <= lengths)
+    if fits.all():
+        return header, {}
+    return header, _record_errors(offsets, lengths, nbytes, long_enough, nhit)
+
+
+def _record_errors(offsets, lengths, nbytes: int, long_enough, nhit) -> dict[int, RecordError]:
+    """The RecordError of each record whose extent or NPmtHit is wrong (§4)."""
     errors: dict[int, RecordError] = {}
     in_bounds = (offsets >= 0) & (lengths >= 0) & (offsets + lengths <= nbytes)
     for i in np.flatnonzero(~in_bounds).tolist():
         errors[i] = RecordError("bad_offset", f"record {i} lies outside the buffer")
-    long_enough = in_bounds & (lengths >= HEADER_BYTES)
     for i in np.flatnonzero(in_bounds & ~long_enough).tolist():
         errors[i] = RecordError("truncated", f"record {i} has {lengths[i]} bytes, less than the 44-byte header")
-    first = np.where(long_enough, offsets // 4, 0)
-    if len(words) >= HEADER_WORDS:
-        # One row gather of 11 consecutive words per record (overlapping strided view).
-        rows = as_strided(words, shape=(len(words) - HEADER_WORDS + 1, HEADER_WORDS),
-                          strides=(words.strides[0],) * 2, writeable=False)
-        header = _to_native(rows[first]).astype(np.uint32, copy=False)
-        header[~long_enough] = 0
-    else:
-        header = np.zeros((n, HEADER_WORDS), np.uint32)
-    nhit = (header[:, 3] & 0xFFFF).astype(np.int64)  # §4 word 3 bits 0-15
     too_many = long_enough & (nhit > MAX_NHIT)
     for i in np.flatnonzero(too_many).tolist():
         errors[i] = RecordError("nhit_too_large", f"record {i} claims {nhit[i]} hits (> {MAX_NHIT})")
     short = long_enough & ~too_many & (HEADER_BYTES + 12 * nhit > lengths)
     for i in np.flatnonzero(short).tolist():
         errors[i] = RecordError("truncated", f"record {i}: {nhit[i]} hits do not fit in {lengths[i]} bytes")
-    return header, errors
+    return errors
+
+
+def _check_subfields(data, header, offsets, lengths, nhit, errors: dict) -> None:
+    """Walk the sub-field chains of the records that have one (§7); add bad ones to *errors*."""
+    with_subfields = header[:, 4] & SUBFIELD_BIT
+    if not with_subfields.any():
+        return
+    for i in np.flatnonzero(with_subfields).tolist():
+        if i not in errors:
+            try:
+                walk_subfields(data, int(offsets[i]), int(lengths[i]) // 4, int(nhit[i]), int(header[i, 4]))
+            except RecordError as exc:
+                errors[i] = exc
 
 
 def decode_buffer(buf, offsets, lengths) -> EventBatch:
     """Decode records stored at byte ``offsets`` (``lengths`` bytes each) in *buf*.
 
-    This is the hot path (~5e7 hits/s on one core at mean nhit 40, see
-    ``bench/decode.py``): header words are gathered with one row gather, the
-    hit words of all good records are selected with one boolean mask (built
-    with ``np.repeat`` from the record extents), transposed into H0/H1/H2
-    rows, and every hit field is a whole-array operation writing in place.
+    This is the hot path of the pull workers (see ``bench/decode.py`` and
+    ``bench/pipeline.py``): header words are gathered in one pass, the hit
+    words of all good records are selected with one boolean mask (built with
+    ``np.repeat`` from the record extents), transposed into H0/H1/H2 rows,
+    and the per-hit fields the monitoring aggregates (lcn, QHS, hit GTID)
+    are whole-array operations writing in place; the other hit fields are
+    decoded from the kept hit words only when read (see ``EventBatch``).
     Per-record Python work is limited to the sub-field header walk of records
     with CalPckType bit 23 and to building error objects.  Temporaries are
     reused between calls (per thread); the returned arrays are fresh.
@@ -614,33 +700,31 @@ def decode_buffer(buf, offsets, lengths) -> EventBatch:
         raise ValueError("offsets and lengths differ in length")
     if not len(offsets):
         return empty_batch()
-    ok_extent = (offsets >= 0) & (lengths >= 0) & (offsets + lengths <= len(data))
-    if np.any(offsets[ok_extent] % 4):
-        return _realigned(data, offsets, lengths, ok_extent)
-    words = np.frombuffer(data, dtype=">u4", count=len(data) // 4)
-    header, errors = _check_records(words, offsets, lengths, len(data))
+    if np.any(offsets & 3) and np.any(offsets[_in_extent(offsets, lengths, len(data))] & 3):
+        return _realigned(data, offsets, lengths, _in_extent(offsets, lengths, len(data)))
+    header, errors = _check_records(data, offsets, lengths)
     nhit = (header[:, 3] & 0xFFFF).astype(np.int64)
-    nwords = lengths // 4
-    for i in np.flatnonzero(header[:, 4] & SUBFIELD_BIT).tolist():
-        if i not in errors:
-            try:
-                walk_subfields(data, int(offsets[i]), int(nwords[i]), int(nhit[i]), int(header[i, 4]))
-            except RecordError as exc:
-                errors[i] = exc
-    good = np.ones(len(offsets), bool)
+    _check_subfields(data, header, offsets, lengths, nhit, errors)
+    index = np.arange(len(offsets))
     if errors:
+        good = np.ones(len(offsets), bool)
         good[list(errors)] = False
-    good_idx = np.flatnonzero(good)
-    starts = offsets[good_idx] // 4 + HEADER_WORDS
-    counts = nhit[good_idx]
-    ends = starts + HIT_WORDS * counts
+        index = np.flatnonzero(good)
+        header, nhit = header[index], nhit[index]
+    starts = offsets[index] // 4 + HEADER_WORDS
+    ends = starts + HIT_WORDS * nhit
     if len(starts) > 1 and np.any(starts[1:] < ends[:-1]):
         # Hit regions overlap or are out of order: copy the records apart.
-        return _realigned(data, offsets, lengths, ok_extent)
-    batch = _events_from_headers(header[good_idx], good_idx)
-    _fill_hits(batch, words, starts, ends, counts)
+        return _realigned(data, offsets, lengths, _in_extent(offsets, lengths, len(data)))
+    batch = _events_from_headers(header, index)
+    _fill_hits(batch, np.frombuffer(data, ">u4", count=len(data) // 4), starts, ends, nhit)
     batch.errors = sorted(errors.items())
     return batch
+
+
+def _in_extent(offsets, lengths, nbytes: int) -> np.ndarray:
+    """Records whose byte extent lies inside a buffer of *nbytes*."""
+    return (offsets >= 0) & (lengths >= 0) & (offsets + lengths <= nbytes)
 
 
 def _realigned(data: np.ndarray, offsets, lengths, ok_extent) -> EventBatch:
@@ -664,26 +748,33 @@ def _realigned(data: np.ndarray, offsets, lengths, ok_extent) -> EventBatch:
     return decode_buffer(b"".join(parts), new_off, new_len)
 
 
+def _orphans(h: np.ndarray) -> np.ndarray:
+    """Records whose six MTC words (header words 5-10) are all zero (§5).
+
+    M3 holds the GTID, which is almost never zero, so one column settles most
+    batches; the other five are only read when some M3 is zero.
+    """
+    orphan = h[:, 8] == 0
+    if orphan.any():
+        orphan &= (h[:, 5] | h[:, 6] | h[:, 7] | h[:, 9] | h[:, 10]) == 0
+    return orphan
+
+
 def _events_from_headers(h: np.ndarray, index: np.ndarray) -> EventBatch:
     """Per-event fields from the native header words of the good records (§4, §5)."""
-    m = h[:, 5:11]
-    clock10 = m[:, 0].astype(np.uint64) | (m[:, 1].astype(np.uint64) & 0x1FFFFF) << np.uint64(32)
-    clock50 = (m[:, 1] >> 21).astype(np.uint64) | m[:, 2].astype(np.uint64) << np.uint64(11)
-    trigger = (m[:, 3] >> 24) | (m[:, 4] & 0x7FFFF) << 8  # §5: 27-bit SNO+ trigger word
+    m3, m4 = h[:, 8], h[:, 9]
     return EventBatch(
         run=h[:, 1].copy(),
         subrun=(h[:, 3] >> 16).astype(np.uint16),
-        evnum=h[:, 2].copy(),
-        gtid=m[:, 3] & 0xFFFFFF,
+        gtid=m3 & 0xFFFFFF,
         nhit=(h[:, 3] & 0xFFFF).astype(np.int32),
-        trigger=trigger,
-        clock10=clock10,
-        clock50=clock50,
-        orphan=~np.any(m, axis=1),
+        trigger=(m3 >> 24) | (m4 & 0x7FFFF) << 8,  # §5: 27-bit SNO+ trigger word
+        orphan=_orphans(h),
         bad_hits=np.zeros(len(h), np.int32),
         gtid_mismatch=np.zeros(len(h), np.int32),
-        valid_index=index.astype(np.int64),
+        valid_index=index.astype(np.int64, copy=False),
         **{k: np.zeros(0, t) for k, t in _HIT_DTYPES.items()},
+        header=h,
     )
 
 
@@ -705,11 +796,12 @@ def _hit_mask(nwords: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def _fill_hits(batch: EventBatch, words: np.ndarray, starts, ends, counts) -> None:
-    """Decode every hit of the good records into *batch* (§6), vectorized.
+    """Decode the hits of the good records into *batch* (§6), vectorized.
 
-    The hit words are selected with one boolean mask and transposed into three
-    contiguous native rows H0, H1, H2 with one casting copy (the fastest
-    transpose numpy offers); every field is then a whole-row operation.
+    The hit words are selected with one boolean mask (kept, big-endian, as
+    ``batch.hit_words``) and transposed into three contiguous native rows
+    H0, H1, H2 with one casting copy (the fastest transpose numpy offers);
+    lcn, QHS and the hit GTID are then whole-row operations.
     """
     total = int(counts.sum())
     if total == 0:
@@ -718,15 +810,14 @@ def _fill_hits(batch: EventBatch, words: np.ndarray, starts, ends, counts) -> No
     raw = words[_hit_mask(len(words), starts, ends)].reshape(total, HIT_WORDS)
     rows = _SCRATCH.get("rows", np.uint32, (HIT_WORDS, total))
     np.copyto(rows, raw.T)  # big-endian (N, 3) -> native (3, N)
-    del raw
-    hits = _hit_fields(total, *rows)
-    if int(hits["lcn"].max()) >= NCRATES * NCARDS * NCHANNELS:  # a crate above 18
-        bad = hits["lcn"] >= NCRATES * NCARDS * NCHANNELS
+    lcn, qhs, hit_gtid = _hit_fields(total, *rows)
+    if int(lcn.max()) >= NCHANNELS_TOTAL:  # a crate above 18
+        bad = lcn >= NCHANNELS_TOTAL
         nev = len(batch.gtid)
         batch.bad_hits = np.bincount(np.repeat(np.arange(nev), counts)[bad], minlength=nev).astype(np.int32)
-        hits = {k: v[~bad] for k, v in hits.items()}
-    for name, value in hits.items():
-        setattr(batch, name, value)
+        keep = ~bad
+        lcn, qhs, hit_gtid, raw = lcn[keep], qhs[keep], hit_gtid[keep], raw[keep]
+    batch.lcn, batch.qhs, batch.hit_gtid, batch.hit_words = lcn, qhs, hit_gtid, raw
     batch.gtid_mismatch = _gtid_mismatch_counts(batch)
 
 
@@ -737,36 +828,33 @@ def _gtid_mismatch_counts(batch: EventBatch) -> np.ndarray:
     clear almost every batch at once; otherwise every hit is compared with its
     event's GTID in one vectorized pass.  Orphans count 0.
     """
-    counts = batch.hit_counts.astype(np.int64)
+    counts = batch.hit_counts
     out = np.zeros(len(counts), np.int32)
-    rows = np.flatnonzero(counts > 0)
-    if not len(rows):
+    rows = slice(None) if counts.all() else np.flatnonzero(counts)
+    first_rows = batch.hit_starts[rows]
+    if not len(first_rows):
         return out
-    first = (np.cumsum(counts) - counts)[rows]
-    lo = np.minimum.reduceat(batch.hit_gtid, first)
-    hi = np.maximum.reduceat(batch.hit_gtid, first)
+    lo = np.minimum.reduceat(batch.hit_gtid, first_rows)
+    hi = np.maximum.reduceat(batch.hit_gtid, first_rows)
     gtid = batch.gtid[rows]
     if not np.any(((lo != gtid) | (hi != gtid)) & ~batch.orphan[rows]):
         return out
     differs = (batch.hit_gtid != np.repeat(batch.gtid, counts)).astype(np.int32)
-    out[rows] = np.add.reduceat(differs, first)
+    out[rows] = np.add.reduceat(differs, first_rows)
     out[batch.orphan] = 0
     return out
 
 
-def _hit_fields(n: int, h0: np.ndarray, h1: np.ndarray, h2: np.ndarray) -> dict[str, np.ndarray]:
-    """Stored per-hit fields from the native hit words H0, H1, H2 (§6).
+def _hit_fields(n: int, h0: np.ndarray, h1: np.ndarray, h2: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(lcn, qhs, hit_gtid) of every hit from the native hit words H0, H1, H2 (§6).
 
     Every operation writes with ``out=`` into the outputs or into reused
     scratch rows; 32-bit words are narrowed to 16 bits by the first
     operation on them, so most work is on 16-bit rows.
     """
-    u16 = np.empty((5, n), np.uint16)
-    u8 = np.empty((2, n), np.uint8)
+    lcn, qhs = np.empty((2, n), np.uint16)
     hit_gtid = np.empty(n, np.uint32)
-    lcn, qhs, qhl, qlx, tac = u16
-    cell, flags = u8
-    hi, tmp, tmp2 = _SCRATCH.get("tmp16", np.uint16, (3, n))
+    hi, tmp = _SCRATCH.get("tmp16", np.uint16, (2, n))
     wide = _SCRATCH.get("tmp32", np.uint32, (n,))
     unsafe = {"casting": "unsafe"}
     # H0 bits 16-31: channel 0-4, crate 5-9, card 10-13, CGT_ES16/24 14-15.
@@ -779,23 +867,10 @@ def _hit_fields(n: int, h0: np.ndarray, h1: np.ndarray, h2: np.ndarray) -> dict[
     np.bitwise_or(lcn, tmp, out=lcn)
     np.bitwise_and(hi, 0x1F, out=tmp)  # channel
     np.bitwise_or(lcn, tmp, out=lcn)
-    np.right_shift(hi, 14, out=tmp2)  # CGT_ES16, CGT_ES24 -> flag bits 0-1
-    # H1: QLX bits 0-11, cell 12-15, QHS 16-27, flag bits 28-31 -> flag bits 2-5.
-    np.bitwise_and(h1, 0xFFF, out=qlx, **unsafe)
-    np.right_shift(h1, 12, out=tmp, **unsafe)
-    np.bitwise_and(tmp, 0xF, out=cell, **unsafe)
-    np.right_shift(h1, 16, out=hi, **unsafe)
-    np.bitwise_and(hi, 0xFFF, out=qhs)
-    np.right_shift(hi, 12, out=tmp)
-    np.left_shift(tmp, 2, out=tmp)
-    np.bitwise_or(tmp, tmp2, out=flags, **unsafe)
-    # H2: QHL bits 0-11, GTID 16-19 at 12-15, TAC 16-27, GTID 20-23 at 28-31.
-    np.bitwise_and(h2, 0xFFF, out=qhl, **unsafe)
-    np.right_shift(h2, 16, out=tac, **unsafe)
-    np.bitwise_and(tac, 0xFFF, out=tac)
-    # ADC/TAC value = 12-bit field XOR 0x800 (§6).
-    for arr in (qlx, qhs, qhl, tac):
-        np.bitwise_xor(arr, ADC_XOR, out=arr)
+    # H1 bits 16-27: QHS; the value is the 12-bit field XOR 0x800 (§6).
+    np.right_shift(h1, 16, out=qhs, **unsafe)
+    np.bitwise_and(qhs, 0xFFF, out=qhs)
+    np.bitwise_xor(qhs, ADC_XOR, out=qhs)
     # Hit GTID = H0 bits 0-15 | (H2 bits 12-15) << 16 | (H2 bits 28-31) << 20.
     np.bitwise_and(h0, 0xFFFF, out=hit_gtid)
     np.left_shift(h2, 4, out=wide)
@@ -804,8 +879,7 @@ def _hit_fields(n: int, h0: np.ndarray, h1: np.ndarray, h2: np.ndarray) -> dict[
     np.right_shift(h2, 8, out=wide)
     np.bitwise_and(wide, 0xF00000, out=wide)
     np.bitwise_or(hit_gtid, wide, out=hit_gtid)
-    return {"lcn": lcn, "qhs": qhs, "qhl": qhl, "qlx": qlx, "tac": tac, "cell": cell, "flags": flags,
-            "hit_gtid": hit_gtid}
+    return lcn, qhs, hit_gtid
 
 
 # ---------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from minard.pmt import TRIGGER_NAMES, decode_event, decode_events, encode_event,
 T0 = 1_700_000_000.25
 
 
-def make_records(n, seed=1, run=100, subrun=0, gtid0=1000, orphans=(), mean_nhit=30):
-    """n records with random triggers and hits (orphans at the given indices)."""
+def make_records(n, seed=1, run=100, subrun=0, gtid0=1000, orphans=(), mean_nhit=30, words=None):
+    """n records with random triggers (or *words* in turn) and hits (orphans at the given indices)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -20,6 +20,8 @@ def make_records(n, seed=1, run=100, subrun=0, gtid0=1000, orphans=(), mean_nhit
         hits = {"crate": rng.integers(0, 19, nh), "card": rng.integers(0, 16, nh),
                 "channel": rng.integers(0, 32, nh), "qhs": rng.integers(0, 4096, nh)}
         word = int(rng.integers(0, 1 << 27)) & int(rng.integers(0, 1 << 27))
+        if words is not None:
+            word = words[i % len(words)]
         out.append(encode_event(run=run, subrun=subrun, evnum=i, gtid=(gtid0 + i) % (1 << 24),
                                 trigger_word=word, hits=hits, orphan=i in orphans))
     return out
@@ -64,6 +66,33 @@ def test_trigger_counts_sums_and_channel_hits_match_per_event_decoding():
     assert {i: int(c) for i, c in enumerate(sec.channel_hits) if c} == dict(want["channels"])
     assert sec.hits == sum(want["channels"].values())
     assert sec.records == 300 and sec.events == 298
+
+
+def nhit_hist_per_trigger(records):
+    """{(trigger name, bin): events} of the time-series nhit histogram, one event at a time."""
+    out = Counter()
+    for rec in records:
+        ev = decode_event(rec)
+        if not ev["orphan"]:
+            b = min(ev["nhit"] // ag.NHIT_BIN, ag.NHIT_BINS - 1)
+            for name in ev["triggers"] + ["TOTAL"]:
+                out[name, b] += 1
+    return out
+
+
+@pytest.mark.parametrize("words", [(1, 2, 3, 8, 1 << 12, (1 << 26) | 1), None],
+                         ids=["few trigger words", "a different word per event"])
+def test_per_trigger_sums_and_nhit_histogram_match_per_event_decoding(words):
+    records = make_records(400, seed=11, orphans={3}, mean_nhit=2, words=words)  # some events have no hits
+    sec = ag.SecondAgg(0)
+    sec.add_events(ag.select(decode_events(records)))
+    want = expected(records)
+    for i, name in enumerate(ag.NAMES):
+        assert (sec.counts[i], sec.nhit_sum[i], sec.qhs_sum[i]) == (
+            want["trig"][name], want["nhit"][name], want["qhs"][name]), name
+    hist = nhit_hist_per_trigger(records)
+    got = {(ag.NAMES[t], b): int(sec.nhit_hist[t, b]) for t, b in zip(*np.nonzero(sec.nhit_hist))}
+    assert got == dict(hist)
 
 
 def test_an_event_counts_once_per_trigger_bit_and_once_in_total():

@@ -32,6 +32,7 @@ from conftest import wait_for
 from test_aggregate import expected
 
 pytestmark = pytest.mark.timeout(120)
+T_SENT = 1_700_000_000.5
 BIN = Path(sys.executable).parent
 
 
@@ -404,3 +405,86 @@ def test_simulator_fault_injections_are_counted_and_skipped_gtids_are_no_gap(
     assert max(hits, key=hits.get) == 1000
     assert not any(5 * 512 <= k < 6 * 512 for k in hits)
     check_invariants(redis_client)
+
+
+def test_count_writer_adds_one_array_to_every_level_and_keeps_a_longer_stored_tail(redis_client):
+    from minard.dispatch_stream import CountWriter
+
+    writer = CountWriter(redis_client)
+    t = 1_700_000_000
+    keys = [ts.channel_key(level.step, ts.bucket(t, level.step), "hits") for level in ts.CHANNEL_LEVELS]
+    redis_client.set(keys[-1], np.full(9728, 5, ">u4").tobytes())  # an existing array, longer than the adds
+    dense = np.random.default_rng(3).integers(0, 9, 9000)
+    for counts in (dense, dense):
+        pipe = redis_client.pipeline(transaction=True)
+        writer.add_levels(pipe, "hits", t, counts)
+        pipe.execute()
+    end = int(np.flatnonzero(dense)[-1]) + 1  # the array sent stops at the last nonzero entry
+    for level, key in zip(ts.CHANNEL_LEVELS, keys):
+        want = 2 * dense[:end]
+        if key == keys[-1]:
+            want = np.full(9728, 5, np.int64)
+            want[:end] += 2 * dense[:end]
+        assert np.array_equal(np.frombuffer(redis_client.get(key), ">u4"), want), key
+        assert 0 < redis_client.ttl(key) <= level.keep + level.step
+
+
+def test_split_dispatch_leaves_out_and_counts_short_and_foreign_records():
+    from minard import wire
+    from minard.dispatch_stream import split_dispatch
+    from minard.pmt import decode_buffer, pack_dispatch, pack_rechdr
+
+    good = [pack_dispatch(encode_event(run=5, evnum=i, gtid=10 + i, trigger_word=1,
+                                       hits={"crate": [i], "qhs": [100]})) for i in range(4)]
+    records = [good[0], b"PMT", good[1], pack_rechdr("TRIG", b"\0" * 8), good[2], good[3]]
+    batch = wire.decode(wire.encode("pmt", records))  # the 3-byte record leaves the rest unaligned
+    offsets, lengths, bad = split_dispatch(batch)
+    assert bad == Counter(truncated=1, bad_header=1)
+    events = decode_buffer(batch.payload, offsets, lengths)
+    assert not events.errors and events.gtid.tolist() == [10, 11, 12, 13]
+    assert events.crate.tolist() == [0, 1, 2, 3]
+
+
+def test_a_new_worker_writes_its_first_batch_at_once_then_once_a_second(redis_client, redis_url):
+    from minard import wire
+    from minard.dispatch_stream import PullHandler
+    from minard.pmt import pack_dispatch
+
+    def message(run):
+        recs = [pack_dispatch(encode_event(run=run, evnum=i, gtid=1 + i, trigger_word=1)) for i in range(3)]
+        return wire.encode("pmt", recs)
+
+    handler = PullHandler({"redis_url": redis_url})
+    handler.process(message(61))
+    assert redis_client.hget("run:61", "events") == b"3"  # no flush called: written with the first batch
+    handler.process(message(62))
+    assert redis_client.hget("run:62", "events") is None  # later batches wait for the worker's flush
+    handler.flush(time.time())
+    assert redis_client.hget("run:62", "events") == b"3"
+
+
+def test_messages_held_and_decoded_together_count_gtid_gaps_as_if_decoded_alone(redis_url):
+    from minard import wire
+    from minard.dispatch_stream import HOLD_RECORDS, PullHandler
+    from minard.pmt import pack_dispatch
+
+    gtids = list(range(100, 160)) + list(range(165, 225))  # one gap: 5 GTIDs missing
+    records = [pack_dispatch(encode_event(run=8, evnum=i, gtid=g, trigger_word=1, hits={"qhs": [i]}))
+               for i, g in enumerate(gtids)]
+    messages, prev = [], None
+    for i in range(0, len(records), 20):  # as the push sends them: prev_gtid = GTID before the batch
+        messages.append(wire.encode("pmt", records[i:i + 20], {"prev_gtid": prev, "sent": T_SENT}))
+        prev = gtids[i + 19]
+    workers = [PullHandler({"redis_url": redis_url}) for _ in range(2)]
+    for w in workers:
+        w.first_batch = False  # keep everything in memory for this check
+    for k, frames in enumerate(messages):  # dealt round robin: a worker's messages are not consecutive
+        workers[k % 2].process(frames)
+    assert len(workers[0].held) == 3 and 3 * 20 < HOLD_RECORDS  # held back, not decoded yet
+    totals = Counter()
+    for w in workers:
+        w.decode_held()
+        sec = w.agg.seconds[int(T_SENT)]
+        totals.update(gaps=sec.gtid_gaps, missing=sec.gtid_missing, jumps=sec.gtid_jumps,
+                      events=sec.events, qhs=int(sec.qhs_sum[-1]))
+    assert totals == Counter(gaps=1, missing=5, events=120, qhs=sum(range(120)))

@@ -245,6 +245,28 @@ def test_hits_on_crates_above_18_are_dropped_and_counted():
     assert pmt.decode_event(record)["bad_hits"] == 3
 
 
+def test_hit_fields_read_on_demand_belong_to_the_kept_hits():
+    hits = random_hits(np.random.default_rng(4), 7)
+    hits["crate"] = np.array([0, 19, 18, 31, 5, 19, 2])
+    record = pmt.encode_event(run=1, evnum=9, gtid=5, trigger_word=1, hits=hits, clock10=12345, clock50=678)
+    batch = pmt.decode_events([make_event(0, 2), record])
+    kept = np.concatenate(([True, True], hits["crate"] <= 18))
+    first = random_hits(np.random.default_rng(0), 2)  # make_event(0, 2)'s hits
+    for name in ("cell", "qhs", "qhl", "qlx", "tac", "flags"):
+        want = np.concatenate((first[name], hits[name]))[kept]
+        assert getattr(batch, name).tolist() == want.tolist(), name
+    assert batch.hit_words.shape == (batch.n_hits, 3) == (6, 3)
+    assert batch.evnum.tolist() == [0, 9] and batch.clock10[1] == 12345 and batch.clock50[1] == 678
+
+
+def test_decoded_arrays_are_not_overwritten_by_the_next_decode():
+    a = pmt.decode_events([make_event(i, 50, seed=1) for i in range(20)])
+    saved = {k: getattr(a, k).copy() for k in ("lcn", "qhs", "hit_gtid", "gtid", "trigger")}
+    pmt.decode_events([make_event(i, 80, seed=2) for i in range(30)])
+    for name, value in saved.items():
+        assert np.array_equal(getattr(a, name), value), name
+
+
 def test_channel_and_trigger_counts_aggregate_the_batch():
     hits = {"crate": [0, 0, 18], "card": [1, 1, 15], "channel": [20, 20, 31]}
     records = [pmt.encode_event(run=1, evnum=i, gtid=i, trigger_word=pmt.trigger_word("100L", "PED"), hits=hits)

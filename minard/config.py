@@ -41,7 +41,7 @@ DEFAULTS: dict[str, object] = {
     "zmq_dispatch": "tcp://127.0.0.1:5560",
     "zmq_cmos": "tcp://127.0.0.1:5557",
     "zmq_base": "tcp://127.0.0.1:5558",
-    "zmq_hwm": 10000,
+    "zmq_hwm": 200,  # messages per socket queue; a dispatch batch is ~0.5 MB at nhit 40
     "zmq_max_frame": 64 * 1024 * 1024,
     # ORCA data stream
     "orca_host": "127.0.0.1",

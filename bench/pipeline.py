@@ -271,9 +271,11 @@ class Stack:
         time.sleep(0.5)
         return self
 
-    def replay(self, path: Path, loop: bool) -> subprocess.Popen:
+    def replay(self, path: Path, loop: bool, rate: float | None = None) -> subprocess.Popen:
+        """``minard replay`` of *path* at full speed, or at *rate* events/s."""
+        pace = ["--rate", str(rate)] if rate else ["--speed", "max"]
         args = [sys.executable, "-m", "minard.cli", "replay", str(path), "--dispatcher",
-                f"127.0.0.1:{self.port}", "--speed", "max", "--no-progress"] + (["--loop"] if loop else [])
+                f"127.0.0.1:{self.port}", *pace, "--no-progress"] + (["--loop"] if loop else [])
         with open(self.dir / "replay.log", "ab") as log:
             return subprocess.Popen(args, env=self.env, stdout=log, stderr=log, cwd=str(ROOT))
 
@@ -312,15 +314,15 @@ def _processed(stack: Stack) -> int:
 
 
 def bench_end_to_end(redis_url: str, path: Path, nhit: float, workers: int, seconds: float,
-                     workdir: Path) -> dict:
-    """Sustained events/s through the whole chain with a looping replay."""
+                     workdir: Path, rate: float | None = None) -> dict:
+    """Sustained events/s through the whole chain with a looping replay (at *rate*, or flat out)."""
     client = redis_py.Redis.from_url(redis_url)
     client.flushall()
     stack = Stack(redis_url, workdir, workers).start()
     mem0 = client.info("memory")["used_memory"]
     rss = 0.0
     try:
-        replay = stack.replay(path, loop=True)
+        replay = stack.replay(path, loop=True, rate=rate)
         time.sleep(1.0)  # warm-up
         pids = stage_pids(stack, replay)
         cpu0 = {stage: cpu_seconds(p) for stage, p in pids.items()}
@@ -522,12 +524,33 @@ def bench_storage(redis_url: str, seconds: int = 30) -> dict:
 
 # ------------------------------------------------------------------ main
 
+def zero_loss_search(redis_url: str, workdir: Path, rates: list[float], seconds: float) -> None:
+    """Offer increasing rates (nhit 40, 2 workers); print the highest carried with zero loss."""
+    print("\n== End to end at offered rates (nhit 40, 2 workers): the goal is >= 200k events/s with zero loss ==")
+    path = workdir / "nhit40.zdab"
+    best = 0.0
+    for rate in rates:
+        say(f"end to end at {rate:,.0f} events/s offered")
+        sub = workdir / f"e2e-rate-{rate:.0f}"
+        sub.mkdir()
+        r = bench_end_to_end(redis_url, path, 40, 2, seconds, sub, rate=rate)
+        lost = sum(r["lost"].values())
+        print(f"offered {rate:>9,.0f}: carried {r['events_s']:>9,.0f} events/s, lost {r['lost']}"
+              f"; CPU per event {sum(r['cpu_us'].values()):.1f} us")
+        if lost or r["events_s"] < 0.97 * rate:
+            break
+        best = rate
+    print(f"highest offered rate carried with zero loss: {best:,.0f} events/s")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="Shorter runs (about a minute).")
     parser.add_argument("--seconds", type=float, default=None, help="Seconds per end-to-end run.")
+    parser.add_argument("--rates", default="100000,150000,200000,250000",
+                        help="Offered rates (events/s, nhit 40, 2 workers) for the zero-loss search.")
     parser.add_argument("--skip-e2e", action="store_true",
                         help="Skip the sustained end-to-end runs (consumer, storage, burst and latency only).")
     args = parser.parse_args(argv)
@@ -574,6 +597,7 @@ def main(argv=None) -> int:
                           f" lag {r['lag_s']:.2f} s")
                     print("    CPU per event: " + ", ".join(f"{k} {v:.2f} us" for k, v in r["cpu_us"].items())
                           + f" (total {sum(r['cpu_us'].values()):.1f} us; {os.cpu_count()} CPUs)")
+            zero_loss_search(server.url, workdir, [float(r) for r in args.rates.split(",")], seconds)
 
         say("burst of 10^4 events")
         sub = workdir / "burst"

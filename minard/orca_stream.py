@@ -300,7 +300,7 @@ class Producer:
         self.seq += 1
         n = len(records)
         try:
-            self.socks[stream].send_multipart(wire.encode(stream, records, meta), zmq.NOBLOCK, copy=False)
+            self.socks[stream].send_multipart(wire.encode(stream, records, meta), zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.deltas.update(dropped=n, hwm=n, **{f"dropped_{stream}": n})
             self.totals["dropped"] += n

@@ -43,6 +43,8 @@ from . import wire
 
 log = logging.getLogger("minard.pool")
 
+#: Receive high-water mark of the manager's PULL socket (messages).
+FRONT_HWM = 4
 # Messages between manager and worker (first frame after the ROUTER identity).
 READY, DONE, BYE, STOP, WORK = b"READY", b"DONE", b"BYE", b"STOP", b"WORK"
 
@@ -168,7 +170,9 @@ class Pool:
         caller publishes it as the pool's heartbeat).
         """
         self.front = self._ctx.socket(zmq.PULL)
-        self.front.setsockopt(zmq.RCVHWM, self.spec.hwm)
+        # The manager's own queue (queue_limit) is the buffer; a long ZMQ receive
+        # queue on top of it held up to ~1 GB of batches in the manager.
+        self.front.setsockopt(zmq.RCVHWM, FRONT_HWM)
         self.front.connect(self.spec.upstream)
         self.back = self._ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
@@ -233,8 +237,9 @@ class Pool:
     def _read_upstream(self) -> None:
         while len(self.queue) < self.spec.queue_limit:
             try:
-                # zmq.Frame objects: handed on to a worker without a copy in Python
-                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
+                # copied into bytes: a zero-copy zmq.Frame would keep libzmq's whole
+                # receive buffer alive while queued (about 1 GB at 64 queued batches)
+                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
             self.stats.batches_received += 1

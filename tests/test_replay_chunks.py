@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minard import framing, pmt
-from minard.replay import Chunk, Pacer, iter_chunks, peek, peek_many
+from minard.replay import Chunk, Pacer, iter_chunks, peek
 from minard.zdab import write_events
 
 

@@ -103,15 +103,12 @@ def parse_speed(text: str) -> float | None:
     return factor
 
 
-def iter_files(paths: Iterable[str], loop: bool = False) -> Iterator[bytes]:
-    """Every PmtEventRecord of *paths* in order; forever with *loop*."""
+def iter_files(paths: Iterable[str]) -> Iterator[bytes]:
+    """Every PmtEventRecord of *paths* in order."""
     from .zdab import read_events
 
-    while True:
-        for path in paths:
-            yield from read_events(path)
-        if not loop:
-            return
+    for path in paths:
+        yield from read_events(path)
 
 
 def count_records(paths: Iterable[str]) -> int:
@@ -132,14 +129,14 @@ def iter_chunks(paths: Sequence[str], loop: bool = False, cache_bytes: int = 0) 
         if cached:
             yield from cached
         else:
-            records = iter_files(paths)
+            records, produced = iter_files(paths), False
             while batch := take_chunk(records):
-                chunk = Chunk(batch)
+                chunk, produced = Chunk(batch), True
                 if keep:
                     cached.append(chunk)
                 yield chunk
-            if keep and not cached:
-                return  # nothing to loop over
+            if not produced:
+                return  # no events at all: nothing to loop over
         if not loop:
             return
 

@@ -159,9 +159,6 @@ class _Reader:
         if len(self.stats.problems) < 100:
             self.stats.problems.append((offset, reason))
 
-    def word(self, offset: int) -> int:
-        return struct.unpack_from(">I", self.data, offset)[0]
-
     # -- layer 1: physical records -------------------------------------------
     #
     # Layers 2 and 3 append the banks of one physical record to a list rather

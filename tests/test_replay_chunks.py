@@ -92,3 +92,4 @@ def test_a_looping_replay_of_a_file_without_events_ends(tmp_path):
     path = tmp_path / "empty.zdab"
     write_events(path, [])
     assert list(iter_chunks([str(path)], loop=True, cache_bytes=1 << 20)) == []
+    assert list(iter_chunks([str(path)], loop=True, cache_bytes=0)) == []  # not kept in memory either

@@ -194,26 +194,9 @@ def corrupt_record(record: bytes, kind: int, rng: np.random.Generator) -> bytes:
     return bytes(out)
 
 
-def generate_events(
-    seed: int,
-    n_events: int,
-    *,
-    run: int = 1000,
-    start_gtid: int = 1,
-    rate_hz: float = 1000.0,
-    mean_nhit: float = 40.0,
-    subrun_every: int = 0,
-    run_every: int = 0,
-    orphan_rate: float = 0.001,
-    start_clock10: int = DEFAULT_CLOCK10,
-    faults: Faults | None = None,
-    batch_size: int = 10_000,
-) -> Iterator[bytes]:
-    """Yield *n_events* PmtEventRecords (bytes); see the module docstring."""
-    for buf, offsets, lengths in generate_batches(
-            seed, n_events, run=run, start_gtid=start_gtid, rate_hz=rate_hz, mean_nhit=mean_nhit,
-            subrun_every=subrun_every, run_every=run_every, orphan_rate=orphan_rate,
-            start_clock10=start_clock10, faults=faults, batch_size=batch_size):
+def generate_events(seed: int, n_events: int, **options) -> Iterator[bytes]:
+    """Yield *n_events* PmtEventRecords (bytes); *options* as :func:`generate_batches`."""
+    for buf, offsets, lengths in generate_batches(seed, n_events, **options):
         for offset, length in zip(offsets.tolist(), lengths.tolist()):
             yield buf[offset:offset + length]
 

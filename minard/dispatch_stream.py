@@ -57,7 +57,6 @@ import click
 import numpy as np
 import redis as redis_py
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import config as config_mod
 from . import log as log_mod
@@ -285,7 +284,7 @@ class Pusher:
         self.disp_seen = (None, 0, 0)  # (socket, events_sent, events_dropped) last read
         self.next_beat = 0.0
         self.next_stats = 0.0
-        self.redis_ok = True
+        self.reporter = status.Reporter(self.redis, PUSH_COMPONENT, self.started)
 
     # -------------------------------------------------------- lifecycle
     def stop(self, *_args) -> None:
@@ -466,9 +465,7 @@ class Pusher:
 
     def count_peers(self) -> int:
         """Consumers connected to the PUSH socket (from the socket monitor)."""
-        while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            self.peers += 1 if event == zmq.EVENT_ACCEPTED else -1
+        self.peers += status.peers_changed(self.monitor)
         return self.peers
 
     def beat(self, final: bool = False) -> None:
@@ -483,22 +480,7 @@ class Pusher:
                   **{k: v for k, v in self.totals.items()}}
         if final:
             fields["state"] = "stopped"
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            status.beat(pipe, PUSH_COMPONENT, fields, started=self.started)
-            for stage, counts in self.deltas.items():
-                status.count(pipe, stage, **counts)
-            pipe.execute()
-        except redis_py.RedisError as exc:
-            if self.redis_ok:
-                log.warning("Redis unavailable (%s): counters kept until it is back", exc)
-            self.redis_ok = False
-            return
-        if not self.redis_ok:
-            log.info("Redis is back; pending counters written")
-        self.redis_ok = True
-        for counts in self.deltas.values():
-            counts.clear()
+        self.reporter.write(fields, self.deltas)
 
 
 # =================================================================== pull: worker

@@ -76,7 +76,6 @@ import click
 import numpy as np
 import redis as redis_py
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import NCARDS, NCHANNELS, NCHANNELS_TOTAL, orca, status, wire
 from . import config as config_mod
@@ -148,7 +147,7 @@ class Producer:
         self.totals = Counter()  # since start, for the heartbeat
         self.deltas = Counter()  # stats:orca_producer not yet in Redis
         self.next_beat = 0.0
-        self.redis_ok = True
+        self.reporter = status.Reporter(self.redis, PRODUCER_COMPONENT, self.started)
 
     # -------------------------------------------------------- lifecycle
     def stop(self, *_args) -> None:
@@ -316,9 +315,7 @@ class Producer:
     def count_peers(self) -> dict[str, int]:
         """Consumers connected to each PUSH socket (from the socket monitors)."""
         for stream, monitor in self.monitors.items():
-            while monitor.poll(0):
-                event = recv_monitor_message(monitor)["event"]
-                self.peers[stream] += 1 if event == zmq.EVENT_ACCEPTED else -1
+            self.peers[stream] += status.peers_changed(monitor)
         return {f"consumers_{s}": self.peers[s] for s in STREAMS}
 
     def _maybe_beat(self) -> None:
@@ -337,20 +334,7 @@ class Producer:
                   **self.count_peers(), **self.totals}
         if final:
             fields["state"] = "stopped"
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            status.beat(pipe, PRODUCER_COMPONENT, fields, started=self.started)
-            status.count(pipe, "orca_producer", **self.deltas)
-            pipe.execute()
-        except redis_py.RedisError as exc:
-            if self.redis_ok:
-                log.warning("Redis unavailable (%s): counters kept until it is back", exc)
-            self.redis_ok = False
-            return
-        if not self.redis_ok:
-            log.info("Redis is back; pending counters written")
-        self.redis_ok = True
-        self.deltas.clear()
+        self.reporter.write(fields, {"orca_producer": self.deltas})
 
 
 def _hex(value: int | None) -> str:

@@ -19,10 +19,18 @@ Keys (see docs/storage.md):
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Mapping
+
+import redis as redis_py
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+log = logging.getLogger("minard.status")
 
 STAGES = ("dispatcher", "push", "pull", "redis", "orca_producer", "cmos", "base")
 COUNTERS = ("received", "processed", "dropped", "errors")
@@ -48,6 +56,46 @@ def count(pipe, stage: str, **deltas: int) -> None:
     for name, delta in deltas.items():
         if delta:
             pipe.hincrby(f"stats:{stage}", name, int(delta))
+
+
+class Reporter:
+    """A producer's heartbeat and its stage-counter deltas, written in one transaction.
+
+    The deltas are cleared only once written, so nothing is lost while Redis
+    is down; the outage is logged when it starts and when it ends.
+    """
+
+    def __init__(self, redis, component: str, started: float | None = None):
+        self.redis, self.component, self.started = redis, component, started
+        self.ok = True
+
+    def write(self, fields: Mapping[str, object], deltas: Mapping[str, Counter]) -> bool:
+        """Beat with *fields* and add *deltas* (stage -> Counter); False if Redis failed."""
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            beat(pipe, self.component, fields, started=self.started)
+            for stage, counts in deltas.items():
+                count(pipe, stage, **counts)
+            pipe.execute()
+        except redis_py.RedisError as exc:
+            if self.ok:
+                log.warning("Redis unavailable (%s): counters kept until it is back", exc)
+            self.ok = False
+            return False
+        if not self.ok:
+            log.info("Redis is back; pending counters written")
+        self.ok = True
+        for counts in deltas.values():
+            counts.clear()
+        return True
+
+
+def peers_changed(monitor) -> int:
+    """Net change in connected peers since the last call, from a ZMQ socket monitor."""
+    change = 0
+    while monitor.poll(0):
+        change += 1 if recv_monitor_message(monitor)["event"] == zmq.EVENT_ACCEPTED else -1
+    return change
 
 
 def stats(redis) -> dict[str, dict[str, int]]:

@@ -23,3 +23,21 @@ def test_stage_counters_add_up_across_processes(redis_client):
         pipe.execute()
     assert status.stats(redis_client)["pull"] == {
         "received": 30, "processed": 27, "errors": 3, "bad_nhit": 3}
+
+
+def test_reporter_keeps_counter_deltas_while_redis_is_down_and_writes_them_once_back(redis_client):
+    from collections import Counter
+
+    import redis as redis_py
+
+    from minard.testing import free_port
+
+    deltas = {"push": Counter(received=5, processed=4, dropped=1)}
+    down = status.Reporter(redis_py.Redis(port=free_port(), socket_connect_timeout=0.2), "x")
+    assert not down.write({"connected": 1}, deltas)
+    assert deltas["push"]["received"] == 5  # kept for the next write
+    up = status.Reporter(redis_client, "x")
+    assert up.write({"connected": 1}, deltas)
+    assert not deltas["push"]
+    assert status.stats(redis_client)["push"] == {"received": 5, "processed": 4, "dropped": 1}
+    assert status.components(redis_client)["x"]["connected"] == "1"

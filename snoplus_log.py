@@ -5,6 +5,6 @@ The name is the original site's.  The app reads its configuration from
 connects to nothing until the first request.
 """
 
-from minard.logserver import create_app
+from minard.ops.logserver import create_app
 
 app = create_app()

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minard import NCHANNELS_TOTAL, pmt
+from minard.formats import pmt
+from minard.formats.detector import NCHANNELS_TOTAL
 from minard.simulate.events import generate_batches
 
 

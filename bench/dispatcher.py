@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minard import framing, pmt
-from minard.dispatcher import DispatcherProcess
+from minard.dispatcher.server import DispatcherProcess
+from minard.formats import framing, pmt
 from minard.testing import free_port
 
 RAW = framing.tag_bytes("RAWDATA")
@@ -156,7 +156,7 @@ def cpu_seconds(pid: int) -> float:
 
 def bench_dispatcher(address: str, stream: bytes, n: int, roles: list[str], run: int) -> tuple[float, dict]:
     """source -> dispatcher -> receivers with *roles*; return (rate, dispatcher stats)."""
-    from minard.dispatch_client import DispatchClient
+    from minard.dispatcher.client import DispatchClient
 
     host, port = address.split(":")
     results = mp.Queue()

@@ -3,7 +3,7 @@
 Both paths take the same raw Xl3CmosRate records (19 crates x 2 records per
 readout, 16 cards per crate, ORCA_FORMAT.md §5) and produce the same rates:
 
-* ``vectorised``: ``minard.orca.decode_cmos`` + ``CmosRateState.update`` on one
+* ``vectorised``: ``minard.formats.orca.decode_cmos`` + ``CmosRateState.update`` on one
   whole-detector readout (38 records) at a time, as a consumer does;
 * ``python loop``: the straightforward way (as the original minard did it):
   ``struct.unpack_from`` per channel, per-channel rate logic on Python lists.
@@ -42,10 +42,12 @@ import redis as redis_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minard import NCRATES, config, orca, wire
-from minard import timeseries as ts
-from minard.orca_stream import BaseHandler, CmosHandler
+from minard import config
+from minard.formats import orca, wire
+from minard.formats.detector import NCRATES
+from minard.pipeline.orca_stream import BaseHandler, CmosHandler
 from minard.simulate.orca import OrcaSimulator
+from minard.store import timeseries as ts
 from minard.testing import RedisServer
 
 CMOS_ID = 5 << 18

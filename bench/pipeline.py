@@ -47,15 +47,22 @@ import redis as redis_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minard import pmt, status, timeseries as ts, wire  # noqa: E402
-from minard.aggregate import NHIT_BINS, NTRIG, TOTAL, RunAgg, SecondAgg  # noqa: E402
-from minard.dispatch_client import DispatchClient  # noqa: E402
-from minard.dispatch_stream import NHIT_LEVELS, CountWriter, PullHandler, write_second  # noqa: E402
-from minard.dispatcher import DispatcherProcess  # noqa: E402
-from minard.framing import encode_rawbatch  # noqa: E402
-from minard.runs import write_run  # noqa: E402
-from minard.testing import RedisServer, free_port, stop_pid  # noqa: E402
-from minard.zdab import ZdabWriter  # noqa: E402
+from minard.analysis.aggregate import NHIT_BINS, NTRIG, TOTAL, RunAgg, SecondAgg
+from minard.dispatcher.client import DispatchClient
+from minard.dispatcher.server import DispatcherProcess
+from minard.formats import pmt, wire
+from minard.formats.framing import encode_rawbatch
+from minard.formats.zdab import ZdabWriter
+from minard.pipeline.dispatch_stream import (
+    NHIT_LEVELS,
+    CountWriter,
+    PullHandler,
+    write_second,
+)
+from minard.store import status
+from minard.store import timeseries as ts
+from minard.store.runs import write_run
+from minard.testing import RedisServer, free_port, stop_pid
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import redis as redis_py
 
-from minard import config, status
+from minard import config
 from minard import stack as stack_mod
+from minard.store import status
 from minard.testing import free_port
 
 TICK = os.sysconf("SC_CLK_TCK")

@@ -1,7 +1,7 @@
 """Benchmark of the website under gunicorn with a day of realistic data.
 
 Starts its own redis-server, fills it with a day of 1 s data for the whole
-detector (``minard.web.sample.write_day``: trigger rates, run/subrun/GTID,
+detector (``minard.testing.sample.write_day``: trigger rates, run/subrun/GTID,
 9728-channel hits, CMOS rates and base currents, nhit histograms at every
 resolution level), starts ``gunicorn minard:app`` on a free port and measures,
 with N concurrent clients (threads, one HTTP connection per request):
@@ -40,8 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import redis as redis_py
 
-from minard.testing import RedisServer, free_port, stop_pid, wait_port
-from minard.web import sample
+from minard.testing import RedisServer, free_port, sample, stop_pid, wait_port
 
 
 def parse_args(argv=None):

@@ -7,11 +7,6 @@ Redis import them.
 
 __version__ = "0.1.0"
 
-#: Detector geometry: 19 crates x 16 cards x 32 channels.
-NCRATES = 19
-NCARDS = 16
-NCHANNELS = 32
-NCHANNELS_TOTAL = NCRATES * NCARDS * NCHANNELS  # 9728
 
 
 def __getattr__(name: str):
@@ -20,7 +15,7 @@ def __getattr__(name: str):
     Lazy so that importing minard (the CLI, the decoders) never imports Flask.
     """
     if name == "app":
-        from .web import create_app
+        from minard.web import create_app
 
         app = create_app()
         globals()["app"] = app

@@ -11,27 +11,27 @@ import importlib
 
 import click
 
-from . import __version__
+from minard import __version__
 
 #: subcommand name -> "module:attribute" of a click command.
 COMMANDS = {
     "demo": ("minard.demo:demo", "Decode the bundled recorded data and print a summary."),
     "dump": ("minard.dump:dump", "Print the records of a ZDAB or ORCA file as JSON lines."),
     "simulate": ("minard.simulate:simulate", "Write synthetic ZDAB files and ORCA streams."),
-    "dispatcher": ("minard.dispatcher:dispatcher_cmd", "Run the event dispatcher server."),
-    "replay": ("minard.replay:replay_cmd", "Send ZDAB files to a dispatcher as its data source."),
-    "record": ("minard.recorder:record_cmd", "Write every event from a dispatcher to ZDAB files."),
-    "send": ("minard.dispatch_client:send_cmd", "Send one text command to a dispatcher and print the reply."),
-    "keys": ("minard.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
-    "runs": ("minard.runs:runs_cli", "List runs, or show one run's summary (events, triggers, nhit, channels)."),
-    "stats": ("minard.dispatch_stream:stats_cmd", "Print the pipeline's loss counters per stage."),
-    "query": ("minard.query:query_cmd", "Print the latest per-channel CMOS rates, base currents or occupancy."),
-    "orca-replay": ("minard.orca_replay:orca_replay_cmd", "Serve a recorded ORCA stream file to clients as ORCA does."),
+    "dispatcher": ("minard.dispatcher.server:dispatcher_cmd", "Run the event dispatcher server."),
+    "replay": ("minard.dispatcher.replay:replay_cmd", "Send ZDAB files to a dispatcher as its data source."),
+    "record": ("minard.dispatcher.recorder:record_cmd", "Write every event from a dispatcher to ZDAB files."),
+    "send": ("minard.dispatcher.client:send_cmd", "Send one text command to a dispatcher and print the reply."),
+    "keys": ("minard.ops.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
+    "runs": ("minard.store.runs:runs_cli", "List runs, or show one run's summary (events, triggers, nhit, channels)."),
+    "stats": ("minard.pipeline.dispatch_stream:stats_cmd", "Print the pipeline's loss counters per stage."),
+    "query": ("minard.store.query:query_cmd", "Print the latest per-channel CMOS rates, base currents or occupancy."),
+    "orca-replay": ("minard.pipeline.orca_replay:orca_replay_cmd", "Serve a recorded ORCA stream file to clients as ORCA does."),
     "up": ("minard.stack:up_cmd", "Start the whole stack (Redis, pipeline, web, nginx) under supervisord."),
     "down": ("minard.stack:down_cmd", "Stop every process of the stack and check that none is left."),
     "status": ("minard.stack:status_cmd", "Show every process of the stack (state, pid, uptime)."),
-    "pinger": ("minard.pinger:pinger_cmd", "Post heartbeats to the log server for every pipeline component."),
-    "monitors": ("minard.monitors:monitors_cmd", "Run the monitors of conf/monitors.cfg (Redis, disk, lag, losses)."),
+    "pinger": ("minard.ops.pinger:pinger_cmd", "Post heartbeats to the log server for every pipeline component."),
+    "monitors": ("minard.ops.monitors:monitors_cmd", "Run the monitors of conf/monitors.cfg (Redis, disk, lag, losses)."),
 }
 
 
@@ -77,10 +77,10 @@ def _seed_alias(subcommand_path: str):
 
 
 #: ``minard_dispatch push|pull`` (the dispatch-stream producer and consumers).
-minard_dispatch_main = _seed_alias("minard.dispatch_stream:cli")
+minard_dispatch_main = _seed_alias("minard.pipeline.dispatch_stream:cli")
 #: ``data_producer`` (ORCA stream -> ZMQ) and ``data_consumer PORT``.
-data_producer_main = _seed_alias("minard.orca_stream:producer_cli")
-data_consumer_main = _seed_alias("minard.orca_stream:consumer_cli")
+data_producer_main = _seed_alias("minard.pipeline.orca_stream:producer_cli")
+data_consumer_main = _seed_alias("minard.pipeline.orca_stream:consumer_cli")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

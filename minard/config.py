@@ -52,7 +52,7 @@ DEFAULTS: dict[str, object] = {
     "nginx_port": 50000,
     "supervisor_port": 9001,
     # Operations (log server, alarms, credentials).  An empty path means the
-    # default file under var_dir (see minard.programs.ops_path).
+    # default file under var_dir (see minard.ops.programs.ops_path).
     "programs_file": "conf/programs.cfg",
     "keys_file": "",
     "log_dir": "",

@@ -17,9 +17,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import config, orca, pmt, zdab
-from .simulate import events as sim_events
-from .simulate import orca as sim_orca
+from minard import config
+from minard.formats import orca, pmt, zdab
+from minard.simulate import events as sim_events
+from minard.simulate import orca as sim_orca
 
 BUNDLED = config.ROOT.parent / "shared" / "data" / "Demo_Events.zdab"
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import click
 
-from . import orca, pmt, zdab
+from minard.formats import orca, pmt, zdab
 
 ZEBRA_SIGNATURE = b"\x01\x23\xcd\xef"
 

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import click
 
-from . import config as config_mod
-from .config import ROOT
+from minard import config as config_mod
+from minard.config import ROOT
 
 TEMPLATES = ROOT / "conf" / "templates"
 #: The bundled recorded run, beside the checkout (if present).
@@ -293,7 +293,7 @@ def redis_text(cfg, lay: Layout) -> str:
 
 def nginx_text(cfg, lay: Layout) -> str:
     """The rendered nginx.conf: as the invoking user, local pid, logs and temp paths."""
-    from .web import CSP
+    from minard.web import CSP
 
     # Started as root, nginx would hand its workers to 'nobody', who cannot
     # enter a private stack directory; an ordinary user needs no directive.
@@ -360,12 +360,12 @@ def programs_text(cfg, lay: Layout) -> str:
 def ensure_tokens(scfg, lay: Layout) -> dict[str, str]:
     """A program token for every registered program, for the pinger (0600 file).
 
-    Tokens are created with :mod:`minard.keys` (only their hashes go to the key
+    Tokens are created with :mod:`minard.ops.keys` (only their hashes go to the key
     file); a token that no longer verifies (key file replaced, revoked) is
     issued again.
     """
-    from .keys import KeyStore
-    from .programs import Registry
+    from minard.ops.keys import KeyStore
+    from minard.ops.programs import Registry
 
     store = KeyStore.from_config(scfg)
     tokens = {}
@@ -555,7 +555,7 @@ def rpc(lay: Layout, timeout: float = 5.0):
     """An XML-RPC proxy to the stack's supervisord over its unix socket."""
     import xmlrpc.client
 
-    from .web.supervisor import UnixTransport
+    from minard.web.supervisor import UnixTransport
 
     return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(str(lay.socket), timeout))
 
@@ -570,7 +570,7 @@ def supervisord_running(lay: Layout) -> bool:
 
 def process_rows(lay: Layout) -> list[dict]:
     """supervisord's process table (state, pid, uptime, description)."""
-    from .web.supervisor import process_table
+    from minard.web.supervisor import process_table
 
     return process_table(str(lay.socket), timeout=5.0)["processes"]
 
@@ -791,7 +791,7 @@ def down_cmd(directory, config_path):
 def status_cmd(directory, config_path):
     """Show every process of the stack (state, pid, uptime); exit 3 if it is not running."""
     _cfg, lay = _setup(config_path, directory)
-    from .web.supervisor import Unavailable
+    from minard.web.supervisor import Unavailable
 
     try:
         rows = process_rows(lay)

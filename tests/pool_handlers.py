@@ -5,7 +5,7 @@ import time
 
 import redis
 
-from minard import wire
+from minard.formats import wire
 
 
 class Counting:

@@ -29,7 +29,7 @@ import redis as redis_py
 
 from minard import config
 from minard import stack as stack_mod
-from minard import timeseries as ts
+from minard.store import timeseries as ts
 from minard.testing import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -14,8 +14,8 @@ def simulate():
 
 
 def _register() -> None:
-    from .events import zdab_cmd
-    from .orca import orca_cmd
+    from minard.simulate.events import zdab_cmd
+    from minard.simulate.orca import orca_cmd
 
     simulate.add_command(zdab_cmd, "zdab")
     simulate.add_command(orca_cmd, "orca")

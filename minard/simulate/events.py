@@ -43,8 +43,9 @@ from datetime import UTC, datetime
 import click
 import numpy as np
 
-from .. import NCHANNELS_TOTAL, pmt
-from ..zdab import ZdabWriter
+from minard.formats import pmt
+from minard.formats.detector import NCHANNELS_TOTAL
+from minard.formats.zdab import ZdabWriter
 
 #: The SNO time zero (§5): clock10 counts 100 ns ticks since then.
 SNO_EPOCH = datetime(1996, 1, 1, tzinfo=UTC)

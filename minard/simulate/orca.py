@@ -30,7 +30,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .. import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES, orca
+from minard.formats import orca
+from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
 
 #: Default absent-slot layout: crate 5 has an empty slot 7 (a gap, two CMOS
 #: records), crate 11 has 8 cards spread over both halves (one CMOS record).

@@ -22,10 +22,10 @@ from pathlib import Path
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from .. import config
-from .. import log as minard_log
-from ..config import ROOT
-from ..programs import ops_path
+from minard import config
+from minard import log as minard_log
+from minard.config import ROOT
+from minard.ops.programs import ops_path
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
@@ -78,9 +78,9 @@ def create_app(cfg: dict | None = None) -> Flask:
     """
     import redis
 
-    from ..keys import KeyStore
-    from ..programs import Registry
-    from . import auth, ops
+    from minard.ops.keys import KeyStore
+    from minard.ops.programs import Registry
+    from minard.web import auth, ops
 
     cfg = config.load() if cfg is None else cfg
     minard_log.setup(cfg.get("log_level", "INFO"))
@@ -106,7 +106,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     register_nav(app, "ops.status", "Status", 81)
     register_nav(app, "ops.logs", "Logs", 82)
     register_nav(app, "ops.processes", "Processes", 83)
-    from . import api, dashboard
+    from minard.web import api, dashboard
 
     app.register_blueprint(api.bp)
     dashboard.register(app)  # Stream, Detector, Nhit, Runs; Stream becomes the home page

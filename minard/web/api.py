@@ -25,12 +25,12 @@ import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .. import status
-from ..aggregate import NAMES
-from ..config import ROOT
-from ..runs import get_run, list_runs
-from . import data
-from .params import (
+from minard.analysis.aggregate import NAMES
+from minard.config import ROOT
+from minard.store import status
+from minard.store.runs import get_run, list_runs
+from minard.web import data
+from minard.web.params import (
     ParamError,
     choice,
     crate_card,

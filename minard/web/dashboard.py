@@ -12,10 +12,10 @@ import time
 
 from flask import Blueprint, abort, current_app, render_template
 
-from ..aggregate import NAMES
-from ..runs import get_run, list_runs
-from . import data
-from .params import ParamError, parse_int
+from minard.analysis.aggregate import NAMES
+from minard.store.runs import get_run, list_runs
+from minard.web import data
+from minard.web.params import ParamError, parse_int
 
 bp = Blueprint("dashboard", __name__)
 
@@ -31,7 +31,7 @@ def _redis():
 
 def register(app) -> None:
     """Add the blueprint, its navigation entries and make Stream the home page."""
-    from . import register_nav
+    from minard.web import register_nav
 
     app.register_blueprint(bp)
     for order, (endpoint, label) in enumerate((("dashboard.stream", "Stream"), ("dashboard.detector", "Detector"),

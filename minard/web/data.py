@@ -2,8 +2,8 @@
 
 Every function takes a Redis client and a time window and returns plain
 Python/numpy data; :mod:`minard.web.api` turns it into JSON or CSV.  The key
-schema is the one of :mod:`minard.timeseries`, :mod:`minard.dispatch_stream`
-and :mod:`minard.runs` (docs/storage.md):
+schema is the one of :mod:`minard.store.timeseries`, :mod:`minard.pipeline.dispatch_stream`
+and :mod:`minard.store.runs` (docs/storage.md):
 
 * ``trig`` scalar group: ``<TRIGGER>`` event counts, ``<TRIGGER>:nhit`` and
   ``<TRIGGER>:qhs`` sums per bucket (27 names + TOTAL);
@@ -29,11 +29,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import NCHANNELS_TOTAL
-from .. import timeseries as ts
-from ..aggregate import NAMES, NHIT_BIN
-from ..dispatch_stream import NHIT_LEVELS
-from ..pmt import TRIGGER_NAMES
+from minard.analysis.aggregate import NAMES, NHIT_BIN
+from minard.formats.detector import NCHANNELS_TOTAL
+from minard.formats.pmt import TRIGGER_NAMES
+from minard.store import timeseries as ts
+from minard.store.schema import NHIT_LEVELS
 
 #: Seconds after its end when a bucket is final (flushes happen every second).
 SETTLE = 3.0

@@ -22,10 +22,11 @@ from flask import (
     url_for,
 )
 
-from .. import alarms, programs
-from ..keys import valid_name
-from . import logtail, supervisor
-from .auth import current_user, login_required
+from minard.ops import programs
+from minard.ops.keys import valid_name
+from minard.store import alarms
+from minard.web import logtail, supervisor
+from minard.web.auth import current_user, login_required
 
 bp = Blueprint("ops", __name__)
 
@@ -210,10 +211,10 @@ _PIPELINE_FIELDS = ("time", "pid", "host", "started", "state", "alive")
 def _pipeline(now: float) -> tuple[list[dict], list[dict]]:
     """Pipeline processes' own heartbeats and the loss counters per stage.
 
-    Written by the pipeline processes through ``minard.status`` (Redis keys
+    Written by the pipeline processes through ``minard.store.status`` (Redis keys
     ``status:<component>`` and ``stats:<stage>``, see docs/storage.md).
     """
-    from .. import status as pipeline_status
+    from minard.store import status as pipeline_status
 
     r = _redis()
     procs = []

@@ -21,7 +21,7 @@ import math
 import re
 from datetime import UTC, datetime
 
-from .. import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
+from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
 
 #: Shortest and longest time window a view may show.
 MIN_WINDOW = 10.0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from minard import pmt
+from minard.formats import pmt
+from minard.formats.zdab import ReadStats, read_events
 from minard.simulate.events import (
     Faults,
     generate_batches,
@@ -15,7 +16,6 @@ from minard.simulate.events import (
     write_zdab,
     zdab_cmd,
 )
-from minard.zdab import ReadStats, read_events
 
 
 def decode(n: int, seed: int = 1, **kw) -> pmt.EventBatch:

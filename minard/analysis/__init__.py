@@ -1,0 +1,1 @@
+"""Pure computations over decoded data (aggregation); no I/O."""

@@ -1,0 +1,1 @@
+"""The event dispatcher: server, client library, replay (data source) and recorder."""

@@ -1,0 +1,1 @@
+"""Shift operations: log server, credentials, program registry, pinger, monitors."""

@@ -1,0 +1,1 @@
+"""Processes of the data plane: producers (ZMQ PUSH) and consumer pools (PULL)."""

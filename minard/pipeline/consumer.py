@@ -1,0 +1,164 @@
+"""The Redis side of a consumer pool: loss settlement, heartbeat, run loop.
+
+Shared by ``minard_dispatch pull`` (:mod:`minard.pipeline.dispatch_stream`) and
+``data_consumer`` (:mod:`minard.pipeline.orca_stream`).  A :class:`minard.pipeline.pool.Pool`
+knows how many records it handed each worker, but not how many of them a
+worker managed to write to Redis before it ended.  So:
+
+* each worker adds, in the same transaction as its data, the records it has
+  accounted for to the hash ``pool:<name>:<host>:<pid>:flushed`` (field = the
+  worker's pid; :func:`record_flushed`);
+* when a worker ends, the manager (:class:`AccountedPool`) compares that with
+  what it handed the worker and counts the difference as ``dropped`` and
+  ``worker_lost`` of the pool's stage (``stats:<stage>``);
+* once a second :class:`PoolReporter` writes that settlement, the stage's
+  ``received`` counter and the pool's heartbeat in one transaction, keeping
+  them until Redis is back if it is down;
+* :func:`run_pool` runs a pool until SIGTERM/SIGINT and reports a last time.
+
+Key and counter names are listed in ``docs/storage.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+import redis as redis_py
+
+from minard.pipeline.pool import Pool
+from minard.store import status
+
+log = logging.getLogger("minard.pipeline.consumer")
+
+#: Seconds a ``pool:...:flushed`` hash outlives its last write.
+FLUSHED_TTL = 86400
+
+
+def redis_client(cfg) -> redis_py.Redis:
+    """A Redis client with short timeouts, so an outage is noticed within seconds."""
+    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=1.0,
+                                   socket_timeout=5.0)
+
+
+def flushed_key(name: str) -> str:
+    """This manager's ``pool:<name>:<host>:<pid>:flushed`` hash (unique per running pool)."""
+    return f"pool:{name}:{socket.gethostname()}:{os.getpid()}:flushed"
+
+
+def record_flushed(pipe, key: str, n: int) -> None:
+    """Worker side: add *n* records accounted for by this worker (its pid) to *key*.
+
+    Called inside the worker's flush transaction, so the count is written if
+    and only if the data is.  Nothing is written without a key (a handler run
+    outside a pool) or without records.
+    """
+    if key and n:
+        pipe.hincrby(key, str(os.getpid()), n)
+        pipe.expire(key, FLUSHED_TTL)
+
+
+class AccountedPool(Pool):
+    """A Pool that also counts the records of workers that ended before flushing.
+
+    *stage* is the ``stats:<stage>`` the losses are counted in; *flushed_option*
+    the configuration key naming the hash its workers write with
+    :func:`record_flushed`.  When a worker ends for any reason, the records
+    handed to it minus the records it accounted for were lost with it.
+    """
+
+    def __init__(self, spec, cfg, *, stage: str, flushed_option: str, **kwargs):
+        super().__init__(spec, cfg, **kwargs)
+        self.stage = stage
+        self.flushed_option = flushed_option
+        self.ended: list[tuple[int, int]] = []  # (pid, records handed) awaiting settlement
+        self.lost = 0
+
+    def _reap(self, w, restart: bool) -> None:
+        """Remember what an ending worker was handed, for :meth:`settle`."""
+        self.ended.append((w.proc.pid, w.records + w.inflight))
+        super()._reap(w, restart)
+
+    def settle(self, pipe, redis) -> int:
+        """Count (in *pipe*) the records lost by ended workers; needs Redis readable."""
+        key = self.cfg[self.flushed_option]
+        lost = 0
+        for pid, handed in self.ended:
+            lost += max(0, handed - int(redis.hget(key, str(pid)) or 0))
+            pipe.hdel(key, str(pid))
+        if lost:
+            log.warning("%d records were lost with ended workers (counted as dropped)", lost)
+            status.count(pipe, self.stage, dropped=lost, worker_lost=lost)
+        return lost
+
+
+class PoolReporter:
+    """A consumer pool's heartbeat and counters, as the pool's ``tick`` (about once a second).
+
+    Writes, in one transaction, the settlement of ended workers, the records
+    received since the last report and the heartbeat *component* (the pool
+    status plus *extra_fields*).  While Redis is down nothing is lost: the
+    next successful report writes the whole difference.
+    """
+
+    def __init__(self, pool: AccountedPool, cfg, component: str, extra_fields: dict | None = None):
+        self.pool = pool
+        self.component = component
+        self.extra_fields = dict(extra_fields or {})
+        self.redis = redis_client(cfg)
+        self.started = time.time()
+        self.written_received = 0
+        self.redis_ok = True
+
+    def __call__(self, pool_status: dict, final: bool = False) -> None:
+        """Report once; *final* marks the heartbeat ``stopped``.  Sets :attr:`redis_ok`."""
+        spec = self.pool.spec
+        fields = {**pool_status, **self.extra_fields, "upstream": spec.upstream,
+                  "max_workers": spec.max_workers, "trx_limit": spec.trx_limit,
+                  "records_lost_unflushed": self.pool.lost}
+        if final:
+            fields["state"] = "stopped"
+        received = self.pool.stats.records_received
+        ended = list(self.pool.ended)
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            lost = self.pool.settle(pipe, self.redis) if ended else 0
+            status.count(pipe, self.pool.stage, received=received - self.written_received)
+            status.beat(pipe, self.component, fields, started=self.started)
+            pipe.execute()
+        except redis_py.RedisError as exc:
+            if self.redis_ok:
+                log.warning("Redis unavailable (%s): pool counters kept until it is back", exc)
+            self.redis_ok = False
+            return
+        self.redis_ok = True
+        self.written_received = received
+        del self.pool.ended[:len(ended)]
+        self.pool.lost += lost
+
+
+def run_pool(pool: AccountedPool, reporter: PoolReporter, label: str) -> None:
+    """Run *pool* until SIGTERM/SIGINT; every worker flushes before exit.
+
+    The final report is retried for about three seconds, so that a short
+    Redis outage at shutdown does not lose the last counters.  *label* names
+    the pool in the log.
+    """
+    spec = pool.spec
+    signal.signal(signal.SIGTERM, pool.request_stop)
+    signal.signal(signal.SIGINT, pool.request_stop)
+    log.info("%s pool: %d workers (max total %d), TrxLimit %d, idle %.0fs, from %s", label,
+             spec.max_workers, pool.manager.max_total, spec.trx_limit, spec.idle_timeout, spec.upstream)
+    try:
+        pool.run(tick=reporter)
+    finally:
+        for _ in range(10):
+            reporter(pool.status(), final=True)
+            if reporter.redis_ok:
+                break
+            time.sleep(0.3)
+        log.info("%s pool stopped: %s", label, json.dumps(pool.status()))

@@ -1,0 +1,1 @@
+"""Everything that touches Redis: keys, time series, runs, counters, alarms."""

@@ -1,0 +1,206 @@
+"""Run summaries in Redis: written by the pull workers, read by the CLI and the site.
+
+One summary per run, kept :data:`RUN_KEEP` seconds (400 days) after its last
+update.  Workers add to it with atomic commands, so any number of workers
+combine exactly (see docs/storage.md):
+
+* ``run:<run>`` hash: ``events``, ``orphans``, ``hits`` and ``trig:<NAME>``
+  (HINCRBY);
+* ``run:<run>:nhit`` hash: NPmtHit value -> events (HINCRBY, nonzero only);
+* ``run:<run>:channels`` string: 9728 big-endian uint32 hit counts, index
+  ``crate*512 + card*32 + channel`` (BITFIELD INCRBY, as the per-channel time
+  series);
+* ``run:<run>:subruns`` set of sub-run numbers;
+* ``runs:start`` / ``runs:end`` sorted sets: run -> arrival time of its first
+  / last event (ZADD LT / GT, so the earliest start and latest end win
+  whatever the order in which workers flush).
+
+:func:`get_run` returns the one JSON object that ``minard runs show RUN --json``
+prints and the website's ``/api/runs/<run>`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import click
+import numpy as np
+import redis as redis_py
+
+from minard import config as config_mod
+from minard.analysis.aggregate import RunAgg
+from minard.formats.pmt import TRIGGER_NAMES
+from minard.store import timeseries as ts
+
+RUN_KEEP = 400 * 86400
+START_KEY = "runs:start"
+END_KEY = "runs:end"
+
+
+def run_key(run: int, part: str = "") -> str:
+    """Key of one part of run *run*'s summary (``""``, nhit, channels, subruns)."""
+    return f"run:{int(run)}:{part}" if part else f"run:{int(run)}"
+
+
+def write_run(pipe, agg: RunAgg, now: float | None = None, add_array=None) -> None:
+    """Add the pending summary *agg* of one run to Redis (in the caller's pipeline).
+
+    *add_array(pipe, key, counts, ttl)* adds the channel array (the pull
+    worker passes its dense-array writer); by default BITFIELD INCRBY per
+    nonzero channel.
+    """
+    now = time.time() if now is None else now
+    key = run_key(agg.run)
+    counts = {"events": agg.events, "orphans": agg.orphans, "hits": agg.hits}
+    counts.update({f"trig:{n}": int(c) for n, c in zip(TRIGGER_NAMES, agg.triggers) if c})
+    for name, value in counts.items():
+        pipe.hincrby(key, name, int(value))
+    nz = np.flatnonzero(agg.nhit_counts)
+    for nhit in nz.tolist():
+        pipe.hincrby(run_key(agg.run, "nhit"), nhit, int(agg.nhit_counts[nhit]))
+    ch = np.flatnonzero(agg.channel_hits)
+    if len(ch) and add_array is not None:
+        add_array(pipe, run_key(agg.run, "channels"), agg.channel_hits, RUN_KEEP)
+    elif len(ch):
+        ts._bitfield_incr(pipe, run_key(agg.run, "channels"), "u32", ch, agg.channel_hits[ch])
+    if agg.subruns:
+        pipe.sadd(run_key(agg.run, "subruns"), *sorted(agg.subruns))
+    if agg.start is not None:
+        pipe.zadd(START_KEY, {str(agg.run): agg.start}, lt=True)
+        pipe.zadd(END_KEY, {str(agg.run): agg.end}, gt=True)
+    for part in ("", "nhit", "channels", "subruns"):
+        pipe.expire(run_key(agg.run, part), RUN_KEEP)
+    for zkey in (START_KEY, END_KEY):
+        pipe.zremrangebyscore(zkey, "-inf", now - RUN_KEEP)
+        pipe.expire(zkey, RUN_KEEP)
+
+
+def _int(raw) -> int:
+    return int(raw) if raw is not None else 0
+
+
+def get_run(redis, run: int) -> dict | None:
+    """One run's summary as a JSON-ready dict, or None if the run is unknown.
+
+    Keys: ``run``, ``events``, ``orphans``, ``hits``, ``triggers`` (all 27
+    names -> events), ``nhit_histogram`` (nhit as a string -> events, nonzero
+    only), ``channel_hits`` (channel index as a string -> hits, nonzero only),
+    ``start``, ``end`` (Unix seconds) and ``subruns`` (sorted list).
+    """
+    run = int(run)
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(run_key(run))
+    pipe.hgetall(run_key(run, "nhit"))
+    pipe.get(run_key(run, "channels"))
+    pipe.smembers(run_key(run, "subruns"))
+    pipe.zscore(START_KEY, str(run))
+    pipe.zscore(END_KEY, str(run))
+    head, nhit, channels, subruns, start, end = pipe.execute()
+    if not head and start is None:
+        return None
+    head = {k.decode(): int(v) for k, v in head.items()}
+    hits = ts._array(channels, ">u4")
+    nz = np.flatnonzero(hits)
+    return {
+        "run": run,
+        "events": head.get("events", 0),
+        "orphans": head.get("orphans", 0),
+        "hits": head.get("hits", 0),
+        "triggers": {n: head.get(f"trig:{n}", 0) for n in TRIGGER_NAMES},
+        "nhit_histogram": {str(k): v for k, v in sorted((int(k), int(v)) for k, v in nhit.items())},
+        "channel_hits": {str(i): int(hits[i]) for i in nz.tolist()},
+        "start": start,
+        "end": end,
+        "subruns": sorted(int(s) for s in subruns),
+    }
+
+
+def list_runs(redis, limit: int = 100) -> list[dict]:
+    """The *limit* most recently started runs, newest first: run, start, end, events."""
+    rows = redis.zrevrange(START_KEY, 0, max(0, limit - 1), withscores=True)
+    if not rows:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for member, _ in rows:
+        pipe.zscore(END_KEY, member)
+        pipe.hget(run_key(int(member)), "events")
+        pipe.scard(run_key(int(member), "subruns"))
+    raw = pipe.execute()
+    out = []
+    for i, (member, start) in enumerate(rows):
+        end, events, nsub = raw[3 * i: 3 * i + 3]
+        out.append({"run": int(member), "start": start, "end": end,
+                    "events": _int(events), "subruns": int(nsub)})
+    return out
+
+
+# ------------------------------------------------------------------- CLI
+
+def _redis(config_path):
+    """A Redis client for the configured ``redis_url``."""
+    cfg = config_mod.load(path=config_path)
+    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=3, socket_timeout=10)
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+@contextlib.contextmanager
+def _clear_redis_errors(config_path):
+    """Turn a Redis failure into a one-line CLI error (password redacted)."""
+    try:
+        yield
+    except redis_py.RedisError as exc:
+        url = config_mod.redact(config_mod.load(path=config_path)["redis_url"])
+        hint = ("; is MINARD_CONFIG set to the stack's minard.conf?"
+                if isinstance(exc, redis_py.AuthenticationError) else "")
+        raise click.ClickException(f"Redis {url}: {exc}{hint}") from None
+
+
+@click.group("runs", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array instead of a table.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Most recent runs to list.")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+@click.pass_context
+def runs_cli(ctx, as_json, limit, config_path):
+    """List runs seen by the dispatch-stream monitoring, newest first.
+
+    `minard runs show RUN --json` prints one run's summary.
+    """
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    with _clear_redis_errors(config_path):
+        rows = list_runs(_redis(config_path), limit)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'RUN':>8} {'START':<19} {'END':<19} {'EVENTS':>10} {'SUBRUNS':>7}")
+    for r in rows:
+        click.echo(f"{r['run']:>8} {_when(r['start']):<19} {_when(r['end']):<19}"
+                   f" {r['events']:>10} {r['subruns']:>7}")
+
+
+@runs_cli.command("show")
+@click.argument("run", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.pass_obj
+def show_cmd(config_path, run, as_json):
+    """Print the summary of RUN (events, triggers, nhit histogram, channel hits)."""
+    with _clear_redis_errors(config_path):
+        summary = get_run(_redis(config_path), run)
+    if summary is None:
+        raise click.ClickException(f"run {run} is not known")
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"run {summary['run']}: {summary['events']} events, {summary['orphans']} orphans,"
+               f" {summary['hits']} hits, subruns {summary['subruns']}")
+    click.echo(f"start {_when(summary['start'])}  end {_when(summary['end'])}")
+    for name, n in summary["triggers"].items():
+        if n:
+            click.echo(f"  {name:<8} {n}")
+    click.echo(f"channels hit: {len(summary['channel_hits'])}")

@@ -1,0 +1,242 @@
+"""Pure per-second and per-run aggregation, checked against per-event decoding."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from minard.analysis import aggregate as ag
+from minard.formats.pmt import (
+    TRIGGER_NAMES,
+    decode_event,
+    decode_events,
+    encode_event,
+    lcn,
+)
+
+T0 = 1_700_000_000.25
+
+
+def make_records(n, seed=1, run=100, subrun=0, gtid0=1000, orphans=(), mean_nhit=30, words=None):
+    """n records with random triggers (or *words* in turn) and hits (orphans at the given indices)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        nh = int(rng.poisson(mean_nhit))
+        hits = {"crate": rng.integers(0, 19, nh), "card": rng.integers(0, 16, nh),
+                "channel": rng.integers(0, 32, nh), "qhs": rng.integers(0, 4096, nh)}
+        word = int(rng.integers(0, 1 << 27)) & int(rng.integers(0, 1 << 27))
+        if words is not None:
+            word = words[i % len(words)]
+        out.append(encode_event(run=run, subrun=subrun, evnum=i, gtid=(gtid0 + i) % (1 << 24),
+                                trigger_word=word, hits=hits, orphan=i in orphans))
+    return out
+
+
+def expected(records):
+    """Totals computed one event at a time with the single-record decoder."""
+    trig = Counter()
+    nhit_sum = Counter()
+    qhs_sum = Counter()
+    channels = Counter()
+    nhist = Counter()
+    orphans = 0
+    for rec in records:
+        ev = decode_event(rec)
+        if ev["orphan"]:
+            orphans += 1
+            continue
+        names = ev["triggers"] + ["TOTAL"]
+        q = sum(h[4] for h in ev["hits"])
+        for name in names:
+            trig[name] += 1
+            nhit_sum[name] += ev["nhit"]
+            qhs_sum[name] += q
+        nhist[ev["nhit"]] += 1
+        for h in ev["hits"]:
+            channels[int(lcn(h[0], h[1], h[2]))] += 1
+    return dict(trig=trig, nhit=nhit_sum, qhs=qhs_sum, channels=channels, nhist=nhist, orphans=orphans)
+
+
+def test_trigger_counts_sums_and_channel_hits_match_per_event_decoding():
+    records = make_records(300, orphans={5, 77})
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(records), T0)
+    sec = agg.seconds[int(T0)]
+    want = expected(records)
+    for i, name in enumerate(ag.NAMES):
+        assert sec.counts[i] == want["trig"][name], name
+        assert sec.nhit_sum[i] == want["nhit"][name], name
+        assert sec.qhs_sum[i] == want["qhs"][name], name
+    assert sec.orphans == want["orphans"] == 2
+    assert {i: int(c) for i, c in enumerate(sec.channel_hits) if c} == dict(want["channels"])
+    assert sec.hits == sum(want["channels"].values())
+    assert sec.records == 300 and sec.events == 298
+
+
+def nhit_hist_per_trigger(records):
+    """{(trigger name, bin): events} of the time-series nhit histogram, one event at a time."""
+    out = Counter()
+    for rec in records:
+        ev = decode_event(rec)
+        if not ev["orphan"]:
+            b = min(ev["nhit"] // ag.NHIT_BIN, ag.NHIT_BINS - 1)
+            for name in ev["triggers"] + ["TOTAL"]:
+                out[name, b] += 1
+    return out
+
+
+@pytest.mark.parametrize("words", [(1, 2, 3, 8, 1 << 12, (1 << 26) | 1), None],
+                         ids=["few trigger words", "a different word per event"])
+def test_per_trigger_sums_and_nhit_histogram_match_per_event_decoding(words):
+    records = make_records(400, seed=11, orphans={3}, mean_nhit=2, words=words)  # some events have no hits
+    sec = ag.SecondAgg(0)
+    sec.add_events(ag.select(decode_events(records)))
+    want = expected(records)
+    for i, name in enumerate(ag.NAMES):
+        assert (sec.counts[i], sec.nhit_sum[i], sec.qhs_sum[i]) == (
+            want["trig"][name], want["nhit"][name], want["qhs"][name]), name
+    hist = nhit_hist_per_trigger(records)
+    got = {(ag.NAMES[t], b): int(sec.nhit_hist[t, b]) for t, b in zip(*np.nonzero(sec.nhit_hist))}
+    assert got == dict(hist)
+
+
+def test_an_event_counts_once_per_trigger_bit_and_once_in_total():
+    word = (1 << 0) | (1 << 3) | (1 << 26)
+    rec = encode_event(run=1, evnum=0, gtid=5, trigger_word=word, hits={"crate": [1], "qhs": [7]})
+    sec = ag.SecondAgg(0)
+    sec.add_events(ag.select(decode_events([rec])))
+    assert {ag.NAMES[i]: int(c) for i, c in enumerate(sec.counts) if c} == {
+        "100L": 1, "20": 1, "MISS": 1, "TOTAL": 1}
+    assert sec.scalar_fields()["MISS:qhs"] == 7
+
+
+def test_nhit_histogram_bins_hold_every_event_per_trigger():
+    records = make_records(200, seed=3, mean_nhit=40)
+    sec = ag.SecondAgg(0)
+    sec.add_events(ag.select(decode_events(records)))
+    assert sec.nhit_hist.sum(axis=1)[ag.TOTAL] == 200
+    assert np.array_equal(sec.nhit_hist.sum(axis=1), sec.counts)
+    fields = sec.nhit_fields()
+    assert sum(v for k, v in fields.items() if k.startswith("TOTAL:")) == 200
+
+
+def test_run_summary_is_exact_and_splits_batches_by_run():
+    a = make_records(50, seed=4, run=10, subrun=1)
+    b = make_records(70, seed=5, run=11, subrun=2, gtid0=1050)
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(a + b), T0)
+    for records, run in ((a, 10), (b, 11)):
+        summary = agg.runs[run].as_dict()
+        want = expected(records)
+        assert summary["events"] == len(records)
+        assert summary["triggers"] == {n: want["trig"][n] for n in TRIGGER_NAMES}
+        assert summary["nhit_histogram"] == {str(k): v for k, v in sorted(want["nhist"].items())}
+        assert summary["channel_hits"] == {str(k): v for k, v in sorted(want["channels"].items())}
+        assert summary["start"] == summary["end"] == T0
+    assert agg.runs[10].subruns == {1} and agg.runs[11].subruns == {2}
+
+
+def test_aggregates_of_several_workers_combine_exactly():
+    records = make_records(400, seed=6, orphans={1, 200})
+    whole = ag.Aggregator()
+    whole.add_batch(decode_events(records), T0)
+    parts = [ag.Aggregator() for _ in range(3)]
+    for k, i in enumerate(range(0, 400, 50)):  # batches dealt to workers round robin
+        parts[k % 3].add_batch(decode_events(records[i:i + 50]), T0)
+    sec = ag.SecondAgg(int(T0))
+    run = ag.RunAgg(100)
+    for p in parts:
+        sec.merge(p.seconds[int(T0)])
+        run.merge(p.runs[100])
+    ref = whole.seconds[int(T0)]
+    for name in ("counts", "nhit_sum", "qhs_sum", "nhit_hist", "channel_hits"):
+        assert np.array_equal(getattr(sec, name), getattr(ref, name)), name
+    assert sec.orphans == ref.orphans and sec.records == ref.records
+    assert run.as_dict() == whole.runs[100].as_dict()
+
+
+def test_batches_are_bucketed_by_arrival_second():
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(make_records(10)), T0)
+    agg.add_batch(decode_events(make_records(5, seed=2)), T0 + 1.5)
+    assert sorted(agg.seconds) == [int(T0), int(T0) + 1]
+    assert agg.seconds[int(T0) + 1].events == 5
+    seconds, runs, records = agg.take()
+    assert records == 15 and not agg
+
+
+def test_corrupt_records_are_counted_by_reason_and_the_rest_aggregated():
+    records = make_records(20, seed=7)
+    records[3] = records[3][:30]  # shorter than the header
+    records[9] = records[9][:60]  # hits cut off
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(records), T0, corrupt=Counter(bad_header=2))
+    sec = agg.seconds[int(T0)]
+    assert sec.events == 18
+    assert sec.corrupt == Counter(truncated=2, bad_header=2)
+    assert sec.records == 22
+    assert sec.stream_fields()["corrupt"] == 4
+
+
+@pytest.mark.parametrize("gtids,prev,want", [
+    ([1, 2, 3, 4], None, (0, 0, 0)),
+    ([1, 2, 5, 6], None, (1, 2, 0)),
+    ([7, 8], 4, (1, 2, 0)),
+    ([0xFFFFFE, 0xFFFFFF, 1, 2], None, (0, 0, 0)),  # wrap skips GTID 0: no gap
+    ([0xFFFFFF, 3], None, (1, 2, 0)),  # across the wrap, 1 and 2 missing
+    ([0x00FFFF, 0x010001], None, (0, 0, 0)),  # low 16 bits zero: never issued
+    ([0x01FFFE, 0x020002], None, (1, 2, 0)),  # 0x01FFFF and 0x020001 missing, 0x020000 skipped
+    ([10, 10, 11], None, (0, 0, 1)),  # duplicate: a jump
+    ([10, 500_000, 500_001], None, (0, 0, 1)),  # far forward: a jump
+    ([100, 50], None, (0, 0, 1)),  # backwards: a jump
+])
+def test_gtid_gaps_handle_wrap_skipped_gtids_and_jumps(gtids, prev, want):
+    assert ag.gtid_gaps(np.array(gtids), prev) == want
+
+
+def test_gtid_gaps_are_found_across_batches_with_prev_gtid():
+    records = make_records(30, seed=8)
+    del records[10:13]
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(records[:10]), T0)
+    agg.add_batch(decode_events(records[10:]), T0, prev_gtid=decode_event(records[9])["gtid"])
+    sec = agg.seconds[int(T0)]
+    assert (sec.gtid_gaps, sec.gtid_missing, sec.gtid_jumps) == (1, 3, 0)
+
+
+def test_latest_run_subrun_and_gtid_are_those_of_the_last_event():
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(make_records(5, run=42, subrun=3, gtid0=700)), T0)
+    assert agg.seconds[int(T0)].last == (42, 3, 704)
+
+
+def test_crate_and_card_hits_sum_the_channels():
+    sec = ag.SecondAgg(0)
+    sec.channel_hits[lcn(2, 3, 4)] = 5
+    sec.channel_hits[lcn(2, 15, 31)] = 1
+    assert sec.crate_hits[2] == 6 and sec.crate_hits.sum() == 6
+    assert sec.card_hits[2 * 16 + 3] == 5 and sec.card_hits[2 * 16 + 15] == 1
+
+
+def test_stream_gtids_take_orphans_from_their_hits_and_corrupt_records_from_the_header():
+    from minard.formats.pmt import decode_buffer
+
+    records = make_records(6, seed=9, gtid0=50, orphans={2}, mean_nhit=5)
+    records[4] = records[4][:44] + b"\0" * 4  # truncated: 1 word of hits
+    batch = decode_events(records)
+    offsets = np.cumsum([0] + [len(r) for r in records[:-1]])
+    lengths = np.array([len(r) for r in records])
+    payload = b"".join(records)
+    batch = decode_buffer(payload, offsets, lengths)
+    assert [i for i, _ in batch.errors] == [4]
+    assert ag.stream_gtids(batch, payload, offsets, lengths).tolist() == [50, 51, 52, 53, 54, 55]
+
+
+def test_push_reads_the_same_gtid_as_the_workers():
+    from minard.formats.pmt import pack_dispatch
+    from minard.pipeline.dispatch_stream import record_gtid
+
+    records = make_records(4, seed=10, gtid0=0xFFFF00, orphans={1}, mean_nhit=3)
+    got = [record_gtid(memoryview(pack_dispatch(r))) for r in records]
+    assert got == ag.stream_gtids(decode_events(records)).tolist() == [0xFFFF00 + i for i in range(4)]

@@ -1,0 +1,121 @@
+"""The monitors of conf/monitors.cfg against a real Redis: series written, thresholds alarmed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from minard.config import ROOT
+from minard.ops import monitors
+from minard.store import alarms, status
+from minard.store import timeseries as ts
+
+
+def ctx(cfg, redis_client):
+    return monitors.Context(cfg, redis_client)
+
+
+def alarm_messages(redis_client, program):
+    return [a["message"] for a in alarms.list_alarms(redis_client) if a["program"] == program]
+
+
+def test_the_shipped_monitors_cfg_lists_every_monitor_with_a_period():
+    specs = monitors.parse_monitors((ROOT / "conf" / "monitors.cfg").read_text())
+    assert {s.name for s in specs} == set(monitors.CHECKS)
+    assert all(s.period > 0 for s in specs)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("redis", "expected 'NAME PERIOD'"), ("bogus 5", "unknown monitor"),
+    ("redis x", "is not a number"), ("redis 0", "must be positive"),
+])
+def test_bad_lines_are_refused_with_the_line_number(text, message):
+    with pytest.raises(ValueError, match=message) as err:
+        monitors.parse_monitors("# comment\n\n" + text, "m.cfg")
+    assert "m.cfg:3" in str(err.value)
+
+
+def test_redis_monitor_writes_its_series_and_alarms_near_the_memory_limit(cfg, redis_client):
+    redis_client.config_set("maxmemory", "1gb")
+    try:
+        values = monitors.run_check(ctx(cfg, redis_client), "redis")
+        assert values["maxmemory"] == 2**30 and values["keys"] >= 0 and values["used_memory"] > 0
+        assert alarm_messages(redis_client, "redis") == []
+        cfg["monitors_redis_memory_warn"] = 1e-6
+        monitors.run_check(ctx(cfg, redis_client), "redis")
+        assert any("Redis memory" in m for m in alarm_messages(redis_client, "redis"))
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    now = time.time()
+    _, vals, _ = ts.fetch(redis_client, "mon", ["redis.used_memory"], now - 5, now)
+    assert (vals["redis.used_memory"] > 0).any()
+
+
+def test_disk_monitor_alarms_below_the_free_fraction(cfg, redis_client):
+    values = monitors.run_check(ctx(cfg, redis_client), "disk")
+    assert 0 < values["logs_free"] <= 1 and values["records_free_bytes"] > 0
+    cfg["monitors_disk_free_warn"] = 1.5  # every disk is "too full"
+    monitors.run_check(ctx(cfg, redis_client), "disk")
+    assert any("free disk" in m for m in alarm_messages(redis_client, "disk"))
+
+
+def test_lag_and_queue_monitors_read_the_pools_heartbeats(cfg, redis_client):
+    pipe = redis_client.pipeline()
+    status.beat(pipe, "data_consumer_cmos", {"lag_seconds": 12.5, "queued_batches": 40, "inflight_records": 7})
+    pipe.execute()
+    assert monitors.run_check(ctx(cfg, redis_client), "lag") == {"data_consumer_cmos": 12.5}
+    q = monitors.run_check(ctx(cfg, redis_client), "queues")
+    assert q == {"data_consumer_cmos.queued": 40, "data_consumer_cmos.inflight": 7}
+    assert any("lag" in m for m in alarm_messages(redis_client, "lag"))
+    assert any("batches" in m for m in alarm_messages(redis_client, "queues"))
+
+
+def test_loss_monitor_alarms_when_a_counter_moves(cfg, redis_client):
+    pipe = redis_client.pipeline()
+    status.count(pipe, "push", received=100, processed=90, dropped=10)
+    pipe.execute()
+    assert monitors.run_check(ctx(cfg, redis_client), "losses")["push"] == 10
+    assert alarm_messages(redis_client, "losses") == []  # first reading: nothing to compare
+    pipe = redis_client.pipeline()
+    status.count(pipe, "push", received=5, dropped=5)
+    pipe.execute()
+    monitors.run_check(ctx(cfg, redis_client), "losses")
+    assert any("records lost at stage push increased by 5" in m for m in alarm_messages(redis_client, "losses"))
+
+
+def test_dispatcher_monitor_alarms_when_it_does_not_answer(cfg, redis_client):
+    values = monitors.run_check(ctx(cfg, redis_client), "dispatcher")
+    assert values == {"up": 0.0}
+    msgs = alarm_messages(redis_client, "dispatcher")
+    assert msgs and "dispatcher answering" in msgs[0]
+    assert alarms.list_alarms(redis_client)[0]["level"] == alarms.DANGER
+
+
+def test_runner_starts_all_monitors_on_their_periods_and_stops_on_request(cfg, redis_client, caplog):
+    caplog.set_level(logging.INFO)
+    specs = [monitors.MonitorSpec("redis", 0.2), monitors.MonitorSpec("losses", 0.5),
+             monitors.MonitorSpec("heartbeats", 0.3)]
+    runner = monitors.Runner(cfg, specs, redis_client)
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    time.sleep(1.3)
+    runner.stop()
+    thread.join(3)
+    assert not thread.is_alive()
+    assert runner.runs["redis"] >= 4 and 2 <= runner.runs["losses"] <= 4
+    assert "poll start redis 0.2" in caplog.text and "poll stop redis" in caplog.text
+    assert redis_client.hget("status:monitors", "monitors") == b"3"
+
+
+def test_a_failing_check_is_logged_once_and_does_not_stop_the_others(cfg, redis_client, caplog, monkeypatch):
+    def broken(_ctx):
+        raise OSError("disk gone")
+    monkeypatch.setitem(monitors.CHECKS, "disk", broken)
+    runner = monitors.Runner(cfg, [monitors.MonitorSpec("disk", 1), monitors.MonitorSpec("redis", 1)], redis_client)
+    for _ in range(3):
+        assert runner.once(runner.specs[0]) is None
+        assert runner.once(runner.specs[1])
+    assert caplog.text.count("monitor disk failed") == 1 and runner.errors["disk"] == 3

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, object] = {
     "web_port": 8080,
     "log_port": 8081,
     "nginx_port": 50000,
-    "supervisor_port": 9001,
+    "supervisor_port": 0,  # supervisord's loopback XML-RPC/web port; 0 = unix socket only
     # Operations (log server, alarms, credentials).  An empty path means the
     # default file under var_dir (see minard.ops.programs.ops_path).
     "programs_file": "conf/programs.cfg",
@@ -108,6 +108,17 @@ DEFAULTS: dict[str, object] = {
     "monitors_disk_free_warn": 0.1,  # alarm when a watched directory's free fraction is below this
     "monitors_lag_warn": 5.0,  # alarm when a consumer's lag (s) exceeds this
     "monitors_queue_warn": 32,  # alarm when a pool holds more batches than this
+    # Web security (docs/security.md): sessions, login limits, proxy, TLS, gunicorn
+    "web_session_idle_minutes": 60.0,  # a login ends after this long without a request
+    "web_login_limit_address": "20 per minute",  # failed logins allowed per client address
+    "web_login_limit_user": "5 per minute",  # failed logins allowed per user name
+    "web_proxy_hops": 1,  # trusted proxies (nginx) in front of gunicorn for X-Forwarded-*; 0 = none
+    "web_threads": 8,  # gunicorn gthread threads per worker
+    "nginx_tls": False,  # serve the site over HTTPS (HTTP answers with a redirect)
+    "nginx_tls_port": 50443,  # HTTPS port of nginx when nginx_tls is on
+    "nginx_tls_cert": "",  # PEM certificate chain (default stack_dir/secrets/tls.crt for minard up)
+    "nginx_tls_key": "",  # its private key (0600)
+    "nginx_hsts_seconds": 31536000,  # Strict-Transport-Security max-age over HTTPS
 }
 
 

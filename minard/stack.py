@@ -552,12 +552,10 @@ def read_int(path: Path) -> int | None:
 
 
 def rpc(lay: Layout, timeout: float = 5.0):
-    """An XML-RPC proxy to the stack's supervisord over its unix socket."""
-    import xmlrpc.client
+    """An XML-RPC proxy to the stack's supervisord over its unix socket (supervisor's transport)."""
+    from minard.web.supervisor import proxy, unix_url
 
-    from minard.web.supervisor import UnixTransport
-
-    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(str(lay.socket), timeout))
+    return proxy(unix_url(str(lay.socket)), timeout)
 
 
 def supervisord_running(lay: Layout) -> bool:

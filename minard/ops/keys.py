@@ -76,6 +76,10 @@ def check_secret(secret: str, record: dict) -> bool:
     return hmac.compare_digest(got, want)
 
 
+#: A record nobody's secret matches, hashed for unknown names (constant work).
+_DUMMY = {"algo": "scrypt", **SCRYPT, "salt": "00" * 16, "hash": "00" * 32}
+
+
 class KeyStore:
     """The key file: add, list, revoke and verify credentials.
 
@@ -210,6 +214,9 @@ class KeyStore:
             entry = self._load().get(name)
             remembered = self._verified.get(name)
         if not entry or entry.get("revoked") or (kind and entry.get("kind", "program") != kind):
+            # The same scrypt work as a wrong secret: the answer time must not tell
+            # whether the name exists (measured 37 ms vs 1.4 ms before).
+            check_secret(secret, _DUMMY)
             return False
         tag = hmac.new(self._cache_key, f"{name}\0{secret}".encode(), hashlib.sha256).digest()
         if remembered is not None and hmac.compare_digest(remembered, tag):

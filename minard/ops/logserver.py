@@ -30,6 +30,7 @@ from minard import config
 from minard import log as minard_log
 from minard.ops import programs
 from minard.ops.keys import KeyStore, valid_name
+from minard.ops.safefile import UnsafeFile, open_in
 from minard.store import alarms
 
 log = logging.getLogger("minard.ops.logserver")
@@ -80,20 +81,30 @@ def append_line(path: Path, line: str, max_bytes: int, backups: int) -> None:
     """Append *line* to *path*, rotating first if it would exceed *max_bytes*.
 
     An flock on a side file serialises writers, so several gunicorn workers
-    can share one log file and rotate it safely.
+    can share one log file and rotate it safely.  Neither the lock nor the log
+    is ever opened through a symlink (:func:`minard.ops.safefile.open_in`
+    raises :class:`UnsafeFile`); new files get mode 0640.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     data = line.encode("utf-8")
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    lock = open_in(path.with_name(f".{path.name}.lock"), path.parent, flags)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        fd = open_in(path, path.parent, flags)
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if max_bytes > 0 and size > 0 and size + len(data) > max_bytes:
-            _rotate(path, backups)
-        with open(path, "ab") as fh:
-            fh.write(data)
+            size = os.fstat(fd).st_size
+            if max_bytes > 0 and size > 0 and size + len(data) > max_bytes:
+                os.close(fd)
+                fd = -1
+                _rotate(path, backups)
+                fd = open_in(path, path.parent, flags)
+            os.write(fd, data)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    finally:
+        os.close(lock)
 
 
 # -- requests -------------------------------------------------------------------
@@ -236,7 +247,12 @@ def _routes(app: Flask, cfg) -> None:
         notify = _flag(body.get("notify", False))
         now = time.time()
         path = programs.log_path(cfg, program)
-        append_line(path, format_line(level, message, now), int(cfg["log_max_bytes"]), int(cfg["log_backups"]))
+        try:
+            append_line(path, format_line(level, message, now), int(cfg["log_max_bytes"]), int(cfg["log_backups"]))
+        except UnsafeFile:
+            log.error("refusing to append to %s: a symlink or not a regular file was planted there", path)
+            raise ApiError(409, f"the log file of {program.name} is not a regular file in the log "
+                                "directory; nothing was written (the administrator is told)") from None
         alarm_id = None
         if level >= alarms.DANGER or notify:
             alarm_id = alarms.raise_alarm(r, level, message, source="log", program=program.name,

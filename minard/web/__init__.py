@@ -8,7 +8,10 @@ layout.  Every template extends ``base.html``.
 Security defaults for every page: Jinja autoescaping, a Content-Security-Policy
 allowing only the site's own scripts and styles (no inline code, no CDN), a
 CSRF token checked on every POST, an HttpOnly SameSite session cookie signed
-with a key generated at first start into a 0600 file.
+with a key generated at first start into a 0600 file that holds only the id of
+a server-side session (:mod:`minard.web.auth`).  Behind nginx
+(``web_proxy_hops``), the client's address and scheme come from nginx's
+``X-Forwarded-For``/``-Proto``.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     app.extensions["minard_redis"] = redis.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
     app.extensions["minard_keys"] = KeyStore.from_config(cfg)
     app.extensions["minard_registry"] = Registry.from_config(cfg)
+    _behind_proxy(app, int(cfg["web_proxy_hops"]))
     auth.init_app(app)
     app.register_blueprint(ops.bp)
     register_nav(app, "ops.alarms_page", "Alarms", 80)
@@ -112,6 +116,15 @@ def create_app(cfg: dict | None = None) -> Flask:
     dashboard.register(app)  # Stream, Detector, Nhit, Runs; Stream becomes the home page
     _site(app)
     return app
+
+
+def _behind_proxy(app: Flask, hops: int) -> None:
+    """Trust *hops* proxies' X-Forwarded-For/-Proto (nginx on loopback): the client's
+    address for the login limits and HTTPS for Secure cookies."""
+    if hops > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
 
 
 def _site(app: Flask) -> None:

@@ -1,10 +1,25 @@
-"""Shift-crew login, logout and CSRF protection for the website.
+"""Shift-crew login, logout, sessions, login rate limits and CSRF protection.
 
 Logins are the ``user`` entries of the key store (``minard keys add NAME
---user``).  A login lasts ``web_session_hours`` in a signed HttpOnly cookie
-and ends at once when the user's credentials are revoked.  Every POST must
-carry the session's CSRF token (form field ``csrf_token`` or header
-``X-CSRF-Token``); read-only pages need no login.
+--user``).  A login is a server-side session in Redis
+(:mod:`minard.store.sessions`); the signed HttpOnly cookie carries only its
+random id and the CSRF token.  A session ends at logout (every copy of the
+cookie dies with it), after ``web_session_idle_minutes`` without a request,
+``web_session_hours`` after the login, and as soon as the user's credentials
+are revoked or re-created (the session remembers which credentials it was
+opened with).  The cookie is ``Secure`` whenever the site is reached over
+HTTPS (nginx says so in ``X-Forwarded-Proto``) or ``web_secure_cookies`` is on.
+
+``POST /login`` is rate limited per client address and per user name
+(``web_login_limit_address``, ``web_login_limit_user``; Flask-Limiter with its
+counters in Redis): only failed attempts count, and over the limit the answer
+is 429 with ``Retry-After``.  An unknown user name costs the same scrypt
+derivation as a wrong password (:meth:`KeyStore.verify`), so the answer time
+does not tell which names exist.  Failed and limited logins are logged and
+counted in ``minard:web:counters``.
+
+Every POST must carry the session's CSRF token (form field ``csrf_token`` or
+header ``X-CSRF-Token``); read-only pages need no login.
 """
 
 from __future__ import annotations
@@ -26,9 +41,28 @@ from flask import (
     session,
     url_for,
 )
+from flask.sessions import SecureCookieSessionInterface
+from redis.exceptions import RedisError
+
+from minard.store import sessions
+from minard.web.params import local_path
 
 log = logging.getLogger("minard.web.auth")
 bp = Blueprint("auth", __name__)
+
+
+def _cfg():
+    return current_app.config["MINARD"]
+
+
+def _redis():
+    return current_app.extensions["minard_redis"]
+
+
+def _lifetimes() -> tuple[float, float]:
+    """(absolute, idle) session lifetimes in seconds, from the configuration."""
+    cfg = _cfg()
+    return float(cfg["web_session_hours"]) * 3600, float(cfg["web_session_idle_minutes"]) * 60
 
 
 def csrf_token() -> str:
@@ -38,13 +72,35 @@ def csrf_token() -> str:
     return session["csrf"]
 
 
+def _generation(entry: dict | None) -> str | None:
+    """The identity of one issue of a user's credentials (its creation time), or None."""
+    if not entry or entry.get("kind") != "user" or entry.get("revoked"):
+        return None
+    return repr(entry.get("created"))
+
+
 def current_user() -> str | None:
-    """The logged-in user, if their login is still active in the key store."""
+    """The logged-in user: a live server-side session of still-valid credentials, or None.
+
+    Redis being unreachable logs the visitor out (fails closed) instead of
+    failing the page.
+    """
     if "user" not in g:
-        name = session.get("user")
-        keys = current_app.extensions["minard_keys"]
-        entry = keys.entries().get(name) if name else None
-        g.user = name if entry and entry.get("kind") == "user" and not entry.get("revoked") else None
+        g.user = None
+        sid = session.get("sid")
+        if sid:
+            absolute, idle = _lifetimes()
+            try:
+                record = sessions.lookup(_redis(), sid, absolute, idle)
+            except RedisError as exc:
+                log.warning("session store unavailable (%s): treating the request as anonymous",
+                            type(exc).__name__)
+                record = None
+            if record:
+                entry = current_app.extensions["minard_keys"].entries().get(record.get("user", ""))
+                gen = _generation(entry)
+                if gen is not None and hmac.compare_digest(gen, record.get("generation", "")):
+                    g.user = record["user"]
     return g.user
 
 
@@ -58,34 +114,51 @@ def login_required(view):
                 abort(401, "login required")
             flash("Please log in to do that.", "warning")
             back = request.full_path if request.method == "GET" else None
-            return redirect(url_for("auth.login", next=back))
+            return redirect(url_for("auth.login", next=local_path(back)))
         return view(*args, **kwargs)
 
     return wrapper
 
 
 def _safe_next(target: str | None) -> str:
-    """Only redirect to a path of this site (no //host or scheme)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for(current_app.config["HOME_ENDPOINT"])
+    """Only redirect to a path of this site (see :func:`minard.web.params.local_path`)."""
+    return local_path(target) or url_for(current_app.config["HOME_ENDPOINT"])
+
+
+def _count(reason: str) -> None:
+    """Count a security event; a Redis failure must not turn it into a 500."""
+    try:
+        sessions.count(_redis(), reason)
+    except RedisError:
+        log.warning("could not count %s: Redis unavailable", reason)
 
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     """Log a shift-crew member in with name and password."""
     if request.method == "GET":
-        return render_template("login.html", next=request.args.get("next", ""))
+        return render_template("login.html", next=local_path(request.args.get("next")) or "")
     name = request.form.get("username", "").strip()
     password = request.form.get("password", "")
     keys = current_app.extensions["minard_keys"]
     if not keys.verify(name, password, kind="user"):
         log.warning("failed login for %r from %s", name[:64], request.remote_addr)
-        return render_template("login.html", next=request.form.get("next", ""),
+        _count("login_failed")
+        return render_template("login.html", next=local_path(request.form.get("next")) or "",
                                error="Wrong user name or password."), 401
+    gen = _generation(keys.entries().get(name))
+    absolute, idle = _lifetimes()
+    old = session.get("sid")
+    try:
+        if old:
+            sessions.end(_redis(), old)
+        sid = sessions.create(_redis(), name, gen or "", idle)
+    except RedisError:
+        log.error("login of %s failed: the session store (Redis) is unavailable", name)
+        abort(503, "The session store is unavailable; try again in a moment.")
     session.clear()
     session.permanent = True
-    session["user"] = name
+    session["sid"] = sid
     session["csrf"] = secrets.token_urlsafe(32)
     log.info("login: %s from %s", name, request.remote_addr)
     flash(f"Logged in as {name}.", "success")
@@ -94,8 +167,13 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    """End the session."""
-    user = session.get("user")
+    """End the session: the server forgets it, so no copy of the cookie works again."""
+    user = current_user()
+    sid = session.get("sid")
+    try:
+        sessions.end(_redis(), sid)
+    except RedisError:
+        log.warning("logout: the session store is unavailable; the session ends by expiry")
     session.clear()
     if user:
         log.info("logout: %s", user)
@@ -114,10 +192,61 @@ def _check_csrf() -> None:
                    "Reload the page and try again.")
 
 
+class SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie, marked ``Secure`` also whenever this request came over HTTPS."""
+
+    def get_cookie_secure(self, app) -> bool:
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or request.is_secure
+
+
+def _login_user_key() -> str:
+    """Rate-limit key of the user name a login attempt is for (known or not)."""
+    return "user:" + request.form.get("username", "").strip().lower()[:64]
+
+
+def _login_address_key() -> str:
+    """Rate-limit key of the client address (nginx's, through ProxyFix)."""
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def _failed(response) -> bool:
+    """Only failed logins count against the limits."""
+    return response.status_code == 401
+
+
+def _limit_login(app) -> None:
+    """Rate-limit POST /login per address and per user (counters in Redis, shared by all workers)."""
+    from flask_limiter import Limiter
+
+    cfg = app.config["MINARD"]
+    pool = app.extensions["minard_redis"].connection_pool
+    limiter = Limiter(
+        _login_address_key, app=app, storage_uri="redis://", headers_enabled=True,
+        storage_options={"connection_pool": pool, "key_prefix": sessions.LIMITS_PREFIX},
+        strategy="moving-window", swallow_errors=True, key_prefix="login",
+    )
+
+    def breached(limit) -> None:
+        """Log and count every refused attempt."""
+        log.warning("login rate limit %s reached (%s) from %s", limit.limit, limit.key.rsplit("/", 1)[-1][:80],
+                    request.remote_addr)
+        _count("login_limited")
+
+    view = app.view_functions["auth.login"]
+    view = limiter.limit(str(cfg["web_login_limit_user"]), key_func=_login_user_key, methods=["POST"],
+                         deduct_when=_failed, on_breach=breached)(view)
+    view = limiter.limit(str(cfg["web_login_limit_address"]), key_func=_login_address_key, methods=["POST"],
+                         deduct_when=_failed, on_breach=breached)(view)
+    app.view_functions["auth.login"] = view
+    app.extensions["minard_limiter"] = limiter
+
+
 def init_app(app) -> None:
-    """Register login/logout, the CSRF check and the template helpers."""
+    """Register login/logout, sessions, login limits, the CSRF check and the template helpers."""
     app.register_blueprint(bp)
+    app.session_interface = SessionInterface()
     app.before_request(_check_csrf)
+    _limit_login(app)
 
     @app.context_processor
     def helpers():

@@ -27,6 +27,7 @@ from minard.ops.keys import valid_name
 from minard.store import alarms
 from minard.web import logtail, supervisor
 from minard.web.auth import current_user, login_required
+from minard.web.params import ParamError, int_arg
 
 bp = Blueprint("ops", __name__)
 
@@ -105,10 +106,11 @@ def alarms_json():
     """Alarms (newest first) and the summary, for the page's live update."""
     now = time.time()
     _check(now)
-    limit = request.args.get("limit", "200")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        abort(400, "limit must be an integer from 1 to 1000")
-    items = alarms.list_alarms(_redis(), now, int(limit), _history())
+    try:
+        limit = int_arg(request.args, "limit", 1, 1000, 200)
+    except ParamError as exc:
+        abort(400, str(exc))
+    items = alarms.list_alarms(_redis(), now, limit, _history())
     return jsonify(alarms=items, now=now, logged_in=current_user() is not None,
                    shelve_minutes=_shelve_choices(),
                    summary={"active": sum(a["state"] == "active" for a in items),
@@ -151,10 +153,13 @@ def acknowledge(alarm_id: int):
 @login_required
 def shelve(alarm_id: int):
     """Shelve an alarm for one of the offered durations (the expiry is mandatory)."""
-    raw = request.form.get("minutes", "")
-    if not raw.isdigit() or int(raw) not in _shelve_choices():
+    try:
+        minutes = int_arg(request.form, "minutes", 1, max(SHELVE_MINUTES))
+    except ParamError:
+        minutes = None
+    if minutes not in _shelve_choices():
         return _alarms_page("Choose how long to shelve the alarm (the expiry is mandatory).", 400)
-    until = time.time() + int(raw) * 60
+    until = time.time() + minutes * 60
     comment = request.form.get("comment", "")
     result = _alarm_action(alarm_id, lambda: alarms.shelve(
         _redis(), alarm_id, current_user(), until, comment,
@@ -286,10 +291,12 @@ def log_tail():
     if "path" in request.args or "file" in request.args:
         abort(400, "Files are chosen by registered program name only; 'path' and 'file' are not accepted.")
     program = _program_or_4xx(request.args.get("name"))
-    ino, pos = request.args.get("ino", "0"), request.args.get("pos", "0")
-    if not (ino.isdigit() and pos.isdigit()):
-        abort(400, "ino and pos must be non-negative integers")
-    result = logtail.follow(programs.view_path(_cfg(), program), int(ino), int(pos))
+    try:
+        ino = int_arg(request.args, "ino", 0, 2**64 - 1, 0)
+        pos = int_arg(request.args, "pos", 0, 2**62, 0)
+    except ParamError as exc:
+        abort(400, str(exc))
+    result = logtail.follow(programs.view_path(_cfg(), program), ino, pos)
     return jsonify(name=program.name, **result)
 
 

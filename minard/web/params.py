@@ -30,8 +30,10 @@ MAX_WINDOW = 400 * 86400.0
 MAX_AGE = 800 * 86400.0
 DEFAULT_WINDOW = 600.0
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*$")
-_NUMBER = re.compile(r"^[+-]?\d+(?:\.\d+)?$")
+# ASCII digits only: Python's \d and int() also accept other scripts' digits ("²", "٣").
+_DURATION = re.compile(r"^[ ]*([0-9]{1,12}(?:\.[0-9]{1,9})?)[ ]*([smhdwy]?)[ ]*$")
+_NUMBER = re.compile(r"^[+-]?[0-9]{1,12}(?:\.[0-9]{1,9})?$")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 
 
 class ParamError(ValueError):
@@ -40,7 +42,7 @@ class ParamError(ValueError):
 
 def parse_duration(name: str, text: str, low: float = MIN_WINDOW, high: float = MAX_WINDOW) -> float:
     """Seconds from ``600``, ``10m``, ``1d``...; within [low, high]."""
-    m = _DURATION.match(text or "")
+    m = _DURATION.fullmatch(text or "")
     if not m:
         raise ParamError(f"{name} must be a duration such as 600, 10m, 2h, 1d or 1y (got {text!r})")
     seconds = float(m.group(1)) * UNITS[m.group(2) or "s"]
@@ -62,7 +64,9 @@ def parse_time(name: str, text: str, now: float) -> float:
     text = (text or "").strip()
     if not text:
         raise ParamError(f"{name} is empty")
-    if _NUMBER.match(text):
+    if not text.isascii():
+        raise ParamError(f"{name} must be written in ASCII (got {text[:40]!r})")
+    if _NUMBER.fullmatch(text):
         value = float(text)
         t = now + value if value < 0 else value
     else:
@@ -113,8 +117,9 @@ def parse_int(name: str, text: str | None, low: int, high: int, default: int | N
         if default is None:
             raise ParamError(f"missing parameter {name}")
         return default
-    if not re.fullmatch(r"[+-]?\d{1,12}", text.strip()):
-        raise ParamError(f"{name} must be an integer (got {text[:40]!r})")
+    text = text.strip(" ")
+    if not _INTEGER.fullmatch(text):
+        raise ParamError(f"{name} must be an integer written in ASCII digits (got {text[:40]!r})")
     value = int(text)
     if not low <= value <= high:
         raise ParamError(f"{name} must be between {low} and {high}")
@@ -167,3 +172,35 @@ def crate_card(args) -> tuple[int | None, int | None]:
 def output_format(args) -> str:
     """``json`` (default) or ``csv``."""
     return choice("format", args.get("format"), ("json", "csv"), "json")
+
+
+def local_path(text: str | None) -> str | None:
+    r"""*text* if it is a path of this site to redirect to after a form, else None.
+
+    Accepts only ``/something`` made of printable ASCII: no scheme, no host
+    (``//host``, ``/\host``, ``/<TAB>/host``: browsers drop tabs and newlines and
+    read a backslash as a slash), no control or non-ASCII characters.
+    """
+    if not text or not isinstance(text, str) or len(text) > 2000:
+        return None
+    if not text.isascii() or not text.isprintable() or any(c in text for c in "\\ "):
+        return None
+    if not text.startswith("/") or text.startswith("//"):
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme or parts.netloc:
+        return None
+    return text
+
+
+def int_arg(args, name: str, low: int, high: int, default: int | None = None) -> int:
+    """Integer query or form parameter *name* of *args* (a MultiDict) within [low, high].
+
+    A repeated parameter is an error rather than a silent choice of one copy.
+    """
+    values = args.getlist(name) if hasattr(args, "getlist") else [args.get(name)]
+    if len(values) > 1:
+        raise ParamError(f"{name} is given {len(values)} times")
+    return parse_int(name, values[0] if values else None, low, high, default)

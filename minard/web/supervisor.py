@@ -2,56 +2,65 @@
 
 Only ``supervisor.getState`` and ``supervisor.getAllProcessInfo`` are called:
 the site shows the table but never starts or stops anything, and never
-proxies supervisord's own web interface.
+proxies supervisord's own web interface.  The connection is supervisor's own
+:class:`supervisor.xmlrpc.SupervisorTransport` (the one supervisorctl uses),
+with a timeout added so that a hung supervisord cannot hang a page.
 """
 
 from __future__ import annotations
 
 import http.client
-import socket
 import time
 import xmlrpc.client
+
+from supervisor.xmlrpc import SupervisorTransport
 
 
 class Unavailable(Exception):
     """supervisord cannot be asked (not running, no socket, no answer)."""
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """An HTTP connection over a unix stream socket."""
+class TimedTransport(SupervisorTransport):
+    """supervisor's transport (``unix://`` or ``http://``) whose sockets time out after *timeout* s."""
 
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+    def __init__(self, serverurl: str, timeout: float = 2.0, username: str | None = None,
+                 password: str | None = None):
+        super().__init__(username, password, serverurl)
+        make = self._get_connection
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        def connection():
+            conn = make()
+            conn.timeout = timeout
+            connect = conn.connect
+
+            def connect_with_timeout():
+                connect()
+                conn.sock.settimeout(timeout)
+
+            conn.connect = connect_with_timeout
+            return conn
+
+        self._get_connection = connection
 
 
-class UnixTransport(xmlrpc.client.Transport):
-    """An XML-RPC transport that talks to a unix socket instead of TCP."""
+def proxy(serverurl: str, timeout: float = 2.0, username: str | None = None,
+          password: str | None = None) -> xmlrpc.client.ServerProxy:
+    """An XML-RPC proxy to supervisord at *serverurl* (``unix:///path/supervisor.sock``)."""
+    transport = TimedTransport(serverurl, timeout, username, password)
+    return xmlrpc.client.ServerProxy("http://127.0.0.1/RPC2", transport=transport)
 
-    def __init__(self, path: str, timeout: float = 2.0):
-        super().__init__()
-        self.path, self.timeout = path, timeout
 
-    def make_connection(self, host):
-        return _UnixConnection(self.path, self.timeout)
+def unix_url(socket_path: str) -> str:
+    """The serverurl of supervisord's unix socket *socket_path*."""
+    return f"unix://{socket_path}"
 
 
 def process_table(socket_path: str, timeout: float = 2.0) -> dict:
     """supervisord's state and processes, or :class:`Unavailable` with a clear reason."""
-    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(socket_path, timeout))
+    server = proxy(unix_url(socket_path), timeout)
     try:
-        state = proxy.supervisor.getState()
-        infos = proxy.supervisor.getAllProcessInfo()
+        state = server.supervisor.getState()
+        infos = server.supervisor.getAllProcessInfo()
     except (FileNotFoundError, ConnectionRefusedError):
         raise Unavailable(f"supervisord is not running (nothing listens on {socket_path})") from None
     except PermissionError:

@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minard.dispatcher.server import DispatcherProcess
 from minard.formats import framing, pmt
 from minard.testing import free_port
+from minard.testing.dispatcher import DispatcherProcess
 
 RAW = framing.tag_bytes("RAWDATA")
 CMD = framing.tag_bytes("CMD")

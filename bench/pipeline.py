@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minard.analysis.aggregate import NHIT_BINS, NTRIG, TOTAL, RunAgg, SecondAgg
 from minard.dispatcher.client import DispatchClient
-from minard.dispatcher.server import DispatcherProcess
 from minard.formats import pmt, wire
 from minard.formats.framing import encode_rawbatch
 from minard.formats.zdab import ZdabWriter
@@ -63,6 +62,7 @@ from minard.store import status
 from minard.store import timeseries as ts
 from minard.store.runs import write_run
 from minard.testing import RedisServer, free_port, stop_pid
+from minard.testing.dispatcher import DispatcherProcess
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,11 @@ import redis as redis_py
 import zmq
 
 from minard import config
-from minard.testing import RedisServer, free_port
+from minard.testing import (
+    RedisServer,
+    free_port,
+    wait_for,  # noqa: F401 - the one wait helper, re-exported for tests
+)
 
 #: The read-only material beside the checkout (formats, recorded data).
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -34,21 +37,6 @@ link = /logs/daq
 [pinger]
 timeout = 5
 """
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    """Poll *pred* every 0.1 s and return its first truthy value; fail after *timeout* s.
-
-    For the end-to-end tests, whose processes reach a state some time after
-    they are told to.
-    """
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ import redis as redis_py
 from minard import config
 from minard import stack as stack_mod
 from minard.store import timeseries as ts
-from minard.testing import free_port
+from minard.testing import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -39,21 +39,6 @@ ALL = [p.name for p in stack_mod.PROGRAMS]
 #: The registered programs the pinger reports (conf/programs.cfg).
 REGISTERED = ["dispatcher", "minard_dispatch_push", "minard_dispatch_pull", "data_producer", "data_consumer_cmos",
               "data_consumer_base", "redis", "web", "snoplus_log", "nginx", "pinger", "monitors"]
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
-    """Poll *pred* until it returns something truthy; fail with *what* after *timeout*."""
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = pred()
-        except Exception as exc:  # noqa: BLE001 - keep polling through restarts
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def stack_env(directory: Path) -> dict[str, str]:
@@ -191,12 +176,12 @@ def test_rendered_configs_pass_nginx_t_and_hold_the_ports(stack):
 def test_data_reaches_the_pages_through_nginx_within_seconds(stack):
     t0 = time.time()
     newest = wait_for(lambda: stack.last_data_time() >= t0 - 3 and stack.last_data_time(), 20,
-                      "event rates on /api/stream through nginx")
+                      "event rates on /api/stream through nginx", ignore=(Exception,))
     assert newest > 0
     def cmos_rates():
         values = stack.json("/api/detector?quantity=cmos&window=60")["values"]
         return sum(v is not None for v in values)
-    assert wait_for(cmos_rates, 30, "CMOS rates on /api/detector through nginx") > 1000
+    assert wait_for(cmos_rates, 30, "CMOS rates on /api/detector through nginx", ignore=(Exception,)) > 1000
     status, headers, body = stack.get("/stream")
     assert status == 200 and b"<html" in body.lower()
     assert headers["Server"] == "nginx"  # nginx, without its version
@@ -291,7 +276,7 @@ def test_pinger_posts_a_heartbeat_with_uptime_for_every_program(stack):
     def all_up():
         progs = {p["name"]: p for p in stack.json("/logserver/programs")["programs"]}
         return all(progs[n]["state"] == "up" for n in REGISTERED) and progs
-    progs = wait_for(all_up, 30, "every program up on the log server")
+    progs = wait_for(all_up, 30, "every program up on the log server", ignore=(Exception,))
     assert progs["minard_dispatch_pull"]["metrics"]["uptime_s"] > 0
     assert progs["redis"]["metrics"]["keys"] > 0
     assert progs["dispatcher"]["metrics"]["clients"] >= 2  # push and the replay
@@ -304,7 +289,7 @@ def test_monitors_write_their_series(stack):
                                                   "lag.minard_dispatch_pull", "losses.push",
                                                   "queues.minard_dispatch_pull.queued"], now - 30, now)
         return all((~np.isnan(v)).any() for v in vals.values()) and vals
-    vals = wait_for(series, 30, "the monitors' time series")
+    vals = wait_for(series, 30, "the monitors' time series", ignore=(Exception,))
     assert vals["dispatcher.up"][~np.isnan(vals["dispatcher.up"])][-1] == 1
 
 
@@ -316,15 +301,15 @@ def restart_seen(stack, name: str, old_pid: int, timeout: float = 30) -> int:
     def running():
         r = stack.processes()[name]
         return r["state"] == "RUNNING" and r["pid"] and r["pid"] != old_pid and r["pid"]
-    return wait_for(running, timeout, f"supervisord to restart {name}")
+    return wait_for(running, timeout, f"supervisord to restart {name}", ignore=(Exception,))
 
 
 def data_resumes(stack, since: float, timeout: float = 40) -> None:
     """Events after *since* on the pages (through nginx), and ORCA records being consumed again."""
-    wait_for(lambda: stack.last_data_time() >= since, timeout, "event rates after the restart")
+    wait_for(lambda: stack.last_data_time() >= since, timeout, "event rates after the restart", ignore=(Exception,))
     base = stack.stage_counter("cmos", "processed")
     wait_for(lambda: stack.stage_counter("cmos", "processed") > base, timeout,
-             "CMOS records consumed after the restart")
+             "CMOS records consumed after the restart", ignore=(Exception,))
 
 
 def stages(stack) -> dict[str, dict]:

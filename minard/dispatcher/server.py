@@ -49,6 +49,7 @@ from minard.formats.framing import (
     expand_rawbatches,
     rawbatch_count,
 )
+from minard.store import schema
 
 log = logging.getLogger("minard.dispatcher.server")
 
@@ -843,9 +844,10 @@ class Dispatcher:
         fields = {k: ("" if v is None else v) for k, v in data.items()}
         fields["ended"] = time.time()
         pipe = self._redis.pipeline()
-        pipe.delete(f"dispatcher:scalers:{data['run']}")
-        pipe.hset(f"dispatcher:scalers:{data['run']}", mapping=fields)
-        pipe.zadd("dispatcher:scaler_runs", {str(data["run"]): int(data["run"])})
+        key = schema.DISPATCHER_SCALERS.key(run=data["run"])
+        pipe.delete(key)
+        pipe.hset(key, mapping=fields)
+        pipe.zadd(schema.DISPATCHER_SCALER_RUNS, {str(data["run"]): int(data["run"])})
         pipe.execute()
 
     # -- shutdown ----------------------------------------------------------
@@ -946,108 +948,6 @@ def _on_signal(dispatcher: Dispatcher, sig) -> None:
     else:
         log.info("%s: shutting down as for SHUTDOWN", signal.Signals(sig).name)
         dispatcher.spawn(dispatcher.shutdown())
-
-
-class DispatcherThread:
-    """A dispatcher on its own event loop in a background thread (tests, bench)."""
-
-    def __init__(self, cfg, host: str = "127.0.0.1", port: int = 0):
-        self.cfg, self.host, self.port = cfg, host, port
-        self.dispatcher: Dispatcher | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="dispatcher", daemon=True)
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def _main(self) -> None:
-        async def main():
-            self.loop = asyncio.get_running_loop()
-            await serve(self.cfg, self.host, self.port, ready=self._on_ready)
-        asyncio.run(main())
-
-    def _on_ready(self, port: int, dispatcher: Dispatcher) -> None:
-        self.port, self.dispatcher = port, dispatcher
-        self._ready.set()
-
-    def start(self, timeout: float = 10.0) -> DispatcherThread:
-        """Start the thread and wait until the server listens."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError("dispatcher thread did not start")
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """EXIT the dispatcher and join the thread."""
-        if self.loop is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.dispatcher.exit_now)
-        self._thread.join(timeout)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class DispatcherProcess:
-    """``python -m minard.cli dispatcher`` as a real subprocess (tests, bench).
-
-    *settings* are configuration keys (e.g. ``dispatcher_analyzer_queue=100``)
-    passed as ``MINARD_*`` environment variables; stderr goes to *log_path*.
-    Stopped by its pid.
-    """
-
-    def __init__(self, port: int | None = None, log_path=None, **settings):
-        from minard.testing import free_port
-
-        self.port = port or free_port()
-        self.settings = settings
-        self.log_path = Path(log_path) if log_path else None
-        self.proc = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> DispatcherProcess:
-        """Start the process and wait until it accepts connections."""
-        import os
-        import subprocess
-        import sys
-
-        from minard.testing import wait_port
-
-        env = dict(os.environ)
-        env.update({f"MINARD_{k.upper()}": str(v) for k, v in self.settings.items()})
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "minard.cli", "dispatcher", "--port", str(self.port)],
-                env=env, stdout=out, stderr=out, cwd=str(config_mod.ROOT))
-        finally:
-            if self.log_path:
-                out.close()
-        wait_port(self.port, timeout=timeout)
-        return self
-
-    def log_text(self) -> str:
-        """What the process logged so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the process to exit by itself; return its exit code."""
-        return self.proc.wait(timeout)
-
-    def stop(self) -> int | None:
-        """SIGTERM (then SIGKILL) by pid; return the exit code."""
-        from minard.testing import stop_pid
-
-        return stop_pid(self.proc) if self.proc is not None else None
-
-    def __enter__(self) -> DispatcherProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 @click.command("dispatcher")

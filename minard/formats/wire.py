@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 

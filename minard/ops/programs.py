@@ -29,10 +29,10 @@ from pathlib import Path
 
 from minard.config import ROOT
 from minard.ops.keys import valid_name
-from minard.store import alarms
+from minard.store import alarms, schema
 
-HB_PREFIX = "minard:ops:hb:"
-METRICS_PREFIX = "minard:ops:metrics:"
+HB_PREFIX = schema.OPS_HEARTBEAT.key(program="")
+METRICS_PREFIX = schema.OPS_METRICS.key(program="")
 #: At most this many metrics per program, each name at most 32 characters.
 MAX_METRICS = 16
 

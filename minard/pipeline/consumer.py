@@ -31,7 +31,7 @@ import time
 import redis as redis_py
 
 from minard.pipeline.pool import Pool
-from minard.store import status
+from minard.store import schema, status
 
 log = logging.getLogger("minard.pipeline.consumer")
 
@@ -47,7 +47,7 @@ def redis_client(cfg) -> redis_py.Redis:
 
 def flushed_key(name: str) -> str:
     """This manager's ``pool:<name>:<host>:<pid>:flushed`` hash (unique per running pool)."""
-    return f"pool:{name}:{socket.gethostname()}:{os.getpid()}:flushed"
+    return schema.POOL_FLUSHED.key(name=name, host=socket.gethostname(), pid=os.getpid())
 
 
 def record_flushed(pipe, key: str, n: int) -> None:

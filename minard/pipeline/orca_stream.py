@@ -101,10 +101,10 @@ STREAMS = ("cmos", "base")
 CRATE_CHANNELS = NCARDS * NCHANNELS  # 512
 
 #: Redis keys of the ORCA stream (docs/storage.md).
-CMOS_STATE_KEY = "orca:cmos:state:{crate}"
+CMOS_STATE_KEY = schema.ORCA_CMOS_STATE.template
 LATEST_KEY, LATEST_TIME_KEY = schema.ORCA_LATEST_KEY, schema.ORCA_LATEST_TIME_KEY
-BUSY_KEY = "orca:base:busy"  # 9728 uint8: busy flag at the latest reading
-BASE_CRATE_TIME_KEY = "orca:base:crate_time"  # hash crate -> record time (µs) of the latest map
+BUSY_KEY = schema.ORCA_BASE_BUSY
+BASE_CRATE_TIME_KEY = schema.ORCA_BASE_CRATE_TIME
 BUSY_SERIES = "base_busy"  # per-channel count series: busy readings per bucket
 #: Optimistic transactions retried at most this often before a batch is given up.
 MAX_RETRIES = 100

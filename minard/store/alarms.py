@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from minard.store import schema
+
 DEBUG, INFO, SUCCESS, WARNING, DANGER = 10, 20, 21, 30, 40
 #: level -> (name, colour).  Colours are the ones of static/css/minard.css.
 LEVELS = {
@@ -46,20 +48,17 @@ RING_LEVEL = DANGER
 MAX_MESSAGE = 2000
 MAX_COMMENT = 500
 
-P = "minard:"
-NEXT = P + "alarms:next"
-INDEX = P + "alarms:index"
-COUNTERS = P + "alarms:counters"
+NEXT, INDEX, COUNTERS = schema.ALARMS_NEXT, schema.ALARMS_INDEX, schema.ALARMS_COUNTERS
 
 
 def alarm_key(alarm_id: int | str) -> str:
     """Redis key of one alarm's hash."""
-    return f"{P}alarm:{int(alarm_id)}"
+    return schema.ALARM.key(id=int(alarm_id))
 
 
 def group_key(key: str) -> str:
     """Redis key holding the open alarm id of grouping *key* (hashed: keys may be long)."""
-    return P + "alarms:group:" + hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return schema.ALARM_GROUP.key(digest=hashlib.sha1(key.encode("utf-8")).hexdigest())
 
 
 def parse_level(value: object) -> int:
@@ -142,7 +141,7 @@ def raise_alarm(r, level: int, message: str, source: str = "", program: str = ""
     level = parse_level(level)
     message = _clip(message, MAX_MESSAGE)
     key = key or f"{source}\0{program}\0{level}\0{message}"
-    alarm_id, _new = r.eval(_RAISE, 3, group_key(key), NEXT, INDEX, P + "alarm:", repr(now),
+    alarm_id, _new = r.eval(_RAISE, 3, group_key(key), NEXT, INDEX, schema.ALARM_PREFIX, repr(now),
                             _ttl(history_days), level, source, message, program, _clip(key, 200))
     trim(r, now, history_days)
     return int(alarm_id)

@@ -32,16 +32,16 @@ import redis as redis_py
 from minard import config as config_mod
 from minard.analysis.aggregate import RunAgg
 from minard.formats.pmt import TRIGGER_NAMES
+from minard.store import schema
 from minard.store import timeseries as ts
 
 RUN_KEEP = 400 * 86400
-START_KEY = "runs:start"
-END_KEY = "runs:end"
+START_KEY, END_KEY = schema.RUNS_START, schema.RUNS_END
 
 
 def run_key(run: int, part: str = "") -> str:
     """Key of one part of run *run*'s summary (``""``, nhit, channels, subruns)."""
-    return f"run:{int(run)}:{part}" if part else f"run:{int(run)}"
+    return schema.RUN_PART.key(run=int(run), part=part) if part else schema.RUN.key(run=int(run))
 
 
 def write_run(pipe, agg: RunAgg, now: float | None = None, add_array=None) -> None:
@@ -54,7 +54,7 @@ def write_run(pipe, agg: RunAgg, now: float | None = None, add_array=None) -> No
     now = time.time() if now is None else now
     key = run_key(agg.run)
     counts = {"events": agg.events, "orphans": agg.orphans, "hits": agg.hits}
-    counts.update({f"trig:{n}": int(c) for n, c in zip(TRIGGER_NAMES, agg.triggers) if c})
+    counts.update({schema.RUN_TRIGGER_FIELD.format(name=n): int(c) for n, c in zip(TRIGGER_NAMES, agg.triggers) if c})
     for name, value in counts.items():
         pipe.hincrby(key, name, int(value))
     nz = np.flatnonzero(agg.nhit_counts)
@@ -108,7 +108,7 @@ def get_run(redis, run: int) -> dict | None:
         "events": head.get("events", 0),
         "orphans": head.get("orphans", 0),
         "hits": head.get("hits", 0),
-        "triggers": {n: head.get(f"trig:{n}", 0) for n in TRIGGER_NAMES},
+        "triggers": {n: head.get(schema.RUN_TRIGGER_FIELD.format(name=n), 0) for n in TRIGGER_NAMES},
         "nhit_histogram": {str(k): v for k, v in sorted((int(k), int(v)) for k, v in nhit.items())},
         "channel_hits": {str(i): int(hits[i]) for i in nz.tolist()},
         "start": start,

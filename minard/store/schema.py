@@ -1,18 +1,163 @@
-"""Every Redis key, key family and retention level of minard, named once.
+"""Every Redis key, key family, series group and retention level of minard, named once.
 
-docs/storage.md describes the same schema for people; processes and the web
-import the names from here instead of spelling key strings themselves.
+Processes and the web build key names only through this module, so one file answers
+"what does minard keep in Redis, and who writes it".  ``docs/storage.md`` describes the
+same schema for people; ``tests/store/test_schema.py`` checks that every family below
+is documented there.
+
+A :class:`Family` is a key template with ``{placeholders}``; ``Family.key(...)`` fills
+them.  Plain constants are single keys.  Time-series *groups* are the last part of
+``ts:`` keys (see :data:`SCALAR`) and name one hash of fields per bucket.
 """
 
 from __future__ import annotations
 
-from minard.store import timeseries as ts
+from dataclasses import dataclass
 
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution: buckets of ``step`` seconds kept for ``keep`` seconds."""
+
+    step: int
+    keep: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of Redis keys: a template, its Redis type and what it holds."""
+
+    template: str
+    type: str
+    doc: str
+
+    def key(self, **parts: object) -> str:
+        """The key of this family for the given placeholder values."""
+        return self.template.format(**parts)
+
+    @property
+    def pattern(self) -> str:
+        """A ``SCAN``/ACL glob matching every key of the family."""
+        import re
+
+        return re.sub(r"\{[^}]*\}", "*", self.template)
+
+
+HOUR, DAY = 3600, 86400
+
+#: Single keys (not families): key -> (Redis type, what it holds).
+_SINGLE: dict[str, tuple[str, str]] = {}
+
+
+def _single(key: str, type_: str, doc: str) -> str:
+    """Declare one fixed key with its type and content; returns the key."""
+    _SINGLE[key] = (type_, doc)
+    return key
+
+
+# --- retention levels ------------------------------------------------------------
+#: Scalar series: 1 s for 2 h ... 6 h buckets for 800 days.
+SCALAR_LEVELS = (
+    Level(1, 2 * HOUR),
+    Level(10, 2 * DAY),
+    Level(60, 14 * DAY),
+    Level(600, 120 * DAY),
+    Level(3600, 400 * DAY),
+    Level(6 * HOUR, 800 * DAY),
+)
+#: Per-channel series (each bucket is a 9728-entry array, so fewer levels).
+CHANNEL_LEVELS = (
+    Level(10, 2 * HOUR),
+    Level(300, 2 * DAY),
+    Level(3600, 30 * DAY),
+    Level(DAY, 400 * DAY),
+)
 #: nhit histograms: coarser than the scalar series (each bucket holds many bins).
-NHIT_LEVELS = (ts.Level(10, 2 * ts.HOUR), ts.Level(300, 2 * ts.DAY), ts.Level(3600, 30 * ts.DAY))
+NHIT_LEVELS = (Level(10, 2 * HOUR), Level(300, 2 * DAY), Level(3600, 30 * DAY))
 
+# --- time series (minard/store/timeseries.py) ------------------------------------
+SCALAR = Family("ts:{step}:{bucket}:{group}", "hash",
+                "Scalar series: one hash of fields per (resolution, bucket, group).")
+CHANNEL = Family("ch:{step}:{bucket}:{name}", "string",
+                 "Per-channel series: an array over the channels per (resolution, bucket, name); "
+                 "averaged values keep ``<name>:sum`` and ``<name>:n`` arrays.")
+
+#: Scalar-series groups (the ``{group}`` of :data:`SCALAR`).
+GROUP_TRIGGERS = "trig"  # events, nhit and QHS sums per trigger type
+GROUP_STREAM = "stream"  # record/event/hit/corruption counters; last run, subrun, GTID
+GROUP_CRATES = "crate"  # hits per crate
+GROUP_NHIT = "nhit"  # nhit histogram per trigger (NHIT_LEVELS)
+GROUP_OCCUPANCY = "occ"  # events per bucket: the denominator of occupancy
+
+#: Per-channel series names (the ``{name}`` of :data:`CHANNEL`).
+CHANNEL_HITS = "hits"
+CHANNEL_CARD_HITS = "card_hits"
+CHANNEL_CMOS = "cmos"
+CHANNEL_BASE = "base"
+CHANNEL_BASE_BUSY = "base_busy"
+
+# --- run summaries (minard/store/runs.py) ----------------------------------------
+RUN = Family("run:{run}", "hash", "Run summary: events, orphans, hits, trig:<NAME>.")
+RUN_PART = Family("run:{run}:{part}", "hash, string or set",
+                  "Run summary parts: nhit (hash), channels (string array), subruns (set).")
+RUNS_START = _single("runs:start", "zset", "run -> arrival time of its first event")
+RUNS_END = _single("runs:end", "zset", "run -> arrival time of its last event")
+#: Hash field of a run summary counting one trigger type.
+RUN_TRIGGER_FIELD = "trig:{name}"
+
+# --- heartbeats and loss counters (minard/store/status.py) -----------------------
+STATUS = Family("status:{component}", "hash", "Heartbeat of a pipeline component (expires).")
+STATS = Family("stats:{stage}", "hash", "Counters of a pipeline stage: received, processed, dropped, errors.")
+COMPONENTS = _single("pipeline:components", "set", "names of the pipeline components that have written a heartbeat")
+POOL_FLUSHED = Family("pool:{name}:{host}:{pid}:flushed", "hash",
+                      "Records each worker of one pool has accounted for in Redis.")
+
+# --- ORCA stream (minard/pipeline/orca_stream.py) --------------------------------
+ORCA_CMOS_STATE = Family("orca:cmos:state:{crate}", "string",
+                         "CMOS rate state of one crate: last valid count and its time per channel.")
 #: Latest value per channel of an ORCA stream (``cmos`` or ``base``):
-#: 9728 big-endian float64, NaN = no valid value.
+#: big-endian float64 per channel, NaN = no valid value.
 ORCA_LATEST_KEY = "orca:{stream}:latest"
-#: Arrival time (Unix s) of each channel's latest value: 9728 big-endian float64.
+#: Arrival time (Unix s) of each channel's latest value: big-endian float64.
 ORCA_LATEST_TIME_KEY = "orca:{stream}:latest_t"
+ORCA_LATEST = Family(ORCA_LATEST_KEY, "string", "Latest value per channel of an ORCA stream.")
+ORCA_LATEST_TIME = Family(ORCA_LATEST_TIME_KEY, "string", "Arrival time of each channel's latest value.")
+ORCA_BASE_BUSY = _single("orca:base:busy", "string", "uint8 per channel: busy flag at the latest base-current reading")
+ORCA_BASE_CRATE_TIME = _single("orca:base:crate_time", "hash", "crate -> ORCA time (µs) of the reading in the base latest map")
+
+# --- dispatcher (minard/dispatcher/server.py) ------------------------------------
+DISPATCHER_SCALERS = Family("dispatcher:scalers:{run}", "hash", "Scaler sums of one run (SCALERREC).")
+DISPATCHER_SCALER_RUNS = _single("dispatcher:scaler_runs", "zset", "runs that have scaler records")
+
+# --- alarms (minard/store/alarms.py) ---------------------------------------------
+ALARM = Family("minard:alarm:{id}", "hash", "One alarm: level, message, source, states and their times.")
+ALARM_PREFIX = "minard:alarm:"  # ALARM without its id, for the Lua script that raises alarms
+ALARM_GROUP = Family("minard:alarms:group:{digest}", "string",
+                     "The open alarm of one grouping key (sha1 of the key).")
+ALARMS_NEXT = _single("minard:alarms:next", "string", "counter: the last alarm id given out")
+ALARMS_INDEX = _single("minard:alarms:index", "zset", "alarm id -> time it was raised")
+ALARMS_COUNTERS = _single("minard:alarms:counters", "hash", "totals of alarms raised, acknowledged, shelved")
+
+# --- operations: program heartbeats and metrics (minard/ops/programs.py) ---------
+OPS_HEARTBEAT = Family("minard:ops:hb:{program}", "hash", "Heartbeat of a registered program (log server).")
+OPS_METRICS = Family("minard:ops:metrics:{program}", "hash", "Metrics a program posted with its heartbeat.")
+
+
+def families() -> dict[str, Family]:
+    """Every key family of this module by its constant name (for docs and ACL checks)."""
+    return {name: value for name, value in globals().items() if isinstance(value, Family)}
+
+
+def single_keys() -> dict[str, tuple[str, str]]:
+    """Every single key (not a family): key -> (Redis type, content)."""
+    return dict(_SINGLE)
+
+
+def doc_table() -> str:
+    """The key index of docs/storage.md, generated from this module (a test keeps it current)."""
+    rows = ["| key | type | content |", "|---|---|---|"]
+    for family in families().values():
+        rows.append(f"| `{family.template}` | {family.type} | {family.doc} |")
+    for key, (type_, doc) in single_keys().items():
+        rows.append(f"| `{key}` | {type_} | {doc} |")
+    return "\n".join(rows) + "\n"

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 
 import redis as redis_py
 
+from minard.store import schema
+
 log = logging.getLogger("minard.store.status")
 
 STAGES = ("dispatcher", "push", "pull", "redis", "orca_producer", "cmos", "base")
@@ -43,17 +45,17 @@ def beat(pipe, component: str, fields: Mapping[str, object] | None = None,
         mapping["started"] = started
     for key, value in (fields or {}).items():
         mapping[key] = value if isinstance(value, (int, float, str, bytes)) else str(value)
-    key = f"status:{component}"
+    key = schema.STATUS.key(component=component)
     pipe.hset(key, mapping=mapping)
     pipe.expire(key, ttl)
-    pipe.sadd("components", component)
+    pipe.sadd(schema.COMPONENTS, component)
 
 
 def count(pipe, stage: str, **deltas: int) -> None:
     """Add *deltas* (e.g. ``received=10, errors=1`` or any named reason) to a stage."""
     for name, delta in deltas.items():
         if delta:
-            pipe.hincrby(f"stats:{stage}", name, int(delta))
+            pipe.hincrby(schema.STATS.key(stage=stage), name, int(delta))
 
 
 class Reporter:
@@ -91,8 +93,8 @@ class Reporter:
 def stats(redis) -> dict[str, dict[str, int]]:
     """Every stage's counters as ints."""
     out = {}
-    for stage in sorted({*STAGES, *(k.decode().split(":", 1)[1] for k in redis.keys("stats:*"))}):
-        raw = redis.hgetall(f"stats:{stage}")
+    for stage in sorted({*STAGES, *(k.decode().split(":", 1)[1] for k in redis.keys(schema.STATS.pattern))}):
+        raw = redis.hgetall(schema.STATS.key(stage=stage))
         if raw:
             out[stage] = {k.decode(): int(float(v)) for k, v in raw.items()}
     return out
@@ -102,9 +104,9 @@ def components(redis, now: float | None = None) -> dict[str, dict[str, str]]:
     """Last heartbeat of every known component; ``alive`` says whether it is current."""
     now = time.time() if now is None else now
     out = {}
-    for raw_name in sorted(redis.smembers("components")):
+    for raw_name in sorted(redis.smembers(schema.COMPONENTS)):
         name = raw_name.decode()
-        fields = {k.decode(): v.decode() for k, v in redis.hgetall(f"status:{name}").items()}
+        fields = {k.decode(): v.decode() for k, v in redis.hgetall(schema.STATUS.key(component=name)).items()}
         fields["alive"] = bool(fields) and now - float(fields.get("time", 0)) < 10
         out[name] = fields
     return out

@@ -26,38 +26,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
-
-
-@dataclass(frozen=True)
-class Level:
-    """One resolution: buckets of ``step`` seconds kept for ``keep`` seconds."""
-
-    step: int
-    keep: int
-
-
-HOUR, DAY = 3600, 86400
-#: Scalar series: 1 s for 2 h ... 6 h buckets for 800 days.
-SCALAR_LEVELS = (
-    Level(1, 2 * HOUR),
-    Level(10, 2 * DAY),
-    Level(60, 14 * DAY),
-    Level(600, 120 * DAY),
-    Level(3600, 400 * DAY),
-    Level(6 * HOUR, 800 * DAY),
+from minard.store.schema import (  # noqa: E402  (re-exported: ts.Level, ts.SCALAR_LEVELS, ...)
+    CHANNEL,
+    CHANNEL_LEVELS,
+    SCALAR,
+    SCALAR_LEVELS,
+    Level,
 )
-#: Per-channel series (each bucket is a 9728-entry array, so fewer levels).
-CHANNEL_LEVELS = (
-    Level(10, 2 * HOUR),
-    Level(300, 2 * DAY),
-    Level(3600, 30 * DAY),
-    Level(DAY, 400 * DAY),
-)
+
 #: Most buckets one query reads; picks the resolution.
 MAX_POINTS = 3000
 #: Fixed-point scale for averaged per-channel values (1e-3 resolution).
@@ -70,11 +50,11 @@ def bucket(t: float, step: int) -> int:
 
 
 def scalar_key(step: int, b: int, group: str) -> str:
-    return f"ts:{step}:{b}:{group}"
+    return SCALAR.key(step=step, bucket=b, group=group)
 
 
 def channel_key(step: int, b: int, name: str) -> str:
-    return f"ch:{step}:{b}:{name}"
+    return CHANNEL.key(step=step, bucket=b, name=name)
 
 
 def choose_level(start: float, stop: float, levels=SCALAR_LEVELS, now: float | None = None,

@@ -23,6 +23,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(pred, timeout: float = 30.0, what: str = "condition", interval: float = 0.05,
+             ignore: tuple[type[BaseException], ...] = ()):
+    """Poll *pred* until it returns something truthy and return that value.
+
+    The one way tests wait for a process to reach a state (never a fixed sleep).
+    Exceptions of the types in *ignore* count as "not yet" (e.g. connection errors
+    while a server restarts); after *timeout* seconds it fails with *what* and the
+    last value seen.
+    """
+    end = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = pred()
+        except ignore as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
     """Block until something accepts connections on *port*, or raise."""
     deadline = time.monotonic() + timeout

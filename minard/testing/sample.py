@@ -28,6 +28,7 @@ from minard.analysis.aggregate import (
 )
 from minard.formats.detector import NCHANNELS_TOTAL
 from minard.pipeline.dispatch_stream import CountWriter, write_second
+from minard.store import schema
 from minard.store import timeseries as ts
 from minard.store.runs import write_run
 from minard.store.schema import NHIT_LEVELS
@@ -207,9 +208,9 @@ def write_day(redis, end: float, days: float = 1.0, rate: float = 300.0, mean_nh
             written["keys"] += 2
         pipe.execute()
     for r in np.unique(runs):
-        pipe.zadd("runs:start", {str(int(r)): float(t[runs == r][0])})
-        pipe.zadd("runs:end", {str(int(r)): float(t[runs == r][-1])})
-        pipe.hset(f"run:{int(r)}", mapping={"events": int(events[runs == r].sum())})
+        pipe.zadd(schema.RUNS_START, {str(int(r)): float(t[runs == r][0])})
+        pipe.zadd(schema.RUNS_END, {str(int(r)): float(t[runs == r][-1])})
+        pipe.hset(schema.RUN.key(run=int(r)), mapping={"events": int(events[runs == r].sum())})
     pipe.execute()
     _write_channel_day(redis, t, events, mean_nhit, end, rng, written)
     _write_nhit_day(redis, t, events, mean_nhit, end, written)

@@ -32,6 +32,7 @@ import numpy as np
 from minard.analysis.aggregate import NAMES, NHIT_BIN
 from minard.formats.detector import NCHANNELS_TOTAL
 from minard.formats.pmt import TRIGGER_NAMES
+from minard.store import schema
 from minard.store import timeseries as ts
 from minard.store.schema import NHIT_LEVELS
 
@@ -201,7 +202,7 @@ def boundaries(redis, times, run, subrun, start: float, stop: float) -> list[dic
     series' last-seen run/subrun, to the bucket.
     """
     marks = {}
-    for member, t in redis.zrangebyscore("runs:start", start, stop, withscores=True):
+    for member, t in redis.zrangebyscore(schema.RUNS_START, start, stop, withscores=True):
         marks[("run", int(member))] = {"t": float(t), "kind": "run", "run": int(member), "subrun": None}
     ok = ~(np.isnan(run) | np.isnan(subrun))
     idx = np.flatnonzero(ok)
@@ -446,7 +447,7 @@ def run_occupancy(summary: dict) -> np.ndarray:
 
 def dispatcher_name(redis) -> str | None:
     """The dispatcher ``minard_dispatch push`` reads (from its heartbeat)."""
-    raw = redis.hget("status:minard_dispatch_push", "dispatcher")
+    raw = redis.hget(schema.STATUS.key(component="minard_dispatch_push"), "dispatcher")
     return raw.decode() if raw else None
 
 

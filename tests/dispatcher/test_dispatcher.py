@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from minard.dispatcher.client import CommandFailed, ConnectionClosed, DispatchClient
-from minard.dispatcher.server import CommandError, DispatcherProcess, ScalerRecord
+from minard.dispatcher.server import CommandError, ScalerRecord
 from minard.formats import framing, pmt
+from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,10 +19,10 @@ import pytest
 from minard.dispatcher.client import DispatchClient, query
 from minard.dispatcher.recorder import Recorder
 from minard.dispatcher.replay import Pacer, peek
-from minard.dispatcher.server import DispatcherProcess
 from minard.formats import pmt
 from minard.formats.framing import Frame
 from minard.testing import stop_pid
+from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parents[2]

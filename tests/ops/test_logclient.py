@@ -14,7 +14,7 @@ from werkzeug.serving import make_server
 from minard.ops.keys import KeyStore
 from minard.ops.logclient import Heartbeat, HttpLogHandler
 from minard.ops.logserver import create_app
-from minard.testing import free_port
+from minard.testing import free_port, wait_for
 
 
 @pytest.fixture
@@ -29,15 +29,6 @@ def server(cfg, tmp_path):
     yield f"http://127.0.0.1:{srv.server_port}", token, cfg
     srv.shutdown()
     thread.join(5)
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def make_logger(handler, name):

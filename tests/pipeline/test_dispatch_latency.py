@@ -14,13 +14,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import wait_for
 from test_dispatch_stream import check_invariants, make_stack  # noqa: F401 - make_stack is a fixture
 
 from minard.dispatcher.client import DispatchClient, query
 from minard.formats.framing import encode_rawbatch
 from minard.formats.pmt import encode_batch, pack_dispatch
 from minard.store.status import stats
+from minard.testing import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

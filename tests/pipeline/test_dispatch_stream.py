@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis as redis_py
-from conftest import wait_for
-from test_aggregate import expected
 
-from minard.dispatcher.server import DispatcherProcess
 from minard.formats.pmt import TRIGGER_NAMES, decode_event, encode_event
 from minard.formats.zdab import ZdabWriter, read_events
 from minard.store import timeseries as ts
 from minard.store.runs import get_run
 from minard.store.status import stats
-from minard.testing import RedisServer, stop_pid
+from minard.testing import RedisServer, stop_pid, wait_for
+from minard.testing.dispatcher import DispatcherProcess
+from minard.testing.records import expected
 
 pytestmark = pytest.mark.timeout(120)
 T_SENT = 1_700_000_000.5

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis as redis_py
-from conftest import wait_for
 
 from minard.formats import orca, wire
 from minard.formats.detector import NCHANNELS_TOTAL
@@ -41,7 +40,7 @@ from minard.simulate.orca import OrcaSimulator
 from minard.store import timeseries as ts
 from minard.store.query import latest_values
 from minard.store.status import stats
-from minard.testing import stop_pid
+from minard.testing import stop_pid, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent

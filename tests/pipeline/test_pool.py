@@ -3,13 +3,13 @@
 import os
 import signal
 import threading
-import time
 
 import pytest
 import zmq
 
 from minard.formats import wire
 from minard.pipeline.pool import Pool, PoolManager, PoolSpec
+from minard.testing import wait_for
 
 HANDLER = "pool_handlers:Counting"
 
@@ -31,15 +31,6 @@ def _run_pool(pool, seconds):
     return thread
 
 
-def _wait(pred, timeout=20):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture
 def spec(cfg):
     return PoolSpec(name="test", handler=HANDLER, upstream=cfg["zmq_dispatch"], max_workers=2,
@@ -51,7 +42,7 @@ def test_every_record_is_processed_exactly_once_by_several_workers(cfg, spec, zm
     pool = Pool(spec, cfg, event_log=tmp_path / "pool.log")
     thread = _run_pool(pool, 8)
     _send(push, 200)
-    assert _wait(lambda: int(redis_client.get("pooltest:records") or 0) == 2000)
+    wait_for(lambda: int(redis_client.get("pooltest:records") or 0) == 2000, 20)
     pool.request_stop()
     thread.join(20)
     seqs = sorted(int(s) for s in redis_client.lrange("pooltest:seqs", 0, -1))
@@ -68,7 +59,7 @@ def test_worker_is_recycled_after_trx_limit_and_loses_nothing(cfg, spec, zmq_con
     pool = Pool(spec, cfg, event_log=tmp_path / "pool.log")
     thread = _run_pool(pool, 30)
     _send(push, 50)
-    assert _wait(lambda: int(redis_client.get("pooltest:records") or 0) == 500)
+    wait_for(lambda: int(redis_client.get("pooltest:records") or 0) == 500, 20)
     pool.request_stop()
     thread.join(20)
     assert pool.stats.workers_recycled >= 4
@@ -84,10 +75,10 @@ def test_idle_worker_is_stopped_and_started_again_when_data_arrives(cfg, spec, z
     pool = Pool(spec, cfg)
     thread = _run_pool(pool, 30)
     _send(push, 3)
-    assert _wait(lambda: int(redis_client.get("pooltest:records") or 0) == 30)
-    assert _wait(lambda: pool.stats.workers_idle_stopped == 1 and not pool.workers)
+    wait_for(lambda: int(redis_client.get("pooltest:records") or 0) == 30, 20)
+    wait_for(lambda: pool.stats.workers_idle_stopped == 1 and not pool.workers, 20)
     _send(push, 3, start=3)
-    assert _wait(lambda: int(redis_client.get("pooltest:records") or 0) == 60)
+    wait_for(lambda: int(redis_client.get("pooltest:records") or 0) == 60, 20)
     pool.request_stop()
     thread.join(20)
     events = "".join(pool.events.lines)
@@ -101,11 +92,11 @@ def test_killed_worker_is_restarted_and_its_batch_is_counted_lost(cfg, spec, zmq
     pool = Pool(spec, cfg)
     thread = _run_pool(pool, 60)
     _send(push, 20)
-    assert _wait(lambda: any(w.inflight for w in pool.workers.values()))
+    wait_for(lambda: any(w.inflight for w in pool.workers.values()), 20)
     victim = next(iter(pool.workers.values()))
     os.kill(victim.proc.pid, signal.SIGKILL)
-    assert _wait(lambda: pool.stats.workers_crashed == 1)
-    assert _wait(lambda: pool.stats.records_processed + pool.stats.records_lost == 200, 40)
+    wait_for(lambda: pool.stats.workers_crashed == 1, 20)
+    wait_for(lambda: pool.stats.records_processed + pool.stats.records_lost == 200, 40)
     pool.request_stop()
     thread.join(20)
     assert pool.stats.records_lost == 10
@@ -148,7 +139,7 @@ def test_workers_exit_when_their_manager_is_killed(cfg, spec, zmq_context, redis
     manager = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
         _send(push, 2)
-        assert _wait(lambda: redis_client.scard("pooltest:pids") == 1)
+        wait_for(lambda: redis_client.scard("pooltest:pids") == 1, 20)
         worker_pid = int(redis_client.smembers("pooltest:pids").pop())
         os.kill(manager.pid, signal.SIGKILL)
         manager.wait(5)
@@ -161,7 +152,7 @@ def test_workers_exit_when_their_manager_is_killed(cfg, spec, zmq_context, redis
             with open(f"/proc/{worker_pid}/stat") as fh:  # a zombie counts as gone
                 return fh.read().split()[2] == "Z"
 
-        assert _wait(gone, 10)
+        wait_for(gone, 10, "the manager reaped")
     finally:
         if manager.poll() is None:
             manager.kill()

@@ -3,12 +3,12 @@
 import json
 
 from click.testing import CliRunner
-from test_aggregate import make_records
 
 from minard.analysis import aggregate as ag
 from minard.cli import main
 from minard.formats.pmt import decode_events
 from minard.store.runs import RUN_KEEP, get_run, list_runs, write_run
+from minard.testing.records import make_records
 
 T0 = 1_700_000_000.0
 

@@ -22,12 +22,12 @@ import pytest
 import redis as redis_py
 from conftest import UPDATE_DOCS_IMG
 
-from minard.dispatcher.server import DispatcherProcess
 from minard.formats.pmt import encode_event
 from minard.formats.zdab import ZdabWriter
 from minard.store import status as pipeline_status
 from minard.store.runs import get_run
-from minard.testing import RedisServer, free_port, sample, stop_pid, wait_port
+from minard.testing import RedisServer, free_port, sample, stop_pid, wait_for, wait_port
+from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -52,15 +52,6 @@ def synthetic_zdab(path: Path, n: int = REPLAY_EVENTS, run: int = REPLAY_RUN) ->
             w.write_event(encode_event(run=run, subrun=i * 3 // n, evnum=i, gtid=100 + i, trigger_word=word,
                                        hits=hits, clock10=1_000_000 + i * 1000))
     return path
-
-
-def wait_for(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

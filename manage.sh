@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PY=${PYTHON:-python3}
-APT_PACKAGES=(redis-server nginx-light chromium)
+APT_PACKAGES=(redis-server redis-sentinel nginx-light chromium iproute2)
 
 log() { printf '[manage] %s\n' "$*" >&2; }
 
@@ -32,6 +32,8 @@ apt_install() {
 install_apt() {
     local missing=()
     have redis-server || missing+=(redis-server)
+    have redis-sentinel || missing+=(redis-sentinel)
+    have ip || missing+=(iproute2)
     have nginx || missing+=(nginx-light)
     have chromium || missing+=(chromium)
     have npm || missing+=(npm)
@@ -40,7 +42,7 @@ install_apt() {
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo
     # The Debian packages start system services; minard runs its own instances.
-    for svc in redis-server nginx; do
+    for svc in redis-server redis-sentinel nginx; do
         $sudo service "$svc" stop >/dev/null 2>&1 || true
     done
 }

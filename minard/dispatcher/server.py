@@ -34,6 +34,7 @@ import click
 
 from minard import config as config_mod
 from minard import log as log_mod
+from minard import metrics
 from minard.formats.framing import (
     CMD,
     DATA_TAGS_RAW,
@@ -928,6 +929,7 @@ async def serve(cfg, host: str, port: int, ready=None) -> int:
     """
     dispatcher = Dispatcher(cfg)
     bound = await dispatcher.start(host, port)
+    exporter = metrics.serve(cfg, "dispatcher", dispatcher_metrics(dispatcher))
     loop = asyncio.get_running_loop()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -935,9 +937,41 @@ async def serve(cfg, host: str, port: int, ready=None) -> int:
     if ready is not None:
         ready(bound, dispatcher)
     await dispatcher.done.wait()
+    if exporter is not None:
+        exporter.shutdown()
     log.info("dispatcher exiting: %s", json.dumps(
         {k: v for k, v in dispatcher.stats().items() if k not in ("clients", "scalers")}))
     return 0
+
+
+#: Per-client counters of the dispatcher exported to Prometheus (all are totals).
+CLIENT_COUNTERS = ("events_sent", "events_dropped", "bytes_sent", "events_received", "bytes_received")
+
+
+def dispatcher_metrics(dispatcher: Dispatcher) -> metrics.Snapshot:
+    """``minard_dispatcher_*``: the server's counters (STATS?) and each client's, read at scrape time.
+
+    Runs in the metrics thread: it copies the containers the event loop
+    changes (a copy of a dict is atomic) and reads plain attributes only.
+    """
+    def read() -> dict:
+        counters = dict(dispatcher.counters)
+        clients = list(dispatcher.clients.values())
+        out: dict[str, object] = {k: v for k, v in counters.items() if isinstance(v, (int, float))}
+        out["clients"] = {role: sum(1 for c in clients if (c.role or "none") == role)
+                          for role in {c.role or "none" for c in clients}}
+        out["run"] = dispatcher.run if dispatcher.run is not None else -1
+        for name in (*CLIENT_COUNTERS, "queued_events", "queued_bytes"):
+            out[f"client_{name}"] = {f"{c.role or 'client'}:{c.name or ''}#{c.fd}": getattr(c, name, 0)
+                                     for c in clients}
+        return out
+
+    return metrics.Snapshot(
+        "minard_dispatcher", read, counters=(*dispatcher.counters, *(f"client_{n}" for n in CLIENT_COUNTERS)),
+        labels={"clients": "role", **{f"client_{n}": "client" for n in (*CLIENT_COUNTERS, "queued_events",
+                                                                         "queued_bytes")}},
+        help={"clients": "Connected clients by role.", "run": "The run in progress (-1: none).",
+              "received_events": "Events received from the data source."})
 
 
 def _on_signal(dispatcher: Dispatcher, sig) -> None:

@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 
 from minard import config
 from minard import log as minard_log
+from minard import metrics
 from minard.ops import programs
 from minard.ops.keys import KeyStore, valid_name
 from minard.ops.safefile import UnsafeFile, open_in
@@ -197,6 +198,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     app.extensions["minard_last_check"] = 0.0
     _routes(app, cfg)
     _errors(app)
+    metrics.instrument(app, "snoplus_log")  # requests per route, served by gunicorn's master
     return app
 
 

@@ -38,6 +38,7 @@ import click
 
 from minard import config as config_mod
 from minard import log as log_mod
+from minard import metrics
 from minard.ops import programs
 from minard.store import alarms, status
 from minard.store import timeseries as ts
@@ -356,6 +357,11 @@ def monitors_cmd(names, once, config_path):
             shown = " ".join(f"{k}={v:g}" for k, v in (values or {}).items()) or "FAILED"
             click.echo(f"{s.name:<12} {shown}")
         return
+    metrics.serve(cfg, "monitors", metrics.Snapshot("minard_monitor", lambda: {
+        "checks": dict(runner.runs), "check_errors": dict(runner.errors),
+        "failing": {n: n in runner.failing for n in list(runner.runs)}},
+        counters=("checks", "check_errors"), labels=dict.fromkeys(("checks", "check_errors", "failing"), "monitor"),
+        help={"failing": "1 while the monitor's check fails."}))
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
     runner.run()

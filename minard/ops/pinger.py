@@ -39,6 +39,7 @@ import click
 
 from minard import config as config_mod
 from minard import log as log_mod
+from minard import metrics
 from minard.ops import programs
 from minard.ops.logclient import Heartbeat
 from minard.store import status
@@ -260,6 +261,10 @@ def pinger_cmd(config_path, once):
         for name, p in pinger.round().items():
             click.echo(f"{name:<24} {'up' if p.alive else 'DOWN':<5} {p.status}")
         return
+    metrics.serve(cfg, "pinger", metrics.Snapshot("minard_pinger", lambda: {
+        "rounds": pinger.rounds, "heartbeats_posted": pinger.posted, "heartbeats_failed": pinger.failed,
+        "program_up": dict(pinger.alive)}, counters=("rounds", "heartbeats_posted", "heartbeats_failed"),
+        labels={"program_up": "program"}, help={"program_up": "1 while the program answers its probe."}))
     signal.signal(signal.SIGTERM, pinger.stop)
     signal.signal(signal.SIGINT, pinger.stop)
     pinger.run()

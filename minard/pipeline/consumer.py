@@ -30,7 +30,8 @@ import time
 
 import redis as redis_py
 
-from minard.pipeline.pool import Pool
+from minard import metrics
+from minard.pipeline.pool import Pool, PoolStats
 from minard.store import schema, status
 
 log = logging.getLogger("minard.pipeline.consumer")
@@ -113,10 +114,12 @@ class PoolReporter:
         self.started = time.time()
         self.written_received = 0
         self.redis_ok = True
+        self.last_status: dict = {}  # the latest pool status, read by the metrics thread
 
     def __call__(self, pool_status: dict, final: bool = False) -> None:
         """Report once; *final* marks the heartbeat ``stopped``.  Sets :attr:`redis_ok`."""
         spec = self.pool.spec
+        self.last_status = pool_status
         fields = {**pool_status, **self.extra_fields, "upstream": spec.upstream,
                   "max_workers": spec.max_workers, "trx_limit": spec.trx_limit,
                   "records_lost_unflushed": self.pool.lost}
@@ -134,11 +137,27 @@ class PoolReporter:
             if self.redis_ok:
                 log.warning("Redis unavailable (%s): pool counters kept until it is back", exc)
             self.redis_ok = False
+            metrics.redis_write_failed(self.component)
             return
         self.redis_ok = True
+        metrics.add_stage(self.pool.stage, {"received": received - self.written_received,
+                                            "dropped": lost, "worker_lost": lost})
         self.written_received = received
         del self.pool.ended[:len(ended)]
         self.pool.lost += lost
+
+
+#: The supervisord program of each pool (its ``metrics_port_<program>``), by stage.
+PROGRAMS = {"pull": "minard_dispatch_pull", "cmos": "data_consumer_cmos", "base": "data_consumer_base"}
+
+
+def pool_metrics(pool: AccountedPool, reporter: PoolReporter) -> metrics.Snapshot:
+    """The pool's accounting and state (``minard_pool_*``) from its latest status."""
+    return metrics.Snapshot("minard_pool", lambda: reporter.last_status,
+                            counters=PoolStats.__dataclass_fields__,
+                            help={"lag_seconds": "Age in seconds of the oldest queued batch.",
+                                  "queued_batches": "Batches held by the manager for a free worker.",
+                                  "records_lost": "Records lost in workers that crashed or were killed."})
 
 
 def run_pool(pool: AccountedPool, reporter: PoolReporter, label: str) -> None:
@@ -146,16 +165,24 @@ def run_pool(pool: AccountedPool, reporter: PoolReporter, label: str) -> None:
 
     The final report is retried for about three seconds, so that a short
     Redis outage at shutdown does not lose the last counters.  *label* names
-    the pool in the log.
+    the pool in the log.  With ``metrics_port_<program>`` set, ``/metrics``
+    serves the pool's accounting and, through the library's multiprocess
+    mode, the counters of its workers.
     """
     spec = pool.spec
     signal.signal(signal.SIGTERM, pool.request_stop)
     signal.signal(signal.SIGINT, pool.request_stop)
     log.info("%s pool: %d workers (max total %d), TrxLimit %d, idle %.0fs, from %s", label,
              spec.max_workers, pool.manager.max_total, spec.trx_limit, spec.idle_timeout, spec.upstream)
+    program = PROGRAMS.get(label, label)
+    shared = metrics.multiprocess_dir(pool.cfg, program) if metrics.port(pool.cfg, program) else None
+    server = metrics.serve(pool.cfg, program, pool_metrics(pool, reporter), multiprocess=shared)
     try:
         pool.run(tick=reporter)
     finally:
+        if server is not None:
+            server.shutdown()
+        metrics.remove_multiprocess_dir(shared)
         for _ in range(10):
             reporter(pool.status(), final=True)
             if reporter.redis_ok:

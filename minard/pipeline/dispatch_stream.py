@@ -60,6 +60,7 @@ import zmq
 
 from minard import config as config_mod
 from minard import log as log_mod
+from minard import metrics
 from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, segment_gaps
 from minard.dispatcher.client import (
     ConnectionClosed,
@@ -714,6 +715,9 @@ class PullHandler:
                      self.redis_failed)
         self.failing = False
         self.redis_written += records
+        metrics.add_stage("pull", self.pull)  # what stats:pull and stats:redis just gained
+        metrics.add_stage("redis", {"received": records + self.redis_failed, "processed": records,
+                                    "errors": self.redis_failed})
         self.pull.clear()
         self.redis_failed = 0
         self.unaccounted = 0
@@ -805,6 +809,8 @@ def push_cmd(host, config_path, log_level):
     if ":" not in address:
         address = f"{address}:{cfg['dispatcher_port']}"
     pusher = Pusher(cfg, address)
+    metrics.serve(cfg, "minard_dispatch_push", metrics.Snapshot("minard_push", lambda: {
+        "dispatcher_connected": pusher.client is not None, "consumers": pusher.peers}))
     signal.signal(signal.SIGTERM, pusher.stop)
     signal.signal(signal.SIGINT, pusher.stop)
     log.info("push: dispatcher %s -> %s (SNDHWM %s, batches of %d records / %.0f ms)",

@@ -79,6 +79,7 @@ import zmq
 
 from minard import config as config_mod
 from minard import log as log_mod
+from minard import metrics
 from minard.formats import orca, wire
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL
 from minard.pipeline.consumer import (
@@ -534,6 +535,7 @@ class _Handler:
             log.info("Redis is back: pending data written")
         self.failing = False
         self.clear_pending()
+        metrics.add_stage(self.stream, self.counts)  # what stats:<stream> just gained
         self.counts.clear()
         self.unaccounted = 0
         return True
@@ -948,6 +950,8 @@ def producer_cli(host, port, config_path, log_level):
     host = host or str(cfg["orca_host"])
     port = port or int(cfg["orca_port"])
     producer = Producer(cfg, host, port)
+    metrics.serve(cfg, "data_producer", metrics.Snapshot("minard_producer", lambda: {
+        "orca_connected": producer.connected, **{f"consumers_{k}": v for k, v in producer.peers.items()}}))
     signal.signal(signal.SIGTERM, producer.stop)
     signal.signal(signal.SIGINT, producer.stop)
     log.info("data_producer: ORCA %s:%d -> cmos %s, base %s (SNDHWM %s, batches of %d records / %.0f ms)",

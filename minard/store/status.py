@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 import redis as redis_py
 
+from minard import metrics
 from minard.store import schema
 
 log = logging.getLogger("minard.store.status")
@@ -62,7 +63,9 @@ class Reporter:
     """A producer's heartbeat and its stage-counter deltas, written in one transaction.
 
     The deltas are cleared only once written, so nothing is lost while Redis
-    is down; the outage is logged when it starts and when it ends.
+    is down; the outage is logged when it starts and when it ends.  Written
+    deltas are also counted in the process's Prometheus metrics
+    (:func:`minard.metrics.add_stage`).
     """
 
     def __init__(self, redis, component: str, started: float | None = None):
@@ -81,11 +84,13 @@ class Reporter:
             if self.ok:
                 log.warning("Redis unavailable (%s): counters kept until it is back", exc)
             self.ok = False
+            metrics.redis_write_failed(self.component)
             return False
         if not self.ok:
             log.info("Redis is back; pending counters written")
         self.ok = True
-        for counts in deltas.values():
+        for stage, counts in deltas.items():
+            metrics.add_stage(stage, counts)  # committed: Prometheus and Redis agree
             counts.clear()
         return True
 

@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from minard import config
 from minard import log as minard_log
+from minard import metrics
 from minard.config import ROOT
 from minard.ops.programs import ops_path
 
@@ -115,6 +116,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     dashboard.register(app)  # Stream, Detector, Nhit, Runs; Stream becomes the home page
     _site(app)
+    metrics.instrument(app, "web")  # requests per route, served by gunicorn's master
     return app
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from minard import metrics as metrics_mod
 from minard.analysis.aggregate import NAMES
 from minard.config import ROOT
 from minard.store import status
@@ -431,48 +432,61 @@ def healthz():
                    components={n: bool(f.get("alive")) for n, f in comps.items()})
 
 
-def _label(value: str) -> str:
-    """A Prometheus label value, escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class PipelineCollector:
+    """The pipeline as Redis shows it, for ``/metrics`` (built by the library at each scrape).
 
+    Totals of every process (``stats:<stage>`` as ``minard_pipeline_*``),
+    component heartbeats, trigger rates and the current run.  Each process's
+    own counters are on its ``metrics_port_<program>`` (docs/operations.md).
+    """
 
-def _prom(lines: list, name: str, kind: str, help_text: str, samples) -> None:
-    lines.append(f"# HELP {name} {help_text}")
-    lines.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{lab}}} {float(value):.10g}" if lab else f"{name} {float(value):.10g}")
+    def __init__(self, redis, now: float):
+        self.redis, self.now = redis, now
+
+    def collect(self):
+        """The families; only ``minard_redis_up`` while Redis does not answer."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        redis, now = self.redis, self.now
+        try:
+            redis.ping()
+            up = 1
+        except Exception:  # noqa: BLE001 - any Redis failure means "down"
+            up = 0
+        yield GaugeMetricFamily("minard_redis_up", "1 if Redis answers.", value=up)
+        if not up:
+            return
+        yield from metrics_mod.stage_families("minard_pipeline", status.stats(redis))
+        comps = status.components(redis, now)
+        alive = GaugeMetricFamily("minard_component_up", "1 while the component's heartbeat is current.",
+                                  labels=["component"])
+        age = GaugeMetricFamily("minard_component_heartbeat_age_seconds", "Seconds since the last heartbeat.",
+                                labels=["component"])
+        for name, f in comps.items():
+            alive.add_metric([name], int(bool(f.get("alive"))))
+            if f.get("time"):
+                age.add_metric([name], now - float(f["time"]))
+        yield alive
+        yield age
+        rates = GaugeMetricFamily("minard_trigger_rate_hz", "Mean event rate per trigger type over the last 10 s.",
+                                  labels=["trigger"])
+        for name, rate in data.recent_rates(redis, now).items():
+            rates.add_metric([name], rate)
+        yield rates
+        state = data.latest_state(redis, now)
+        for key in ("run", "subrun", "gtid"):
+            if state[key] is not None:
+                yield GaugeMetricFamily(f"minard_current_{key}", f"The latest {key} seen.", value=state[key])
 
 
 @bp.get("/metrics")
 def metrics():
-    """Prometheus text exposition: stage counters, heartbeats, trigger rates, run."""
-    redis, now = _redis(), time.time()
-    lines: list[str] = []
-    try:
-        redis.ping()
-        up = 1
-    except Exception:  # noqa: BLE001
-        up = 0
-    _prom(lines, "minard_redis_up", "gauge", "1 if Redis answers.", [({}, up)])
-    if up:
-        stage_samples = [({"stage": s, "counter": c}, v) for s, cs in status.stats(redis).items()
-                         for c, v in sorted(cs.items())]
-        _prom(lines, "minard_stage_records_total", "counter",
-              "Loss accounting per pipeline stage (received = processed + dropped + errors).", stage_samples)
-        comps = status.components(redis, now)
-        _prom(lines, "minard_component_up", "gauge", "1 while the component's heartbeat is current.",
-              [({"component": n}, int(bool(f.get("alive")))) for n, f in comps.items()])
-        _prom(lines, "minard_component_heartbeat_age_seconds", "gauge", "Seconds since the last heartbeat.",
-              [({"component": n}, now - float(f["time"])) for n, f in comps.items() if f.get("time")])
-        rates = data.recent_rates(redis, now)
-        _prom(lines, "minard_trigger_rate_hz", "gauge", "Mean event rate per trigger type over the last 10 s.",
-              [({"trigger": n}, r) for n, r in rates.items()])
-        state = data.latest_state(redis, now)
-        for key in ("run", "subrun", "gtid"):
-            if state[key] is not None:
-                _prom(lines, f"minard_current_{key}", "gauge", f"The latest {key} seen.", [({}, state[key])])
-    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
+    """Prometheus text exposition of the pipeline in Redis: stage totals, heartbeats, trigger rates, run."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PipelineCollector(_redis(), time.time()))
+    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @bp.get("/openapi.json")

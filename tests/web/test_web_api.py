@@ -301,17 +301,29 @@ def test_healthz_reports_redis_and_components(client, redis_client):
 
 
 def test_prometheus_metrics_expose_counters_heartbeats_and_rates(client, filled, redis_client):
+    from prometheus_client.parser import text_string_to_metric_families
+
     pipe = redis_client.pipeline()
     status.beat(pipe, 'odd"name\\', {})
-    status.count(pipe, "pull", received=10, processed=9, errors=1)
+    status.count(pipe, "pull", received=10, processed=9, errors=1, wire_bad_magic=1)
+    status.count(pipe, "orca_producer", bytes_skipped=512)
     pipe.execute()
-    text = get(client, "/metrics").get_data(as_text=True)
-    assert 'minard_stage_records_total{stage="pull",counter="received"} 10' in text
-    assert 'minard_component_up{component="odd\\"name\\\\"} 1' in text
-    assert re.search(r'minard_trigger_rate_hz\{trigger="TOTAL"\} [0-9.e+]+', text)
-    assert "minard_current_run 1001" in text
-    for line in text.splitlines():
-        assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+', line), line
+    resp = get(client, "/metrics")
+    assert resp.mimetype == "text/plain"
+    families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["minard_pipeline_records"].type == "counter"
+    assert samples[("minard_pipeline_records_total", (("outcome", "received"), ("stage", "pull")))] == 10
+    assert samples[("minard_pipeline_records_total", (("outcome", "errors"), ("stage", "pull")))] == 1
+    # a named reason is not an outcome, and bytes are not records: one unit per family
+    assert samples[("minard_pipeline_reason_records_total", (("reason", "wire_bad_magic"), ("stage", "pull")))] == 1
+    assert samples[("minard_pipeline_skipped_bytes_total", (("stage", "orca_producer"),))] == 512
+    assert not any(k[0] == "minard_pipeline_records_total" and dict(k[1])["outcome"] == "bytes_skipped"
+                   for k in samples)
+    assert samples[("minard_component_up", (("component", 'odd"name\\'),))] == 1
+    assert samples[("minard_trigger_rate_hz", (("trigger", "TOTAL"),))] > 0
+    assert samples[("minard_current_run", ())] == 1001
+    assert samples[("minard_redis_up", ())] == 1
 
 
 def test_openapi_documents_every_api_route_and_only_those(client, app):

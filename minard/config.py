@@ -119,6 +119,12 @@ DEFAULTS: dict[str, object] = {
     "nginx_tls_cert": "",  # PEM certificate chain (default stack_dir/secrets/tls.crt for minard up)
     "nginx_tls_key": "",  # its private key (0600)
     "nginx_hsts_seconds": 31536000,  # Strict-Transport-Security max-age over HTTPS
+    # Prometheus metrics (minard/metrics.py, docs/operations.md): /metrics of each program
+    "metrics_host": "127.0.0.1",  # address every metrics port listens on
+    **{f"metrics_port_{p}": 0 for p in (  # 0 = off; minard up gives each program a port
+        "dispatcher", "minard_dispatch_pull", "data_consumer_cmos", "data_consumer_base",
+        "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors")},
+    "stack_metrics_port": 9100,  # minard up: first of the consecutive metrics ports; 0 = none
 }
 
 

@@ -6,20 +6,22 @@ master prepares a multiprocess directory *before* anything imports
 ``prometheus_client`` (the library picks its mode at import), so every forked
 worker counts its requests there (:class:`minard.metrics.WSGIMetrics`); once
 ready, the master serves them added up on ``metrics_port_<program>``.  A
-worker that exits is marked dead; at exit the directory is removed.
+worker that exits is marked dead; at exit the directory is removed.  (gunicorn
+reads every public name of this module as a setting: helpers are private.)
 """
 
 from __future__ import annotations
 
-import logging
+import logging as _logging
 
-from minard import config, metrics_dir
+from minard import config as _config
+from minard import metrics_dir as _metrics_dir
 
 #: gunicorn ``--name`` of each app -> its program name (``metrics_port_<program>``).
-PROGRAM_OF = {"minard_web": "web", "snoplus_log": "snoplus_log"}
+_PROGRAM_OF = {"minard_web": "web", "snoplus_log": "snoplus_log"}
 
-_cfg = config.load()
-_shared = metrics_dir.prepare(_cfg, "gunicorn")  # before prometheus_client is imported anywhere
+_cfg = _config.load()
+_shared = _metrics_dir.prepare(_cfg, "gunicorn")  # before prometheus_client is imported anywhere
 _state: dict = {}
 
 
@@ -27,7 +29,7 @@ def when_ready(server) -> None:
     """Serve the workers' metrics from the master on ``metrics_port_<program>``."""
     from minard import metrics
 
-    program = PROGRAM_OF.get(server.cfg.proc_name, server.cfg.proc_name)
+    program = _PROGRAM_OF.get(server.cfg.proc_name, server.cfg.proc_name)
     _state["server"] = metrics.serve(_cfg, program, multiprocess=_shared, own=False)
 
 
@@ -43,5 +45,5 @@ def on_exit(server) -> None:
     http = _state.pop("server", None)
     if http is not None:
         http.shutdown()
-    metrics_dir.remove(_shared)
-    logging.getLogger("minard.metrics").info("metrics directory %s removed", _shared)
+    _metrics_dir.remove(_shared)
+    _logging.getLogger("minard.metrics").info("metrics directory %s removed", _shared)

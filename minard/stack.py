@@ -6,6 +6,7 @@ directory (``stack_dir``, default ``var/stack``)::
 
     stack/
       supervisord.conf  redis.conf  nginx.conf      rendered from conf/templates/*.in
+      prometheus.yml                                scrape configuration of the metrics ports
       minard.conf       programs.cfg                the configuration every process reads (0600)
       secrets/          redis password, pinger tokens, supervisord password (0700 / 0600)
       run/              supervisord's control socket, pid files, the stack id
@@ -75,6 +76,7 @@ class Layout:
             "redis": "redis", "nginx": "nginx",
             "supervisord_conf": "supervisord.conf", "redis_conf": "redis.conf",
             "nginx_conf": "nginx.conf", "minard_conf": "minard.conf", "programs_cfg": "programs.cfg",
+            "prometheus_yml": "prometheus.yml",
             "redis_auth": "secrets/redis-auth.conf", "redis_password": "secrets/redis_password",
             "tokens": "secrets/pinger_tokens.json", "supervisor_password": "secrets/supervisor_password",
             "socket": "run/supervisor.sock", "pidfile": "run/supervisord.pid", "id_file": "run/stack.id",
@@ -224,7 +226,8 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
 
     def web(port, app: str, name: str) -> list[str]:
         return [gunicorn, "-b", f"127.0.0.1:{port}", "--workers", workers, "--name", name,
-                "--graceful-timeout", "10", "--timeout", "60", *_gunicorn_options(), app]
+                "--graceful-timeout", "10", "--timeout", "60", *_gunicorn_options(),
+                "-c", "python:minard.gunicorn_conf", app]  # metrics of all workers (docs/operations.md)
 
     return {
         "redis": [binary("redis-server"), str(lay.redis_conf)],
@@ -338,7 +341,36 @@ def stack_config(cfg, lay: Layout, password: str) -> config_mod.Config:
         "dispatcher_host": "127.0.0.1",
         "orca_host": "127.0.0.1",
     })
+    out.update(metrics_ports(cfg))
     return out
+
+
+def metrics_ports(cfg) -> dict[str, int]:
+    """``metrics_port_<program>`` of every program: as configured, else the next from ``stack_metrics_port``."""
+    from minard import metrics
+
+    base = int(cfg["stack_metrics_port"])
+    return {f"metrics_port_{p}": int(cfg[f"metrics_port_{p}"]) or (base + i if base > 0 else 0)
+            for i, p in enumerate(metrics.PROGRAMS)}
+
+
+def prometheus_text(cfg, host: str = "127.0.0.1") -> str:
+    """A Prometheus scrape configuration for the metrics ports of *cfg* and the web app's /metrics."""
+    from minard import metrics
+
+    lines = ["# Prometheus scrape configuration of minard (docs/operations.md), written from the",
+             "# metrics_port_<program> keys by minard up (stack) or render-production (conf/).",
+             "global:", "  scrape_interval: 15s", "scrape_configs:",
+             "  # each process's own counters (/metrics on its metrics port)",
+             "  - job_name: minard", "    static_configs:"]
+    for p in metrics.PROGRAMS:
+        number = metrics.port(cfg, p)
+        if number:
+            lines += [f"      - targets: ['{host}:{number}']", f"        labels: {{program: {p}}}"]
+    lines += ["  # the whole pipeline as Redis shows it (the web app's /metrics)",
+              "  - job_name: minard_pipeline", "    metrics_path: /metrics", "    static_configs:",
+              f"      - targets: ['{host}:{int(cfg['web_port'])}']"]
+    return "\n".join(lines) + "\n"
 
 
 def programs_text(cfg, lay: Layout) -> str:
@@ -420,6 +452,7 @@ def prepare(cfg, lay: Layout, stack_id: str, echo=click.echo) -> config_mod.Conf
     write_private(lay.redis_auth, render(template("redis-auth.conf.in"), {"redis_password": password}))
     write_public(lay.redis_conf, redis_text(cfg, lay))
     write_public(lay.nginx_conf, nginx_text(cfg, lay))
+    write_public(lay.prometheus_yml, prometheus_text(scfg))
     write_private(lay.supervisord_conf, supervisord_text(cfg, lay, stack_id, sup_password))
     ensure_data(cfg, lay, echo)
     ensure_tokens(scfg, lay)
@@ -589,6 +622,7 @@ def check_ports(cfg) -> None:
              "web": int(cfg["web_port"]), "log": int(cfg["log_port"]), "nginx": int(cfg["nginx_port"])}
     if int(cfg["supervisor_port"]) > 0:
         ports["supervisor"] = int(cfg["supervisor_port"])
+    ports.update({k: v for k, v in metrics_ports(cfg).items() if v})
     busy = []
     for name, port in ports.items():
         with socket.socket() as s:
@@ -848,7 +882,8 @@ def production_files() -> dict[str, str]:
         sup = sup.replace('MINARDSTACK_ID="production"', f'MINARDSTACK_ID="production",MINARDSTACK_RUN="{lay.run}"')
         nginx = nginx_text(cfg, lay).replace("user root;", "# (runs as the minard user: the init script or unit drops to it)")
         nginx = nginx.replace(str(ROOT), str(lay.home))
-        return {"redis.conf": redis_text(cfg, lay), "nginx.conf": nginx, "supervisord.conf": sup}
+        return {"redis.conf": redis_text(cfg, lay), "nginx.conf": nginx, "supervisord.conf": sup,
+                "prometheus.yml": prometheus_text({**cfg, **metrics_ports(cfg)})}
     finally:
         binary = saved
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import redis as redis_py
 
-from minard import config
+from minard import config, metrics
 from minard import stack as stack_mod
 from minard.store import timeseries as ts
 from minard.testing import free_port, wait_for
@@ -53,7 +53,9 @@ def stack_env(directory: Path) -> dict[str, str]:
             "MINARD_ORCA_PORT": str(ports["orca"]), "MINARD_WEB_PORT": str(ports["web"]),
             "MINARD_LOG_PORT": str(ports["log"]), "MINARD_NGINX_PORT": str(ports["nginx"]),
             "MINARD_SUPERVISOR_PORT": str(ports["sup"]), "MINARD_STACK_DIR": str(directory),
-            "MINARD_STACK_SIM_EVENTS": "10000"}
+            "MINARD_STACK_SIM_EVENTS": "10000",
+            # a free port for every program's /metrics (default: consecutive from 9100)
+            **{f"MINARD_METRICS_PORT_{p.upper()}": str(free_port()) for p in metrics.PROGRAMS}}
 
 
 class Stack:
@@ -291,6 +293,30 @@ def test_monitors_write_their_series(stack):
         return all((~np.isnan(v)).any() for v in vals.values()) and vals
     vals = wait_for(series, 30, "the monitors' time series", ignore=(Exception,))
     assert vals["dispatcher.up"][~np.isnan(vals["dispatcher.up"])][-1] == 1
+
+
+def test_every_long_running_process_serves_its_metrics(stack):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    expected = {"dispatcher": "minard_dispatcher_received_events", "minard_dispatch_pull": "minard_pool_records_received",
+                "data_consumer_cmos": "minard_pool_records_received", "data_consumer_base": "minard_pool_records_received",
+                "minard_dispatch_push": "minard_push_consumers", "data_producer": "minard_producer_orca_connected",
+                "web": "minard_http_requests", "snoplus_log": "minard_http_requests",
+                "pinger": "minard_pinger_rounds", "monitors": "minard_monitor_checks"}
+    assert set(expected) == set(metrics.PROGRAMS)
+    assert (stack.lay.root / "prometheus.yml").exists()
+    for program, family in expected.items():
+        port = metrics.port(stack.cfg, program)
+        assert f"'127.0.0.1:{port}']\n        labels: {{program: {program}}}" in \
+            (stack.lay.root / "prometheus.yml").read_text()
+
+        def families(port=port):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return {f.name for f in text_string_to_metric_families(resp.read().decode())}
+        names = wait_for(lambda f=family, g=families: f in g() and g(), 30, f"{family} from {program}",
+                         ignore=(OSError,))
+        if program.startswith(("minard_dispatch", "data_")):
+            assert "minard_stage_records" in names, program
 
 
 # ----------------------------------------------------------------------------- faults

@@ -7,6 +7,7 @@
   program's rotating log file; level >= 40 or notify raises an alarm.
 - ``GET /programs``    every registered program with its state (no login).
 - ``GET /healthz``     200 if Redis answers, else 503.
+- ``GET /openapi.json`` this API as OpenAPI 3 (generated from the views' ``@doc``).
 
 Both POSTs need the program's token: ``Authorization: Bearer TOKEN`` with
 ``name`` in the body, or HTTP basic auth with the program name as user.
@@ -26,9 +27,9 @@ from pathlib import Path
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from minard import config
+from minard import apidoc, config, metrics
 from minard import log as minard_log
-from minard import metrics
+from minard.apidoc import doc
 from minard.ops import programs
 from minard.ops.keys import KeyStore, valid_name
 from minard.ops.safefile import UnsafeFile, open_in
@@ -216,6 +217,17 @@ def _routes(app: Flask, cfg) -> None:
     r = app.extensions["minard_redis"]
 
     @app.post("/heartbeat")
+    @doc("A program says it is alive (optionally with numeric metrics)",
+         description="name and token in the body, `Authorization: Bearer TOKEN` with name in the body, or HTTP Basic with the program name as user",
+         body={"type": "object", "required": ["name", "status"], "properties": {
+             "name": {"type": "string"}, "token": {"type": "string"}, "status": {"type": "string"},
+             "host": {"type": "string"},
+             "metrics": {"type": "object", "additionalProperties": {"type": "number"},
+                         "description": "at most 32 name -> number"}}},
+         ok={"type": "object", "properties": {"ok": {"type": "boolean"}, "name": {"type": "string"},
+                                              "state": {"type": "string"}, "was": {"type": "string"},
+                                              "timeout": {"type": "number"}}},
+         errors=(400, 401, 413, 503))
     def heartbeat():
         """A program says it is alive (and optionally reports metrics)."""
         body = _body()
@@ -234,6 +246,17 @@ def _routes(app: Flask, cfg) -> None:
         return jsonify(ok=True, name=program.name, state=programs.UP, was=was, timeout=program.timeout)
 
     @app.post("/log")
+    @doc("Append a record to the program's log file; level >= 40 or notify raises an alarm",
+         description="name and token in the body, `Authorization: Bearer TOKEN` with name in the body, or HTTP Basic with the program name as user",
+         body={"type": "object", "required": ["name", "level", "message"], "properties": {
+             "name": {"type": "string"}, "token": {"type": "string"},
+             "level": {"description": "10-50 or DEBUG, INFO, WARNING, ERROR, CRITICAL",
+                       "oneOf": [{"type": "integer"}, {"type": "string"}]},
+             "message": {"type": "string"}, "notify": {"type": "boolean"}}},
+         ok={"type": "object", "properties": {"ok": {"type": "boolean"}, "name": {"type": "string"},
+                                              "level": {"type": "integer"},
+                                              "alarm": {"type": "integer", "nullable": True}}},
+         errors=(400, 401, 413, 503))
     def post_log():
         """Append a record to the program's log file; alarm on level >= 40 or notify."""
         body = _body()
@@ -262,6 +285,10 @@ def _routes(app: Flask, cfg) -> None:
         return jsonify(ok=True, name=program.name, level=level, alarm=alarm_id)
 
     @app.get("/programs")
+    @doc("Every registered program with heartbeat state, uptime and metrics (no token needed)",
+         ok={"type": "object", "properties": {"programs": {"type": "array", "items": {"type": "object"}},
+                                              "time": {"type": "number"}}},
+         errors=(503,))
     def list_programs():
         """Every registered program with heartbeat state, uptime and metrics."""
         now = time.time()
@@ -269,6 +296,8 @@ def _routes(app: Flask, cfg) -> None:
         return jsonify(programs=programs.statuses(r, app.extensions["minard_registry"], now), time=now)
 
     @app.get("/healthz")
+    @doc("Liveness: 200 {ok: true} if Redis answers, else 503",
+         ok={"type": "object", "properties": {"ok": {"type": "boolean"}}}, errors=(503,))
     def healthz():
         """Liveness for supervisord and nginx: Redis must answer."""
         try:
@@ -278,10 +307,33 @@ def _routes(app: Flask, cfg) -> None:
         return jsonify(ok=True)
 
     @app.get("/")
+    @doc("What this server offers", ok={"type": "object", "properties": {
+        "service": {"type": "string"}, "endpoints": {"type": "array", "items": {"type": "string"}}}})
     def index():
         """What this server offers."""
         return jsonify(service="minard log server", endpoints=[
-            "POST /heartbeat", "POST /log", "GET /programs", "GET /healthz"])
+            "POST /heartbeat", "POST /log", "GET /programs", "GET /healthz", "GET /openapi.json"])
+
+    @app.get("/openapi.json")
+    @doc("This server's OpenAPI 3 document (docs/openapi-logserver.json)", ok={"type": "object"})
+    def openapi():
+        """The OpenAPI document generated from these views."""
+        return jsonify(openapi_document(app))
+
+
+#: The log server's OpenAPI title and description (minard.apidoc builds the rest from the views).
+OPENAPI_TITLE = "minard log server API"
+OPENAPI_DESCRIPTION = (
+    "JSON API of the log server (`gunicorn snoplus_log:app`, docs/operations.md): programs post heartbeats "
+    "and log records with their token; reads need none. Bodies are JSON or form-encoded. Every error is "
+    'JSON {"error": "..."} and never repeats a secret.')
+
+
+def openapi_document(app: Flask) -> dict:
+    """The log server's OpenAPI document, built once per app from the views' ``@doc``."""
+    if "minard_openapi" not in app.extensions:
+        app.extensions["minard_openapi"] = apidoc.build(app, OPENAPI_TITLE, OPENAPI_DESCRIPTION)
+    return app.extensions["minard_openapi"]
 
 
 def _errors(app: Flask) -> None:

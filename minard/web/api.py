@@ -1,4 +1,4 @@
-"""The dashboard's JSON API (documented in docs/openapi.json, served at /openapi.json).
+"""The dashboard's JSON API (each view documented with ``@doc``; /openapi.json and docs/openapi.json).
 
 Endpoints compatible with the original minard (``/metric``, ``/metric_hash``,
 ``/query``) and the ones the pages use (``/api/stream``, ``/api/detector``,
@@ -19,7 +19,6 @@ import json
 import math
 import time
 from functools import wraps
-from pathlib import Path
 
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -27,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from minard import metrics as metrics_mod
 from minard.analysis.aggregate import NAMES
-from minard.config import ROOT
+from minard.apidoc import doc, q
 from minard.store import status
 from minard.store.runs import get_run, list_runs
 from minard.web import data
@@ -45,7 +44,6 @@ from minard.web.params import (
 )
 
 bp = Blueprint("api", __name__)
-OPENAPI = ROOT / "docs" / "openapi.json"
 #: Seconds a rendered response of a heavy endpoint is reused for the same URL.
 RESPONSE_TTL = 0.5
 _responses = data.Cache(256)
@@ -154,6 +152,12 @@ def _stamp(t: float) -> str:
 # ------------------------------------------------------------------ stream
 
 @bp.get("/api/stream")
+@doc('Stream page: rates, average nhit and charge per trigger type, run/subrun/GTID, boundaries, heartbeats',
+     params=['start', 'stop', 'window', 'step', 'triggers', 'format', 'download'],
+     ok='Stream',
+     ok_description='Series on a common time axis `t` (bucket start times); `rate` in Hz, `nhit` and `qhs` averages per event; null where no data. `boundaries` are run (exact, from the run summaries) and subrun starts.',
+     csv=True,
+     errors=(400,))
 @response_cache
 def stream():
     """Rates, average nhit and charge per trigger, run/subrun/GTID over a window."""
@@ -210,6 +214,12 @@ def heartbeat(redis, now: float) -> list[dict]:
 # ------------------------------------------------------------------ detector
 
 @bp.get("/api/detector")
+@doc('Detector page: per-channel occupancy, CMOS rate or base current with rolling baseline, hot/dead channels and crate/card mean and max',
+     params=[q('quantity', 'string', enum=['occupancy', 'cmos', 'base'], default='occupancy'), 'start', 'stop', 'window', q('crate', 'integer', 'CSV only: just this crate (0-18)', minimum=0, maximum=18), q('card', 'integer', 'CSV only: just this card (0-15) of crate', minimum=0, maximum=15), 'format', 'download'],
+     ok='Detector',
+     ok_description='`values` and `baseline` have 9728 entries indexed by lcn = crate*512 + card*32 + channel (null = no data); `hot` and `dead` list lcns.',
+     csv=True,
+     errors=(400,))
 @response_cache
 def detector():
     """The channel map of one quantity over a window, with baseline, hot/dead and crate/card stats."""
@@ -246,6 +256,12 @@ def _detector_csv(view: dict, crate, card, name: str) -> Response:
 
 
 @bp.get("/api/channel/<lcn>")
+@doc("One channel's history of occupancy, CMOS rate and base current together",
+     params=[q('lcn', 'integer', where='path', minimum=0, maximum=9727), 'start', 'stop', 'window', 'format', 'download'],
+     ok='Channel',
+     ok_description='Series on a common time axis `t` (default window 1 hour).',
+     csv=True,
+     errors=(400,))
 def channel(lcn: str):
     """One channel's history of occupancy, CMOS rate and base current."""
     _only("start", "stop", "window", "format", "download")
@@ -267,6 +283,12 @@ def channel(lcn: str):
 # ------------------------------------------------------------------ nhit
 
 @bp.get("/api/nhit")
+@doc('nhit distribution per trigger type over the last N seconds',
+     params=[q('seconds', 'string', 'duration, 10 s to 30 days', default='60'), 'triggers', 'format', 'download'],
+     ok={'type': 'object'},
+     ok_description='`nhit` lists the lowest nhit of each bin (`bin` hits wide, the last bin is overflow); `counts` maps trigger -> events per bin.',
+     csv=True,
+     errors=(400,))
 def nhit():
     """nhit distribution per trigger type over the last N seconds."""
     _only("seconds", "triggers", "format", "download")
@@ -288,6 +310,12 @@ def nhit():
 # ------------------------------------------------------------------ runs
 
 @bp.get("/api/runs")
+@doc('The most recent runs, newest first (`minard runs --json`)',
+     params=[q('limit', 'integer', minimum=1, maximum=1000, default=100), 'format', 'download'],
+     ok={'type': 'array', 'items': {'type': 'object'}},
+     ok_description='run, start, end, events, subruns (count)',
+     csv=True,
+     errors=(400,))
 def runs():
     """The most recent runs, newest first."""
     _only("limit", "format", "download")
@@ -304,6 +332,12 @@ RUN_PARTS = ("triggers", "nhit", "channels")
 
 
 @bp.get("/api/runs/<run>")
+@doc("One run's summary, exactly `minard runs show RUN --json`",
+     params=[q('run', 'integer', where='path', minimum=0), q('part', 'string', 'CSV only: which table', enum=['triggers', 'nhit', 'channels'], default='triggers'), 'format', 'download'],
+     ok='Run',
+     ok_description='The run summary',
+     csv=True,
+     errors=(400, 404))
 def run(run: str):
     """One run's summary: exactly ``minard runs show RUN --json``."""
     _only("format", "part", "download")
@@ -358,6 +392,11 @@ def _metric_values(expr: str, start: float, stop: float, now: float, step):
 
 
 @bp.get("/metric")
+@doc('Original minard: one series per step',
+     params=[q('expr', 'string', 'A trigger name (rate in Hz, e.g. TOTAL, 100L), TRIGGER:nhit or TRIGGER:qhs (averages per event), run, subrun, gtid (last value), or a stream counter per second: records, events, orphans, gtid_gaps, gtid_missing, corrupt, hits', required=True), 'start', 'stop', 'window', 'step', q('now', 'string', 'accepted and ignored (original minard)')],
+     ok={'type': 'object', 'properties': {'values': {'type': 'array', 'items': {'type': 'number', 'nullable': True}}}},
+     ok_description='`values` per step (null where no data), `t` the step start times, `step` the resolution used',
+     errors=(400,))
 @response_cache
 def metric():
     """Original minard: one series, ``values`` per step (null where no data)."""
@@ -375,6 +414,11 @@ def metric():
 
 
 @bp.get("/metric_hash")
+@doc('Original minard: every field of a hash series per step',
+     params=[q('name', 'string', required=True, enum=['crate', 'trig', 'stream']), 'start', 'stop', 'window', 'step'],
+     ok={'type': 'object'},
+     ok_description='`values` maps field -> array per step (crate: hits per crate c0..c18 per bucket)',
+     errors=(400,))
 def metric_hash():
     """Original minard: every field of a hash series (``crate``, ``trig``, ``stream``) per step."""
     _only("name", "start", "stop", "window", "step")
@@ -391,6 +435,11 @@ QUERY_NAMES = ("occupancy", "cmos", "base", "nhit", "dispatcher")
 
 
 @bp.get("/query")
+@doc('Original minard: latest per-channel values, the nhit distribution, or the dispatcher read',
+     params=[q('name', 'string', required=True, enum=['occupancy', 'cmos', 'base', 'nhit', 'dispatcher']), 'start', 'stop', q('window', 'string', 'occupancy/cmos/base: window ending now (default 60 s)'), q('seconds', 'string', 'nhit: last N seconds (default 60)'), q('trigger', 'string', 'nhit: trigger name (default TOTAL)')],
+     ok={'type': 'object'},
+     ok_description='occupancy/cmos/base: `values` maps lcn (string) -> value, channels without data absent (as `minard query NAME --json`); nhit: `values` per bin; dispatcher: `value` host:port or null',
+     errors=(400,))
 def query():
     """Original minard: latest per-channel values, the nhit distribution or the dispatcher name."""
     name = choice("name", request.args.get("name"), QUERY_NAMES)
@@ -418,6 +467,10 @@ def query():
 # ------------------------------------------------------------------ health, metrics, openapi
 
 @bp.get("/healthz")
+@doc('200 {ok: true, redis_ms, components} when Redis answers, else 503',
+     ok={'type': 'object', 'properties': {'ok': {'type': 'boolean'}, 'redis_ms': {'type': 'number'}, 'components': {'type': 'object', 'additionalProperties': {'type': 'boolean'}}}},
+     ok_description='healthy',
+     errors=(503,))
 def healthz():
     """200 if Redis answers (with the pipeline components alive), else 503."""
     redis = _redis()
@@ -480,9 +533,16 @@ class PipelineCollector:
 
 
 @bp.get("/metrics")
+@doc('Prometheus text exposition of the pipeline in Redis (the totals of every process)',
+     content='text/plain',
+     ok_description='minard_redis_up, minard_pipeline_records_total{stage,outcome}, minard_pipeline_reason_records_total{stage,reason}, minard_pipeline_<unit>_total{stage}, minard_component_up{component}, minard_component_heartbeat_age_seconds{component}, minard_trigger_rate_hz{trigger}, minard_current_run/subrun/gtid; each process also serves its own on metrics_port_<program> (docs/operations.md)')
 def metrics():
     """Prometheus text exposition of the pipeline in Redis: stage totals, heartbeats, trigger rates, run."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        generate_latest,
+    )
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PipelineCollector(_redis(), time.time()))
@@ -490,6 +550,9 @@ def metrics():
 
 
 @bp.get("/openapi.json")
+@doc('This document', ok=None, ok_description='OpenAPI 3')
 def openapi():
-    """The API's OpenAPI 3 document (docs/openapi.json)."""
-    return Response(Path(OPENAPI).read_bytes(), mimetype="application/json")
+    """The API's OpenAPI 3 document, generated from the views (docs/openapi.json is the same)."""
+    from minard.web.openapi import document
+
+    return json_response(document(current_app))

@@ -44,6 +44,7 @@ from flask import (
 from flask.sessions import SecureCookieSessionInterface
 from redis.exceptions import RedisError
 
+from minard.apidoc import doc
 from minard.store import sessions
 from minard.web.params import local_path
 
@@ -134,6 +135,15 @@ def _count(reason: str) -> None:
 
 
 @bp.route("/login", methods=["GET", "POST"])
+@doc("Log a shift-crew member in (the login form); sets the session cookie", methods=["POST"], status=303,
+     ok_description="logged in: redirect to next (a same-site path) or the home page",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ["username", "password", "csrf_token"],
+                                                  "properties": {"username": {"type": "string"},
+                                                                 "password": {"type": "string", "format": "password"},
+                                                                 "csrf_token": {"type": "string"},
+                                                                 "next": {"type": "string"}}}),
+     errors=(403, 429, 503), responses={"401": {"description": "wrong user name or password (the form again)",
+                                               "content": {"text/html": {}}}})
 def login():
     """Log a shift-crew member in with name and password."""
     if request.method == "GET":
@@ -166,6 +176,11 @@ def login():
 
 
 @bp.post("/logout")
+@doc("End the session (the server forgets it: no copy of the cookie works again)", status=303,
+     ok_description="logged out: redirect to the home page",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ["csrf_token"],
+                                                  "properties": {"csrf_token": {"type": "string"}}}),
+     errors=(403,))
 def logout():
     """End the session: the server forgets it, so no copy of the cookie works again."""
     user = current_user()

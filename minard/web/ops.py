@@ -22,6 +22,7 @@ from flask import (
     url_for,
 )
 
+from minard.apidoc import doc, q
 from minard.ops import programs
 from minard.ops.keys import valid_name
 from minard.store import alarms
@@ -102,6 +103,14 @@ def alarms_page():
 
 
 @bp.get("/api/alarms")
+@doc("Alarms (newest first) and their summary, as the Alarms page shows them",
+     params=[q("limit", "integer", "at most this many alarms", minimum=1, maximum=1000, default=200)],
+     ok={"type": "object", "properties": {
+         "alarms": {"type": "array", "items": {"type": "object"}}, "now": {"type": "number"},
+         "logged_in": {"type": "boolean"}, "shelve_minutes": {"type": "array", "items": {"type": "integer"}},
+         "summary": {"type": "object", "properties": {"active": {"type": "integer"},
+                                                      "ringing": {"type": "integer"}}}}},
+     errors=(400, 503))
 def alarms_json():
     """Alarms (newest first) and the summary, for the page's live update."""
     now = time.time()
@@ -118,6 +127,9 @@ def alarms_json():
 
 
 @bp.get("/api/alarms/summary")
+@doc("Counts of active and ringing alarms (every page polls this to ring the bell)",
+     ok={"type": "object", "properties": {"active": {"type": "integer"}, "ringing": {"type": "integer"}}},
+     errors=(503,))
 def alarms_summary():
     """Counts of active and ringing alarms: every page polls this to ring the bell."""
     now = time.time()
@@ -137,6 +149,11 @@ def _alarm_action(alarm_id: int, action):
 
 
 @bp.post("/alarms/<int:alarm_id>/ack")
+@doc("Acknowledge an alarm as the logged-in user (the Alarms page's form)", status=303,
+     ok_description="acknowledged: redirect to /alarms", body=("application/x-www-form-urlencoded", {"type": "object", "required": ["csrf_token"], "properties": {
+         "csrf_token": {"type": "string", "description": "the page's CSRF token"},
+         "comment": {"type": "string"}}}),
+     errors=(400, 403, 404, 409), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def acknowledge(alarm_id: int):
     """Acknowledge an alarm as the logged-in user."""
@@ -150,6 +167,12 @@ def acknowledge(alarm_id: int):
 
 
 @bp.post("/alarms/<int:alarm_id>/shelve")
+@doc("Shelve an alarm for one of the offered durations (the expiry is mandatory)", status=303,
+     ok_description="shelved: redirect to /alarms",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ["csrf_token", "minutes"], "properties": {
+         "csrf_token": {"type": "string"}, "minutes": {"type": "integer", "description": "one of the offered durations"},
+         "comment": {"type": "string"}}}),
+     errors=(400, 403, 404, 409), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def shelve(alarm_id: int):
     """Shelve an alarm for one of the offered durations (the expiry is mandatory)."""
@@ -171,6 +194,11 @@ def shelve(alarm_id: int):
 
 
 @bp.post("/alarms/<int:alarm_id>/unshelve")
+@doc("End a shelve now", status=303, ok_description="active again: redirect to /alarms",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ["csrf_token"], "properties": {
+         "csrf_token": {"type": "string", "description": "the page's CSRF token"},
+         "comment": {"type": "string"}}}),
+     errors=(400, 403, 404, 409), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def unshelve(alarm_id: int):
     """End a shelve now."""
@@ -251,6 +279,12 @@ def status():
 
 
 @bp.get("/api/status")
+@doc("The Status page's data: registered programs, pipeline processes and the loss counters per stage",
+     ok={"type": "object", "properties": {
+         "programs": {"type": "array", "items": {"type": "object"}},
+         "pipeline": {"type": "array", "items": {"type": "object"}},
+         "stages": {"type": "array", "items": {"type": "object"}}, "now": {"type": "number"}}},
+     errors=(503,))
 def status_json():
     """The Status page's data."""
     now = time.time()
@@ -286,6 +320,14 @@ def log_page(name: str):
 
 
 @bp.get("/api/logs/tail")
+@doc("New lines of a registered program's log since a cursor (the log page follows it)",
+     params=[q("name", "string", "registered program name (never a path)", required=True),
+             q("ino", "integer", "inode of the file the cursor is in (0: start)", minimum=0, default=0),
+             q("pos", "integer", "byte offset of the cursor", minimum=0, default=0)],
+     ok={"type": "object", "properties": {"name": {"type": "string"},
+                                          "lines": {"type": "array", "items": {"type": "string"}},
+                                          "ino": {"type": "integer"}, "pos": {"type": "integer"}}},
+     errors=(400, 404))
 def log_tail():
     """New lines of a program's log since a cursor: ?name=NAME&ino=INODE&pos=OFFSET."""
     if "path" in request.args or "file" in request.args:
@@ -324,6 +366,12 @@ def processes():
 
 
 @bp.get("/api/processes")
+@doc("supervisord's process table (read-only)",
+     ok={"type": "object", "properties": {"running": {"type": "boolean"},
+                                          "processes": {"type": "array", "items": {"type": "object"}}}},
+     responses={"503": {"description": "supervisord is not running",
+                        "content": {"application/json": {"schema": {"type": "object", "properties": {
+                            "running": {"type": "boolean"}, "error": {"type": "string"}}}}}}})
 def processes_json():
     """supervisord's process table as JSON (503 when supervisord is not running)."""
     table, error = _process_table()

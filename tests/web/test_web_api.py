@@ -326,12 +326,12 @@ def test_prometheus_metrics_expose_counters_heartbeats_and_rates(client, filled,
     assert samples[("minard_redis_up", ())] == 1
 
 
-def test_openapi_documents_every_api_route_and_only_those(client, app):
+def test_openapi_documents_every_api_route(client, app):
     doc = get(client, "/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     routes = {re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", r.rule) for r in app.url_map.iter_rules()
               if r.endpoint.startswith("api.")}
-    assert routes == set(doc["paths"])
+    assert routes <= set(doc["paths"])  # tests/web/test_openapi.py checks every app route
 
 
 def test_settled_buckets_are_cached_and_the_live_bucket_is_not(client, redis_client):

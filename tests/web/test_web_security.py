@@ -281,14 +281,16 @@ def test_successful_logins_do_not_count_against_the_limit(web_cfg, users):
 
 
 def test_unknown_and_known_users_take_the_same_time_to_refuse(client, users):
-    def median_ms(name):
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            assert login(client, name, "wrong-password").status_code == 401
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+    def once_ms(name):
+        t0 = time.perf_counter()
+        assert login(client, name, "wrong-password").status_code == 401
+        return (time.perf_counter() - t0) * 1000
 
-    median_ms("alice")  # warm-up
-    known, unknown = median_ms("alice"), median_ms("nobody-here")
-    assert unknown > 0.6 * known and known > 0.6 * unknown, (known, unknown)
+    once_ms("alice")  # warm-up
+    known, unknown = [], []
+    for _ in range(9):  # interleaved, so that load from other processes hits both alike
+        known.append(once_ms("alice"))
+        unknown.append(once_ms("nobody-here"))
+    k, u = statistics.median(known), statistics.median(unknown)
+    # Before: 37 ms against 1.4 ms.  Now both pay one scrypt derivation.
+    assert u > 0.5 * k and k > 0.5 * u, (k, u)

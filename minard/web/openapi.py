@@ -22,7 +22,14 @@ from minard.config import ROOT
 FILES = {"web": ROOT / "docs" / "openapi.json", "logserver": ROOT / "docs" / "openapi-logserver.json"}
 
 WEB_TITLE = "minard monitoring API"
-WEB_DESCRIPTION = ('Read-only JSON API of the minard website (served by `gunicorn minard:app`). Every bad or missing parameter is answered 400 with {"error": "..."}; every error is JSON, never a stack trace. Times are Unix seconds, negative seconds relative to now, or ISO 8601 (UTC when no offset). Durations are seconds or a number with s, m, h, d, w, y. Data endpoints take format=csv (a CSV download of what the page shows) and download=1 (the JSON as a download). See docs/web.md.')
+WEB_DESCRIPTION = (
+    'JSON API of the minard website (served by `gunicorn minard:app`); the alarm actions, login and '
+    'logout are form POSTs of the pages, with the CSRF token of the session. Every bad or missing'
+    ' parameter is answered 400 with {"error": "..."}; every error is JSON, never a stack trace. '
+    'Times are Unix seconds, negative seconds relative to now, or ISO 8601 (UTC when no offset). '
+    'Durations are seconds or a number with s, m, h, d, w, y. Data endpoints take format=csv (a CSV '
+    'download of what the page shows) and download=1 (the JSON as a download). See docs/web.md.')
+
 #: Components of the website's document: the window parameters and the page schemas.
 WEB_COMPONENTS = {
     "parameters": {   'start': {   'name': 'start',

@@ -32,6 +32,11 @@ COMMANDS = {
     "status": ("minard.stack:status_cmd", "Show every process of the stack (state, pid, uptime)."),
     "pinger": ("minard.ops.pinger:pinger_cmd", "Post heartbeats to the log server for every pipeline component."),
     "monitors": ("minard.ops.monitors:monitors_cmd", "Run the monitors of conf/monitors.cfg (Redis, disk, lag, losses)."),
+    "alarms": ("minard.ops.alarmreport:alarms_cli", "List alarms (--json), KPIs, suppression flags, out of service."),
+    "shift": ("minard.ops.alarmreport:shift_cli", "Shift handover summary (--since, --markdown) and note."),
+    "roster": ("minard.ops.notify:roster_cli", "Show or set the on-call roster (shifter, expert, supernova)."),
+    "notifier": ("minard.ops.notify:notifier_cmd", "Send alarm notifications by email and webhook; escalate."),
+    "bursts": ("minard.store.bursts:bursts_cmd", "List supernova burst candidates (--json)."),
 }
 
 

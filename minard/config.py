@@ -104,10 +104,6 @@ DEFAULTS: dict[str, object] = {
     "pinger_period": 5.0,  # seconds between the pinger's rounds of heartbeats
     "pinger_tokens_file": "",  # program tokens for the pinger (0600; default var_dir/pinger_tokens.json)
     "monitors_file": "conf/monitors.cfg",  # monitors and their periods, one per line
-    "monitors_redis_memory_warn": 0.8,  # alarm when used_memory / maxmemory exceeds this
-    "monitors_disk_free_warn": 0.1,  # alarm when a watched directory's free fraction is below this
-    "monitors_lag_warn": 5.0,  # alarm when a consumer's lag (s) exceeds this
-    "monitors_queue_warn": 32,  # alarm when a pool holds more batches than this
     # Web security (docs/security.md): sessions, login limits, proxy, TLS, gunicorn
     "web_session_idle_minutes": 60.0,  # a login ends after this long without a request
     "web_login_limit_address": "20 per minute",  # failed logins allowed per client address
@@ -125,6 +121,24 @@ DEFAULTS: dict[str, object] = {
         "dispatcher", "minard_dispatch_pull", "data_consumer_cmos", "data_consumer_base",
         "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors")},
     "stack_metrics_port": 9100,  # minard up: first of the consecutive metrics ports; 0 = none
+    # Alarms, notifications, supernova burst monitor (docs/operations.md)
+    "alarms_file": "conf/alarms.cfg",  # alarm definitions: conditions, priorities, delays, guidance
+    "smtp_host": "",  # mail server for notifications; empty = no email
+    "smtp_port": 25,  # its port (STARTTLS is used when the server offers it)
+    "smtp_from": "minard@localhost",  # sender address of notification mails
+    "smtp_user": "",  # login at the mail server (optional)
+    "smtp_password_file": "",  # file (0600) holding that login's password
+    "notify_webhook_url": "",  # Mattermost/Slack-compatible incoming webhook; empty = none
+    "notify_priorities": "critical,high",  # priorities that notify the on-call roster
+    "notify_interval": 600.0,  # at most one message per alarm per this many seconds
+    "notify_escalate_minutes": 15.0,  # unacknowledged this long: notify the expert too
+    "notify_timeout": 10.0,  # seconds for one SMTP or webhook delivery
+    "notify_period": 1.0,  # seconds between the notifier's scans of the alarms
+    "burst_nhit_threshold": 60,  # events with at least this nhit count for the burst search
+    "burst_windows": "1,10",  # sliding window lengths (s of the events' 10 MHz clock)
+    "burst_false_alarms_per_day": 0.01,  # accepted false-alarm rate that sets each window's threshold
+    "burst_min_background": 30.0,  # seconds of measured background before the search is armed
+    "burst_background_seconds": 300,  # latest clock seconds the background rate is measured over
 }
 
 

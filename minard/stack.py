@@ -207,6 +207,7 @@ PROGRAMS = (
     Program("replay", 70, 45),
     Program("pinger", 80, 10),
     Program("monitors", 80, 10),
+    Program("notifier", 80, 10),
 )
 
 
@@ -247,6 +248,7 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
                    "--no-progress", *pacing],
         "pinger": [minard, "pinger"],
         "monitors": [minard, "monitors"],
+        "notifier": [minard, "notifier"],
     }
 
 

@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 ALL = [p.name for p in stack_mod.PROGRAMS]
 #: The registered programs the pinger reports (conf/programs.cfg).
 REGISTERED = ["dispatcher", "minard_dispatch_push", "minard_dispatch_pull", "data_producer", "data_consumer_cmos",
-              "data_consumer_base", "redis", "web", "snoplus_log", "nginx", "pinger", "monitors"]
+              "data_consumer_base", "redis", "web", "snoplus_log", "nginx", "pinger", "monitors", "notifier"]
 
 
 def stack_env(directory: Path) -> dict[str, str]:
@@ -350,7 +350,7 @@ def losses(stage: dict) -> int:
 
 
 #: kill -9 order: the data path last, so each restart is checked with everything else up.
-KILL_ORDER = ["pinger", "monitors", "snoplus_log", "web", "nginx", "orca_replay", "data_producer",
+KILL_ORDER = ["pinger", "monitors", "notifier", "snoplus_log", "web", "nginx", "orca_replay", "data_producer",
               "data_consumer_cmos", "data_consumer_base", "replay", "minard_dispatch_push",
               "minard_dispatch_pull", "dispatcher", "redis"]
 

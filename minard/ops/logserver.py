@@ -281,7 +281,7 @@ def _routes(app: Flask, cfg) -> None:
         alarm_id = None
         if level >= alarms.DANGER or notify:
             alarm_id = alarms.raise_alarm(r, level, message, source="log", program=program.name,
-                                          now=now, history_days=history)
+                                          now=now, history_days=history, name="log")
         return jsonify(ok=True, name=program.name, level=level, alarm=alarm_id)
 
     @app.get("/programs")

@@ -5,8 +5,9 @@ PERIOD`` (seconds), as the seed's ``monitors.cfg`` / ``poll start NAME
 PERIOD``.  One process runs them all, so they start and stop together (one
 supervisord program).  Each check returns named values; the runner writes
 them to the scalar time series group ``mon`` (:func:`minard.store.timeseries.put`,
-field ``<monitor>.<value>``, e.g. ``redis.used_memory``) and raises alarms on
-thresholds (:func:`minard.store.alarms.check_thresholds`, source ``monitor``).
+field ``<monitor>.<value>``, e.g. ``redis.used_memory``) and evaluates the alarm
+definitions of conf/alarms.cfg on them (:mod:`minard.ops.alarmdefs`, source
+``monitor``): limits, delays, latching and suppression live there, not here.
 
 =========== ==================================================================
 redis       used memory, its fraction of maxmemory, keys, clients, OOM errors
@@ -16,6 +17,8 @@ queues      ZMQ-side queue depth: batches held and records in flight per pool
 dispatcher  the dispatcher answers ``STATS?``; its clients and dropped events
 losses      dropped + errors of every pipeline stage (``stats:<stage>``)
 heartbeats  components whose heartbeat stopped (and the registry's alarms)
+staleness   seconds since each component beat and each stream stage moved
+crates      hits per event of each crate (newest 10 s of the dispatch stream)
 =========== ==================================================================
 
 A failing check is logged and retried on its next period; it never stops the
@@ -39,10 +42,9 @@ import click
 from minard import config as config_mod
 from minard import log as log_mod
 from minard import metrics
-from minard.ops import programs
-from minard.store import alarms, status
+from minard.ops import alarmdefs, programs
+from minard.store import schema, status
 from minard.store import timeseries as ts
-from minard.store.alarms import DANGER, WARNING, Threshold
 
 log = logging.getLogger("minard.ops.monitors")
 
@@ -64,9 +66,10 @@ class Context:
 
     cfg: dict
     redis: object
+    evaluator: alarmdefs.Evaluator | None = None
 
 
-Check = Callable[[Context], tuple[dict[str, float], list[Threshold]]]
+Check = Callable[[Context], dict[str, float]]
 
 
 # ----------------------------------------------------------------- the checks
@@ -89,13 +92,7 @@ def check_redis(ctx: Context):
               "clients": float(info.get("connected_clients", 0)),
               "oom_errors": _redis_error_count(info, "OOM"),
               "memory_fraction": used / limit if limit else 0.0}
-    warn = float(ctx.cfg["monitors_redis_memory_warn"])
-    return values, [
-        Threshold("memory_fraction", above=warn, level=WARNING, label="Redis memory (fraction of maxmemory)"),
-        Threshold("memory_fraction", above=min(0.98, (1 + warn) / 2), level=DANGER,
-                  label="Redis memory (fraction of maxmemory)"),
-        Threshold("oom_errors", moving=True, level=DANGER, label="Redis writes refused (OOM)"),
-    ]
+    return values
 
 
 def watched_dirs(cfg) -> dict[str, Path]:
@@ -118,17 +115,14 @@ def _existing(path: Path) -> Path:
 
 def check_disk(ctx: Context):
     """Free space (fraction and bytes) of the disks holding the watched directories."""
-    values, thresholds = {}, []
-    warn = float(ctx.cfg["monitors_disk_free_warn"])
+    values = {}
     for name, path in watched_dirs(ctx.cfg).items():
         st = os.statvfs(_existing(path))
         total = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
         values[f"{name}_free"] = free / total if total else 0.0
         values[f"{name}_free_bytes"] = float(free)
-        thresholds += [Threshold(f"{name}_free", below=warn, level=WARNING, label=f"free disk of {path}"),
-                       Threshold(f"{name}_free", below=warn / 5, level=DANGER, label=f"free disk of {path}")]
-    return values, thresholds
+    return values
 
 
 def _alive_components(ctx: Context) -> dict[str, dict]:
@@ -151,10 +145,7 @@ def check_lag(ctx: Context):
         lag = _float(fields.get("lag_seconds"))
         if lag is not None:
             values[name] = lag
-    limit = float(ctx.cfg["monitors_lag_warn"])
-    return values, [t for n in values for t in (
-        Threshold(n, above=limit, level=WARNING, label=f"{n} lag (s)"),
-        Threshold(n, above=limit * 6, level=DANGER, label=f"{n} lag (s)"))]
+    return values
 
 
 def check_queues(ctx: Context):
@@ -165,9 +156,7 @@ def check_queues(ctx: Context):
             v = _float(fields.get(key))
             if v is not None:
                 values[f"{name}.{short}"] = v
-    limit = float(ctx.cfg["monitors_queue_warn"])
-    return values, [Threshold(n, above=limit, level=WARNING, label=f"{n} batches")
-                    for n in values if n.endswith(".queued")]
+    return values
 
 
 def check_dispatcher(ctx: Context):
@@ -188,8 +177,7 @@ def check_dispatcher(ctx: Context):
                   "analyzers": float(sum(c.get("role") == "analyzer" for c in clients)),
                   "dropped": float(sum(int(c.get("events_dropped") or 0) for c in clients)),
                   "uptime": float(stats.get("uptime") or 0)}
-    return values, [Threshold("up", below=0.5, level=DANGER, label="dispatcher answering STATS? (1 = yes)"),
-                    Threshold("dropped", moving=True, level=WARNING, label="events dropped by the dispatcher")]
+    return values
 
 
 def check_losses(ctx: Context):
@@ -197,7 +185,7 @@ def check_losses(ctx: Context):
     values = {}
     for stage, counters in status.stats(ctx.redis).items():
         values[stage] = float(counters.get("dropped", 0) + counters.get("errors", 0))
-    return values, [Threshold(s, moving=True, level=WARNING, label=f"records lost at stage {s}") for s in values]
+    return values
 
 
 def check_heartbeats(ctx: Context):
@@ -208,12 +196,52 @@ def check_heartbeats(ctx: Context):
     silent = programs.check_heartbeats(ctx.redis, registry, history_days=float(ctx.cfg["alarm_history_days"]))
     if silent:
         log.warning("stopped sending heartbeats: %s", ", ".join(silent))
-    return {"components": float(len(comps)), "components_down": float(len(down))}, []
+    return {"components": float(len(comps)), "components_down": float(len(down))}
+
+
+#: Last value of each stage's ``processed`` counter and when it last moved.
+STREAM_SEEN = schema.STREAM_SEEN
+
+
+def check_staleness(ctx: Context, now: float | None = None):
+    """Seconds since each pipeline component beat (``component.NAME``) and since each
+    stream stage last processed a record (``stream.STAGE``): a silent pipeline is not healthy."""
+    now = time.time() if now is None else now
+    values = {}
+    for name, fields in status.components(ctx.redis, now).items():
+        last = _float(fields.get("time"))
+        # An expired heartbeat key: at least its 30 s lifetime ago.
+        values[f"component.{name}"] = now - last if last is not None else 30.0
+    seen = {k.decode(): v.decode() for k, v in ctx.redis.hgetall(STREAM_SEEN).items()}
+    pipe = ctx.redis.pipeline(transaction=False)
+    for stage, counters in status.stats(ctx.redis).items():
+        processed = int(counters.get("processed", 0))
+        old_count, _, old_t = seen.get(stage, "-1:0").partition(":")
+        if processed != int(old_count):
+            pipe.hset(STREAM_SEEN, stage, f"{processed}:{now!r}")
+            values[f"stream.{stage}"] = 0.0
+        else:
+            values[f"stream.{stage}"] = now - float(old_t)
+    pipe.execute()
+    return values
+
+
+def check_crates(ctx: Context, now: float | None = None):
+    """Hits per event of each crate in the newest 10 s of the dispatch stream (``occupancy.N``)."""
+    from minard.formats.detector import NCHANNELS_TOTAL
+    from minard.store.query import latest_occupancy
+
+    occ, t = latest_occupancy(ctx.redis, now, lookback=120.0)
+    if t is None:
+        return {}
+    per_crate = occ[:NCHANNELS_TOTAL].reshape(-1, 512).sum(axis=1)
+    return {f"occupancy.{c}": float(v) for c, v in enumerate(per_crate)}
 
 
 CHECKS: dict[str, Check] = {
     "redis": check_redis, "disk": check_disk, "lag": check_lag, "queues": check_queues,
     "dispatcher": check_dispatcher, "losses": check_losses, "heartbeats": check_heartbeats,
+    "staleness": check_staleness, "crates": check_crates,
 }
 
 
@@ -252,17 +280,22 @@ def load_monitors(cfg) -> list[MonitorSpec]:
 # ----------------------------------------------------------------- running
 
 
-def run_check(ctx: Context, name: str, now: float | None = None) -> dict[str, float]:
-    """Run monitor *name* once: write its values to the series, check its thresholds."""
+def run_check(ctx: Context, name: str, now: float | None = None,
+              evaluator: alarmdefs.Evaluator | None = None) -> dict[str, float]:
+    """Run monitor *name* once: write its values to the series, evaluate the alarm
+    definitions of conf/alarms.cfg on them (metrics ``NAME.VALUE``)."""
     now = time.time() if now is None else now
-    values, thresholds = CHECKS[name](ctx)
+    values = CHECKS[name](ctx)
     values = {k: float(v) for k, v in values.items() if _float(v) is not None}
+    named = {f"{name}.{k}": v for k, v in values.items()}
     if values:
         pipe = ctx.redis.pipeline(transaction=False)
-        ts.put(pipe, GROUP, now, {f"{name}.{k}": v for k, v in values.items()})
+        ts.put(pipe, GROUP, now, named)
         pipe.execute()
-    alarms.check_thresholds(ctx.redis, values, thresholds, source="monitor", program=name, now=now,
-                            history_days=float(ctx.cfg["alarm_history_days"]))
+    if evaluator is None:
+        evaluator = ctx.evaluator
+    if evaluator is not None:
+        evaluator.evaluate(named, now, only=alarmdefs.matching(evaluator.defs, f"{name}.*"))
     return values
 
 
@@ -276,6 +309,8 @@ class Runner:
         self.specs = specs
         self.ctx = Context(cfg, redis or redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=3,
                                                                  socket_connect_timeout=2))
+        self.ctx.evaluator = alarmdefs.Evaluator(self.ctx.redis, alarmdefs.load(cfg),
+                                                 float(cfg["alarm_history_days"]))
         self.started = time.time()
         self.runs = {s.name: 0 for s in specs}
         self.errors = {s.name: 0 for s in specs}

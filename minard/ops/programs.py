@@ -183,7 +183,7 @@ def record_heartbeat(r, program: Program, status: str, host: str = "",
             r, alarms.SUCCESS, f"{program.name} is sending heartbeats again "
             f"(silent for {_duration(now - down_since)})", source="heartbeat",
             program=program.name, key=f"heartbeat-up:{program.name}", now=now,
-            history_days=history_days)
+            history_days=history_days, name="heartbeat", priority="low", annunciation="silent")
     return was
 
 
@@ -308,5 +308,5 @@ def check_heartbeats(r, registry: Registry, now: float | None = None, history_da
             r, alarms.DANGER,
             f"{p.name} stopped sending heartbeats: last one {_duration(now - last)} ago "
             f"(timeout {p.timeout:g} s)", source="heartbeat", program=p.name,
-            key=f"heartbeat-down:{p.name}", now=now, history_days=history_days)
+            key=f"heartbeat-down:{p.name}", now=now, history_days=history_days, name="heartbeat")
     return newly_down

@@ -90,6 +90,7 @@ from minard.pipeline.pool import PoolManager, PoolSpec
 from minard.pipeline.sockets import peers_changed
 from minard.store import status
 from minard.store import timeseries as ts
+from minard.store.bursts import BurstMonitor
 from minard.store.runs import write_run
 from minard.store.schema import NHIT_LEVELS
 
@@ -633,6 +634,7 @@ class PullHandler:
         self.first_batch = True  # no batch processed yet by this worker
         self.held: list[tuple[wire.Batch, float]] = []  # 'PMT ' messages not decoded yet, and their time
         self.held_records = self.held_bytes = 0
+        self.burst = BurstMonitor(self.redis, cfg)  # supernova burst search (minard.store.bursts)
 
     def process(self, frames) -> None:
         """Decode one wire message and fold it into the pending aggregates (see the class)."""
@@ -679,6 +681,7 @@ class PullHandler:
         gaps = segment_gaps(record_gtids(events, payload, offsets, lengths), firsts,
                             [p if isinstance(p, int) else None for p in prevs])
         self.agg.add_batch(events, held[0][1], corrupt=bad, gaps=gaps)
+        self.burst.add(events)
         nbad = sum(bad.values()) + len(events.errors)
         self.pull["processed"] += sum(len(batch) for batch, _ in held) - nbad
         if nbad:
@@ -702,6 +705,7 @@ class PullHandler:
             status.count(pipe, "redis", received=records + self.redis_failed,
                          processed=records, errors=self.redis_failed)
             record_flushed(pipe, self.flushed_key, self.unaccounted)
+            self.burst.write(pipe)
             pipe.execute()
         except redis_py.RedisError as exc:
             self.redis_failed += records
@@ -714,6 +718,7 @@ class PullHandler:
             log.info("Redis is back: %d records could not be stored during the outage",
                      self.redis_failed)
         self.failing = False
+        self.burst.evaluate(now)
         self.redis_written += records
         metrics.add_stage("pull", self.pull)  # what stats:pull and stats:redis just gained
         metrics.add_stage("redis", {"received": records + self.redis_failed, "processed": records,

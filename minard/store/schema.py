@@ -137,6 +137,28 @@ ALARM_GROUP = Family("minard:alarms:group:{digest}", "string",
 ALARMS_NEXT = _single("minard:alarms:next", "string", "counter: the last alarm id given out")
 ALARMS_INDEX = _single("minard:alarms:index", "zset", "alarm id -> time it was raised")
 ALARMS_COUNTERS = _single("minard:alarms:counters", "hash", "totals of alarms raised, acknowledged, shelved")
+ALARM_LOG = Family("minard:alarm:{id}:log", "list",
+                   "Transitions of one alarm (JSON: t, action, who, comment); expires with the alarm.")
+ALARMS_OOS = _single("minard:alarms:oos", "hash", "alarm definition name -> JSON who/when/comment while out of service")
+ALARMS_FLAGS = _single("minard:alarms:flags", "hash",
+                       "suppression flag (crate:N, run_type:NAME) -> JSON who/when/comment while set")
+
+# --- alarm notifications, roster, shift, staleness (minard/ops/notify.py, alarmreport.py, monitors.py)
+ROSTER = _single("minard:roster", "hash", "on-call role (shifter, expert, supernova) -> JSON name, email, by, at")
+NOTIFY_SENT = _single("minard:notify:sent", "hash", "ALARM:ROLE -> time of the last notification (rate limit)")
+SHIFT_NOTE = _single("minard:shift:note", "string", "JSON handover note of the shift: text, by, at")
+STREAM_SEEN = _single("minard:alarms:stream_seen", "hash",
+                      "pipeline stage -> 'processed:time' its processed counter last moved (staleness monitor)")
+
+# --- supernova burst monitor (minard/store/bursts.py) ------------------------------
+BURST_EVENTS = Family("minard:burst:ev:{run}:{bucket}", "string",
+                      "Selected events (clock10 u8, GTID u4, nhit u2) of a run's 10 s clock bucket; expires 1 h.")
+BURST_BACKGROUND = Family("minard:burst:bg:{run}", "hash", "clock second -> selected events of a run (background).")
+BURST = Family("minard:burst:{id}", "string", "JSON burst record: run, gtid_first, gtid_last, start, end, count, window.")
+BURST_RECORD_EVENTS = Family("minard:burst:{id}:events", "string", "The events of one burst record (as BURST_EVENTS).")
+BURSTS_INDEX = _single("minard:bursts:index", "zset", "burst id -> start time (Unix s)")
+BURSTS_NEXT = _single("minard:bursts:next", "string", "counter: the last burst id given out")
+BURSTS_LOCK = _single("minard:bursts:lock", "string", "short lock serialising merges of overlapping burst records")
 
 # --- operations: program heartbeats and metrics (minard/ops/programs.py) ---------
 OPS_HEARTBEAT = Family("minard:ops:hb:{program}", "hash", "Heartbeat of a registered program (log server).")

@@ -115,6 +115,9 @@ def create_app(cfg: dict | None = None) -> Flask:
 
     app.register_blueprint(api.bp)
     dashboard.register(app)  # Stream, Detector, Nhit, Runs; Stream becomes the home page
+    from minard.web import alarmpages
+
+    alarmpages.register(app)  # alarm detail, KPIs, flags, Bursts, Shift, Roster
     _site(app)
     metrics.instrument(app, "web")  # requests per route, served by gunicorn's master
     return app

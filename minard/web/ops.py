@@ -92,7 +92,10 @@ def _alarms_page(error: str | None = None, status: int = 200):
     now = time.time()
     _check(now)
     items = alarms.list_alarms(_redis(), now, history_days=_history())
-    return render_template("alarms.html", alarms=items, error=error, now=now,
+    state = request.args.get("state", "")
+    if state in alarms.STATES:  # filter by ISA-18.2 state
+        items = [a for a in items if a["state"] == state]
+    return render_template("alarms.html", alarms=items, error=error, now=now, states=alarms.STATES,
                            shelve_minutes=_shelve_choices()), status
 
 
@@ -120,9 +123,14 @@ def alarms_json():
     except ParamError as exc:
         abort(400, str(exc))
     items = alarms.list_alarms(_redis(), now, limit, _history())
+    state = request.args.get("state", "")
+    if state:
+        if state not in alarms.STATES:
+            abort(400, f"state must be one of {', '.join(alarms.STATES)}")
+        items = [a for a in items if a["state"] == state]
     return jsonify(alarms=items, now=now, logged_in=current_user() is not None,
                    shelve_minutes=_shelve_choices(),
-                   summary={"active": sum(a["state"] == "active" for a in items),
+                   summary={"active": sum(a["state"] in ("unacknowledged", "rtn_unacknowledged") for a in items),
                             "ringing": sum(a["ringing"] for a in items)})
 
 

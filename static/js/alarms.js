@@ -14,7 +14,8 @@
     if (a.state === "shelved") {
       return "shelved by " + a.shelved_by + " until " + m.when(a.shelved_until) + (a.shelve_comment ? ": " + a.shelve_comment : "");
     }
-    return "active" + (a.shelve_expired ? " (shelve expired)" : "");
+    if (a.state === "suppressed") return "suppressed by " + a.suppressed;
+    return a.state.replace(/_/g, " ") + (a.shelve_expired ? " (shelve expired)" : "");
   }
 
   function hidden(name, value) {
@@ -45,7 +46,14 @@
 
   function actions(a, minutes) {
     var td = m.el("td", "actions");
-    if (a.state === "acknowledged") return td;
+    if (a.ack_at !== null || a.state === "normal" || a.state === "out_of_service") {
+      if (a.state === "latched") {
+        var rs = form("/alarms/" + a.id + "/reset", "reset-form");
+        rs.appendChild(button("Reset"));
+        td.appendChild(rs);
+      }
+      return td;
+    }
     var ack = form("/alarms/" + a.id + "/ack", "ack-form");
     ack.appendChild(textInput("comment", "comment"));
     ack.appendChild(button("Acknowledge"));
@@ -77,7 +85,7 @@
     var tr = m.el("tr", "alarm level-" + a.level_name + " state-" + a.state);
     tr.dataset.id = String(a.id);
     var lvl = m.el("td");
-    lvl.appendChild(m.el("span", "badge level-" + a.level_name, a.level_name));
+    lvl.appendChild(m.el("span", "badge level-" + a.level_name + " priority-" + a.priority, a.priority));
     tr.appendChild(lvl);
     var last = m.el("td", null, m.when(a.last));
     last.title = "first " + m.when(a.first);
@@ -85,7 +93,11 @@
     tr.appendChild(m.el("td", "num", a.count));
     tr.appendChild(m.el("td", null, a.program));
     tr.appendChild(m.el("td", null, a.source));
-    tr.appendChild(m.el("td", "message", a.message));
+    var msg = m.el("td", "message");
+    var link = m.el("a", null, a.message);
+    link.href = "/alarms/" + a.id;
+    msg.appendChild(link);
+    tr.appendChild(msg);
     tr.appendChild(m.el("td", null, stateText(a)));
     tr.appendChild(loggedIn ? actions(a, minutes) : m.el("td", "actions"));
     return tr;
@@ -103,7 +115,8 @@
   function refresh() {
     var tbody = document.getElementById("alarm-rows");
     if (!tbody) return;
-    m.getJSON("/api/alarms").then(function (data) {
+    var state = new URLSearchParams(window.location.search).get("state");
+    m.getJSON("/api/alarms" + (state ? "?state=" + encodeURIComponent(state) : "")).then(function (data) {
       var sig = JSON.stringify([data.logged_in, data.alarms.map(function (a) {
         return [a.id, a.count, a.state, a.last, a.message];
       })]);

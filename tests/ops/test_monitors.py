@@ -1,4 +1,4 @@
-"""The monitors of conf/monitors.cfg against a real Redis: series written, thresholds alarmed."""
+"""The monitors of conf/monitors.cfg against a real Redis: series written, alarm definitions evaluated."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import time
 import pytest
 
 from minard.config import ROOT
-from minard.ops import monitors
+from minard.ops import alarmdefs, monitors
 from minard.store import alarms, status
 from minard.store import timeseries as ts
 
 
-def ctx(cfg, redis_client):
-    return monitors.Context(cfg, redis_client)
+def ctx(cfg, redis_client, defs_text=None):
+    """A monitor context evaluating the shipped conf/alarms.cfg (or *defs_text*)."""
+    defs = alarmdefs.parse(defs_text) if defs_text else alarmdefs.load(cfg)
+    return monitors.Context(cfg, redis_client, alarmdefs.Evaluator(redis_client, defs))
 
 
-def alarm_messages(redis_client, program):
-    return [a["message"] for a in alarms.list_alarms(redis_client) if a["program"] == program]
+def alarm_messages(redis_client, *names):
+    return [a["message"] for a in alarms.list_alarms(redis_client) if a["name"] in names]
 
 
 def test_the_shipped_monitors_cfg_lists_every_monitor_with_a_period():
@@ -43,10 +45,10 @@ def test_redis_monitor_writes_its_series_and_alarms_near_the_memory_limit(cfg, r
     try:
         values = monitors.run_check(ctx(cfg, redis_client), "redis")
         assert values["maxmemory"] == 2**30 and values["keys"] >= 0 and values["used_memory"] > 0
-        assert alarm_messages(redis_client, "redis") == []
-        cfg["monitors_redis_memory_warn"] = 1e-6
-        monitors.run_check(ctx(cfg, redis_client), "redis")
-        assert any("Redis memory" in m for m in alarm_messages(redis_client, "redis"))
+        assert alarm_messages(redis_client, "redis_memory", "redis_oom") == []
+        c = ctx(cfg, redis_client, "[redis_memory]\ncondition = redis.memory_fraction > 1e-9\npriority = high\n")
+        monitors.run_check(c, "redis")
+        assert any("redis.memory_fraction" in m for m in alarm_messages(redis_client, "redis_memory"))
     finally:
         redis_client.config_set("maxmemory", "0")
     now = time.time()
@@ -57,41 +59,46 @@ def test_redis_monitor_writes_its_series_and_alarms_near_the_memory_limit(cfg, r
 def test_disk_monitor_alarms_below_the_free_fraction(cfg, redis_client):
     values = monitors.run_check(ctx(cfg, redis_client), "disk")
     assert 0 < values["logs_free"] <= 1 and values["records_free_bytes"] > 0
-    cfg["monitors_disk_free_warn"] = 1.5  # every disk is "too full"
-    monitors.run_check(ctx(cfg, redis_client), "disk")
-    assert any("free disk" in m for m in alarm_messages(redis_client, "disk"))
+    c = ctx(cfg, redis_client, "[disk_free]\ncondition = disk.*_free < 1.5\n")  # every disk is "too full"
+    monitors.run_check(c, "disk")
+    assert {a["program"] for a in alarms.list_alarms(redis_client) if a["name"] == "disk_free"} >= {"logs", "var"}
 
 
 def test_lag_and_queue_monitors_read_the_pools_heartbeats(cfg, redis_client):
     pipe = redis_client.pipeline()
     status.beat(pipe, "data_consumer_cmos", {"lag_seconds": 12.5, "queued_batches": 40, "inflight_records": 7})
     pipe.execute()
-    assert monitors.run_check(ctx(cfg, redis_client), "lag") == {"data_consumer_cmos": 12.5}
-    q = monitors.run_check(ctx(cfg, redis_client), "queues")
+    c = ctx(cfg, redis_client, "[consumer_lag]\ncondition = lag.* > 5\n\n"
+            "[queue_backlog]\ncondition = queues.*.queued > 32\n")
+    assert monitors.run_check(c, "lag") == {"data_consumer_cmos": 12.5}
+    q = monitors.run_check(c, "queues")
     assert q == {"data_consumer_cmos.queued": 40, "data_consumer_cmos.inflight": 7}
-    assert any("lag" in m for m in alarm_messages(redis_client, "lag"))
-    assert any("batches" in m for m in alarm_messages(redis_client, "queues"))
+    assert any("lag.data_consumer_cmos = 12.5" in m for m in alarm_messages(redis_client, "consumer_lag"))
+    assert any("queues.data_consumer_cmos.queued = 40" in m for m in alarm_messages(redis_client, "queue_backlog"))
 
 
 def test_loss_monitor_alarms_when_a_counter_moves(cfg, redis_client):
     pipe = redis_client.pipeline()
     status.count(pipe, "push", received=100, processed=90, dropped=10)
     pipe.execute()
-    assert monitors.run_check(ctx(cfg, redis_client), "losses")["push"] == 10
-    assert alarm_messages(redis_client, "losses") == []  # first reading: nothing to compare
+    c = ctx(cfg, redis_client)
+    assert monitors.run_check(c, "losses")["push"] == 10
+    assert alarm_messages(redis_client, "records_lost") == []  # first reading: nothing to compare
     pipe = redis_client.pipeline()
     status.count(pipe, "push", received=5, dropped=5)
     pipe.execute()
-    monitors.run_check(ctx(cfg, redis_client), "losses")
-    assert any("records lost at stage push increased by 5" in m for m in alarm_messages(redis_client, "losses"))
+    monitors.run_check(c, "losses")
+    assert any("increase(losses.push) = 5" in m for m in alarm_messages(redis_client, "records_lost"))
 
 
 def test_dispatcher_monitor_alarms_when_it_does_not_answer(cfg, redis_client):
-    values = monitors.run_check(ctx(cfg, redis_client), "dispatcher")
+    c = ctx(cfg, redis_client)
+    for _ in range(2):  # on_delay = 2 checks
+        values = monitors.run_check(c, "dispatcher")
     assert values == {"up": 0.0}
-    msgs = alarm_messages(redis_client, "dispatcher")
-    assert msgs and "dispatcher answering" in msgs[0]
-    assert alarms.list_alarms(redis_client)[0]["level"] == alarms.DANGER
+    msgs = alarm_messages(redis_client, "dispatcher_down")
+    assert msgs and "dispatcher.up = 0" in msgs[0]
+    assert alarms.list_alarms(redis_client)[0]["priority"] == "high"
 
 
 def test_runner_starts_all_monitors_on_their_periods_and_stops_on_request(cfg, redis_client, caplog):

@@ -23,7 +23,7 @@ def test_levels_have_names_and_distinct_colours():
 def test_raised_alarm_is_listed_active_and_rings_at_danger(redis_client):
     i = alarms.raise_alarm(redis_client, 40, "crate 3 HV trip", source="log", program="orca", now=T0)
     a = alarms.get(redis_client, i, now=T0)
-    assert a["state"] == "active" and a["ringing"] and a["count"] == 1
+    assert a["state"] == "unacknowledged" and a["ringing"] and a["count"] == 1
     assert a["level_name"] == "danger" and a["program"] == "orca"
     assert [x["id"] for x in alarms.list_alarms(redis_client, now=T0)] == [i]
 
@@ -88,14 +88,14 @@ def test_shelved_alarm_is_silent_groups_repeats_and_rings_again_after_expiry(red
     assert alarms.raise_alarm(r, 40, "x", now=T0 + 300) == i
     assert alarms.get(r, i, now=T0 + 300)["state"] == "shelved"
     after = alarms.get(r, i, now=T0 + 601)
-    assert after["state"] == "active" and after["ringing"] and after["shelve_expired"]
+    assert after["state"] == "unacknowledged" and after["ringing"] and after["shelve_expired"]
     assert after["count"] == 2
 
 
 def test_unshelve_makes_the_alarm_active_at_once(redis_client):
     i = alarms.raise_alarm(redis_client, 40, "x", now=T0)
     alarms.shelve(redis_client, i, "alice", T0 + 600, now=T0)
-    assert alarms.unshelve(redis_client, i, "bob", now=T0 + 10)["state"] == "active"
+    assert alarms.unshelve(redis_client, i, "bob", now=T0 + 10)["state"] == "unacknowledged"
 
 
 def test_history_is_kept_for_the_configured_days_then_trimmed(redis_client):

@@ -129,7 +129,7 @@ def test_acknowledge_needs_login(client, redis_client):
     i = alarms.raise_alarm(redis_client, 40, "x")
     resp = client.post(f"/alarms/{i}/ack", data={"csrf_token": page_csrf(client)})
     assert resp.status_code == 302 and "/login" in resp.headers["Location"]
-    assert alarms.get(redis_client, i)["state"] == "active"
+    assert alarms.get(redis_client, i)["state"] == "unacknowledged"
 
 
 def test_wrong_password_is_refused_without_echoing_it(client, users):
@@ -163,7 +163,7 @@ def test_post_without_csrf_token_is_refused(client, users, redis_client):
     assert resp.status_code == 400 and "CSRF" in resp.get_data(as_text=True)
     resp = client.post(f"/alarms/{i}/ack", data={"csrf_token": "forged"})
     assert resp.status_code == 400
-    assert alarms.get(redis_client, i)["state"] == "active"
+    assert alarms.get(redis_client, i)["state"] == "unacknowledged"
 
 
 def test_shelve_needs_an_expiry_and_then_silences_until_unshelved(client, users, redis_client):

@@ -119,7 +119,7 @@ DEFAULTS: dict[str, object] = {
     "metrics_host": "127.0.0.1",  # address every metrics port listens on
     **{f"metrics_port_{p}": 0 for p in (  # 0 = off; minard up gives each program a port
         "dispatcher", "minard_dispatch_pull", "data_consumer_cmos", "data_consumer_base",
-        "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors")},
+        "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors", "notifier")},
     "stack_metrics_port": 9100,  # minard up: first of the consecutive metrics ports; 0 = none
     # Alarms, notifications, supernova burst monitor (docs/operations.md)
     "alarms_file": "conf/alarms.cfg",  # alarm definitions: conditions, priorities, delays, guidance

@@ -233,6 +233,11 @@ def notifier_cmd(config_path):
     cfg = config_mod.load(path=config_path)
     log_mod.setup(cfg["log_level"])
     n = Notifier(cfg)
+    from minard import metrics
+
+    metrics.serve(cfg, "notifier", metrics.Snapshot("minard_notifier", lambda: {
+        "messages": n.sent, "failing": n.failing}, counters=("messages",),
+        help={"messages": "Notifications sent (email or webhook).", "failing": "1 while the alarm scan fails."}))
     signal.signal(signal.SIGTERM, n.stop)
     signal.signal(signal.SIGINT, n.stop)
     n.run()

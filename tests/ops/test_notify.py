@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import wait_for
 
 from minard.ops import notify
-from minard.store import alarms, roster
+from minard.store import alarms, roster, schema
 from minard.testing import free_port
 
 
@@ -212,3 +212,39 @@ def test_a_password_is_never_sent_to_a_server_without_starttls(cfg, smtp, tmp_pa
     with pytest.raises(smtplib.SMTPException, match="no STARTTLS"):
         notify.send_email(cfg, "alice@example.org", "subject", "body")
     assert smtp[1].messages == []
+
+
+def test_the_notifier_process_mails_serves_metrics_and_stops_on_sigterm(redis_url, redis_client, smtp, tmp_path):
+    """``minard notifier`` as supervisord runs it: a real process, its log on stderr, /metrics."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from minard.testing import stop_pid, wait_port
+
+    port, inbox = smtp
+    mport = free_port()
+    roster.set_person(redis_client, "shifter", "Alice", "alice@example.org")
+    env = {**os.environ, "MINARD_REDIS_URL": redis_url, "MINARD_SMTP_HOST": "127.0.0.1",
+           "MINARD_SMTP_PORT": str(port), "MINARD_NOTIFY_PERIOD": "0.2", "MINARD_METRICS_PORT_NOTIFIER": str(mport),
+           "MINARD_VAR_DIR": str(tmp_path)}
+    err = open(tmp_path / "notifier.err", "wb")  # noqa: SIM115 - open while the process runs
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "minard"), "notifier"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_port(mport, timeout=15)
+        alarms.raise_alarm(redis_client, 40, "dispatcher down", name="dispatcher_down", priority="high")
+        wait_for(lambda: inbox.to("alice@example.org"), timeout=10, what="the mail")
+
+        def sent():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+            return "minard_notifier_messages_total 1.0" in text
+        wait_for(sent, timeout=10, what="the metrics")
+        assert wait_for(lambda: redis_client.hget(schema.STATUS.key(component="notifier"), "sent") == b"1", timeout=5)
+    finally:
+        assert stop_pid(proc) == 0
+        err.close()
+    log = (tmp_path / "notifier.err").read_text()
+    assert "notifier started" in log and "notifier stopped (1 messages sent)" in log

@@ -73,7 +73,7 @@ def test_a_cookie_captured_before_logout_cannot_shelve_after_logout(client, user
     i = alarms.raise_alarm(redis_client, 40, "HV trip")
     resp = shelve(client, i, captured)
     assert resp.status_code == 302 and "/login" in resp.headers["Location"]
-    assert alarms.get(redis_client, i)["state"] == "active"
+    assert alarms.get(redis_client, i)["state"] == "unacknowledged"
 
 
 def test_revoking_and_re_adding_a_user_invalidates_the_old_cookie(client, users, redis_client, web_cfg):
@@ -85,7 +85,7 @@ def test_revoking_and_re_adding_a_user_invalidates_the_old_cookie(client, users,
     i = alarms.raise_alarm(redis_client, 40, "HV trip")
     resp = shelve(client, i, captured)
     assert resp.status_code == 302 and "/login" in resp.headers["Location"]
-    assert alarms.get(redis_client, i)["state"] == "active"
+    assert alarms.get(redis_client, i)["state"] == "unacknowledged"
 
 
 def test_a_session_ends_after_the_idle_lifetime(web_cfg, users, redis_client):
@@ -163,7 +163,7 @@ def test_shelve_form_with_a_unicode_digit_is_a_400(client, users, redis_client):
     i = alarms.raise_alarm(redis_client, 40, "HV trip")
     resp = shelve(client, i, cookie_of(client), minutes="\u00b2")
     assert resp.status_code == 400
-    assert alarms.get(redis_client, i)["state"] == "active"
+    assert alarms.get(redis_client, i)["state"] == "unacknowledged"
 
 
 def test_login_with_a_newline_in_next_is_not_a_500(client, users):

@@ -21,6 +21,7 @@ from flask import (
     url_for,
 )
 
+from minard.apidoc import doc, q
 from minard.ops import alarmdefs, alarmreport, notify
 from minard.store import alarms, bursts, roster
 from minard.web.auth import current_user, login_required
@@ -70,6 +71,9 @@ def alarm_page(alarm_id: int):
 
 
 @bp.get("/api/alarms/<int:alarm_id>")
+@doc("One alarm with its guidance, link and transition history (who, when, comment)",
+     ok={"type": "object", "properties": {"alarm": {"type": "object"}, "guidance": {"type": "string"},
+         "link": {"type": "string"}, "history": {"type": "array", "items": {"type": "object"}}}}, errors=(404, 503))
 def alarm_json(alarm_id: int):
     """One alarm with its guidance and transition history."""
     a = alarms.get(_redis(), alarm_id)
@@ -81,6 +85,8 @@ def alarm_json(alarm_id: int):
 
 
 @bp.post("/alarms/<int:alarm_id>/reset")
+@doc("Reset a latched alarm whose condition has cleared", status=303, ok_description="reset: redirect to /alarms",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ['csrf_token'], "properties": {"csrf_token": {"type": "string", "description": "the page's CSRF token"}, "comment": {"type": "string"}}}), errors=(403, 404, 409), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def reset(alarm_id: int):
     """Reset a latched alarm whose condition has cleared."""
@@ -95,6 +101,11 @@ def reset(alarm_id: int):
 
 
 @bp.get("/api/alarms/kpi")
+@doc("Alarm KPIs of the last 24 h against the EEMUA 191 targets",
+     ok={"type": "object", "properties": {"per_10min": {"type": "number"}, "peak_10min": {"type": "integer"},
+         "flood_fraction": {"type": "number"}, "time_in_flood_minutes": {"type": "integer"},
+         "chattering": {"type": "array", "items": {"type": "object"}}, "standing": {"type": "array", "items": {"type": "object"}},
+         "targets": {"type": "object"}, "ok": {"type": "object"}}}, errors=(503,))
 def kpi_json():
     """Alarm KPIs of the last 24 h against the EEMUA 191 targets."""
     items = alarms.list_alarms(_redis(), limit=5000, history_days=_history())
@@ -110,6 +121,9 @@ def kpi_page():
 
 
 @bp.post("/alarms/flags")
+@doc("Set or clear a suppression flag (crate:N out of service, run_type:NAME)", status=303,
+     ok_description="redirect to /alarms/kpi",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ['csrf_token', 'flag'], "properties": {"csrf_token": {"type": "string", "description": "the page's CSRF token"}, "flag": {"type": "string", "description": "crate:0..18 or run_type:NAME"}, "on": {"type": "string", "enum": ["0", "1"]}, "comment": {"type": "string"}}}), errors=(400, 403), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def set_flag():
     """Set or clear a suppression flag: crate:N (out of service) or run_type:NAME."""
@@ -123,6 +137,9 @@ def set_flag():
 
 
 @bp.post("/alarms/oos")
+@doc("Take an alarm definition out of service, or back into service", status=303,
+     ok_description="redirect to /alarms/kpi",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ['csrf_token', 'name'], "properties": {"csrf_token": {"type": "string", "description": "the page's CSRF token"}, "name": {"type": "string", "description": "a definition of conf/alarms.cfg"}, "on": {"type": "string", "enum": ["0", "1"]}, "comment": {"type": "string"}}}), errors=(400, 403), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def set_oos():
     """Take an alarm definition out of service (or back)."""
@@ -145,12 +162,19 @@ def bursts_page():
 
 
 @bp.get("/api/bursts")
+@doc("Supernova burst candidates, newest first",
+     ok={"type": "array", "items": {"type": "object", "properties": {"run": {"type": "integer"},
+         "gtid_first": {"type": "integer"}, "gtid_last": {"type": "integer"}, "start": {"type": "number"},
+         "end": {"type": "number"}, "count": {"type": "integer"}, "window": {"type": "number"}}}}, errors=(503,))
 def bursts_json():
     """Burst records (run, gtid_first, gtid_last, start, end, count, window, ...)."""
     return jsonify(bursts.list_bursts(_redis()))
 
 
 @bp.get("/api/bursts/<int:burst_id>")
+@doc("One burst record with every event's GTID and nhit (the export)",
+     params=[q("download", "string", "any value: send as an attachment burst-ID.json")],
+     ok={"type": "object"}, errors=(404, 503))
 def burst_json(burst_id: int):
     """One burst record with its events' GTIDs and nhits (the export)."""
     rec = bursts.get_burst(_redis(), burst_id)
@@ -172,12 +196,16 @@ def roster_page():
 
 
 @bp.get("/api/roster")
+@doc("The on-call roster: role (shifter, expert, supernova) -> name, email, by, at, or null",
+     ok={"type": "object"}, errors=(503,))
 def roster_json():
     """The roster: role -> {name, email, by, at} or null."""
     return jsonify(roster.show(_redis()))
 
 
 @bp.post("/roster")
+@doc("Put someone on duty in a role", status=303, ok_description="redirect to /roster",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ['csrf_token', 'role', 'name'], "properties": {"csrf_token": {"type": "string", "description": "the page's CSRF token"}, "role": {"type": "string", "enum": ["shifter", "expert", "supernova"]}, "name": {"type": "string"}, "email": {"type": "string"}}}), errors=(400, 403), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def roster_set():
     """Put someone on duty."""
@@ -191,6 +219,8 @@ def roster_set():
 
 
 @bp.post("/roster/test")
+@doc("Send a test notification to everyone on the roster", status=303, ok_description="redirect to /roster",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ['csrf_token'], "properties": {"csrf_token": {"type": "string", "description": "the page's CSRF token"}}}), errors=(403,), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def roster_test():
     """Send a test notification to everyone on the roster."""
@@ -227,12 +257,17 @@ def shift_page():
 
 
 @bp.get("/api/shift")
+@doc("Shift handover summary: alarms raised, acknowledged, shelved, expiring shelves, open alarms, note",
+     params=[q("since", "number", "start (Unix s); default: when the shifter went on duty, else 8 h ago")],
+     ok={"type": "object"}, errors=(400, 503))
 def shift_json():
     """The handover summary as JSON (?since=UNIX)."""
     return jsonify(alarmreport.shift_summary(_redis(), _since(), history_days=_history()))
 
 
 @bp.post("/shift/note")
+@doc("Save the shift's handover note", status=303, ok_description="redirect to /shift",
+     body=("application/x-www-form-urlencoded", {"type": "object", "required": ['csrf_token'], "properties": {"csrf_token": {"type": "string", "description": "the page's CSRF token"}, "note": {"type": "string", "maxLength": 5000}}}), errors=(403,), responses={"302": {"description": "not logged in: redirect to /login"}})
 @login_required
 def shift_note():
     """Save the handover note."""

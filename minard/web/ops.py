@@ -107,7 +107,8 @@ def alarms_page():
 
 @bp.get("/api/alarms")
 @doc("Alarms (newest first) and their summary, as the Alarms page shows them",
-     params=[q("limit", "integer", "at most this many alarms", minimum=1, maximum=1000, default=200)],
+     params=[q("limit", "integer", "at most this many alarms", minimum=1, maximum=1000, default=200),
+             q("state", "string", "only alarms in this ISA-18.2 state", enum=list(alarms.STATES))],
      ok={"type": "object", "properties": {
          "alarms": {"type": "array", "items": {"type": "object"}}, "now": {"type": "number"},
          "logged_in": {"type": "boolean"}, "shelve_minutes": {"type": "array", "items": {"type": "integer"}},

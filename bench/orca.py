@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minard import config
 from minard.formats import orca, wire
 from minard.formats.detector import NCRATES
-from minard.pipeline.orca_stream import BaseHandler, CmosHandler
+from minard.pipeline.orca_base import BaseHandler
+from minard.pipeline.orca_cmos import CmosHandler
 from minard.simulate.orca import OrcaSimulator
 from minard.store import timeseries as ts
 from minard.testing import RedisServer

@@ -52,15 +52,12 @@ from minard.dispatcher.client import DispatchClient
 from minard.formats import pmt, wire
 from minard.formats.framing import encode_rawbatch
 from minard.formats.zdab import ZdabWriter
-from minard.pipeline.dispatch_stream import (
-    NHIT_LEVELS,
-    CountWriter,
-    PullHandler,
-    write_second,
-)
+from minard.pipeline.dispatch_pull import PullHandler, write_second
 from minard.store import status
 from minard.store import timeseries as ts
+from minard.store.channels import ChannelWriter
 from minard.store.runs import write_run
+from minard.store.schema import NHIT_LEVELS
 from minard.testing import RedisServer, free_port, stop_pid
 from minard.testing.dispatcher import DispatcherProcess
 
@@ -117,7 +114,7 @@ class BaselineConsumer:
 
     def __init__(self, redis_url: str):
         self.redis = redis_py.Redis.from_url(redis_url)
-        self.counts = CountWriter(self.redis)
+        self.counts = ChannelWriter(self.redis)
         self.sec = SecondAgg(0)
         self.run: dict[int, RunAgg] = {}
 
@@ -158,7 +155,8 @@ class BaselineConsumer:
         pipe = self.redis.pipeline(transaction=True)
         write_second(pipe, self.sec, self.counts)
         for ra in self.run.values():
-            write_run(pipe, ra, now, self.counts.add)
+            write_run(pipe, ra, now, self.counts)
+        self.counts.add(pipe)
         pipe.execute()
         self.sec = SecondAgg(self.sec.t)
         self.run = {}
@@ -487,16 +485,18 @@ def bench_storage(redis_url: str, seconds: int = 30) -> dict:
     client.flushall()
     rng = np.random.default_rng(3)
     t0 = 1_700_000_000
-    counts = CountWriter(client)
+    counts = ChannelWriter(client)
     for s in range(seconds):
         pipe = client.pipeline(transaction=True)
         write_second(pipe, full_second(t0 + s, rng), counts)
+        counts.add(pipe)
         pipe.execute()
     ra = RunAgg(9000, events=10**6, triggers=np.full(NTRIG, 1000), subruns={0, 1}, start=t0, end=t0 + 1)
     ra.nhit_counts[:400] = 1000
     ra.channel_hits[:] = 10**5
     pipe = client.pipeline()
-    write_run(pipe, ra, t0, counts.add)
+    write_run(pipe, ra, t0, counts)
+    counts.add(pipe)
     pipe.execute()
     sizes: dict[tuple[str, int], list[int]] = defaultdict(list)
     run_bytes = 0

@@ -24,7 +24,7 @@ COMMANDS = {
     "send": ("minard.dispatcher.client:send_cmd", "Send one text command to a dispatcher and print the reply."),
     "keys": ("minard.ops.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
     "runs": ("minard.store.runs:runs_cli", "List runs, or show one run's summary (events, triggers, nhit, channels)."),
-    "stats": ("minard.pipeline.dispatch_stream:stats_cmd", "Print the pipeline's loss counters per stage."),
+    "stats": ("minard.pipeline.cli:stats_cmd", "Print the pipeline's loss counters per stage."),
     "query": ("minard.store.query:query_cmd", "Print the latest per-channel CMOS rates, base currents or occupancy."),
     "orca-replay": ("minard.pipeline.orca_replay:orca_replay_cmd", "Serve a recorded ORCA stream file to clients as ORCA does."),
     "up": ("minard.stack:up_cmd", "Start the whole stack (Redis, pipeline, web, nginx) under supervisord."),
@@ -82,10 +82,10 @@ def _seed_alias(subcommand_path: str):
 
 
 #: ``minard_dispatch push|pull`` (the dispatch-stream producer and consumers).
-minard_dispatch_main = _seed_alias("minard.pipeline.dispatch_stream:cli")
+minard_dispatch_main = _seed_alias("minard.pipeline.cli:cli")
 #: ``data_producer`` (ORCA stream -> ZMQ) and ``data_consumer PORT``.
-data_producer_main = _seed_alias("minard.pipeline.orca_stream:producer_cli")
-data_consumer_main = _seed_alias("minard.pipeline.orca_stream:consumer_cli")
+data_producer_main = _seed_alias("minard.pipeline.orca_producer:producer_cli")
+data_consumer_main = _seed_alias("minard.pipeline.orca_consumer:consumer_cli")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

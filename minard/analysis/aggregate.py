@@ -51,6 +51,7 @@ from functools import cached_property
 
 import numpy as np
 
+from minard.formats import pmt
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
 from minard.formats.pmt import MAX_NHIT, TRIGGER_NAMES
 
@@ -130,12 +131,9 @@ def record_gtids(batch, payload=None, offsets=None, lengths=None) -> np.ndarray:
         gtid[idx] = batch.hit_gtid[starts[idx]]
     out[batch.valid_index] = gtid
     if payload is not None and batch.errors:
-        for i, _ in batch.errors:
-            o, length = int(offsets[i]), int(lengths[i])
-            if length >= 44 and o >= 0 and o + 44 <= len(payload):
-                mtc = bytes(payload[o + 20:o + 44])
-                if any(mtc):
-                    out[i] = int.from_bytes(mtc[12:16], "big") & (GTID_MOD - 1)
+        rejected = np.array([i for i, _ in batch.errors], np.int64)
+        out[rejected] = pmt.record_gtids(payload, np.asarray(offsets)[rejected],
+                                         np.asarray(lengths)[rejected], orphans=False)
     return out
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,7 +37,7 @@ from minard.dispatcher.client import (
     connect_with_retry,
 )
 from minard.formats.framing import expand_rawbatches, rawbatch_parts
-from minard.formats.pmt import PMT_DISPATCH_HEADER
+from minard.formats.pmt import PMT_DISPATCH_HEADER, read_headers
 
 log = logging.getLogger("minard.dispatcher.replay")
 
@@ -49,7 +48,6 @@ CHUNK_RECORDS = 4096
 MAX_CLOCK_GAP = 10.0
 #: Events due within this many seconds are sent now rather than slept for.
 EARLY = 0.002
-_WORD = struct.Struct(">I")
 _DISPATCH_HEADER = np.frombuffer(PMT_DISPATCH_HEADER, np.uint8)
 
 
@@ -59,12 +57,8 @@ def peek(record: bytes, previous: tuple[int | None, int, int] = (None, 0, 0)) ->
     A record too short to hold them (a corrupt one) is still sent on, so that
     the consumers count it; it keeps the *previous* record's run and times.
     """
-    if len(record) < 36:
-        return previous
-    run = _WORD.unpack_from(record, 4)[0]
-    m0, m1 = struct.unpack_from(">II", record, 20)
-    gtid = _WORD.unpack_from(record, 32)[0] & 0xFFFFFF
-    return run, gtid, m0 | (m1 & 0x1FFFFF) << 32
+    run, gtid, clock = peek_many(record, np.zeros(1, np.int64), np.full(1, len(record), np.int64), previous)
+    return (None if run[0] < 0 else int(run[0])), int(gtid[0]), int(clock[0])
 
 
 def peek_many(data: bytes, offsets: np.ndarray, lengths: np.ndarray,
@@ -76,14 +70,11 @@ def peek_many(data: bytes, offsets: np.ndarray, lengths: np.ndarray,
     takes the values of the record before it (run -1 stands for None).
     """
     n = len(lengths)
-    run, gtid, clock = (np.empty(n, np.int64) for _ in range(3))
-    ok = lengths >= 36
-    if ok.any():
-        idx = offsets[ok][:, None] + np.arange(36)
-        words = np.frombuffer(data, np.uint8)[idx].view(">u4").astype(np.int64)
-        run[ok] = words[:, 1]
-        gtid[ok] = words[:, 8] & 0xFFFFFF
-        clock[ok] = words[:, 5] | (words[:, 6] & 0x1FFFFF) << 32
+    head = read_headers(data, offsets, lengths, min_bytes=36)  # words 1, 5, 6, 8
+    ok = head.complete
+    run = head.run.astype(np.int64)
+    gtid = head.gtid.astype(np.int64)
+    clock = head.clock10
     if not ok.all():
         last = np.maximum.accumulate(np.where(ok, np.arange(n), -1))
         before = last < 0

@@ -611,6 +611,103 @@ def _gather_headers(data: np.ndarray, first: np.ndarray) -> np.ndarray:
     return items[first].view(">u4").reshape(len(first), HEADER_WORDS).astype(np.uint32)
 
 
+@dataclass(eq=False)
+class Headers:
+    """The 11 header words (§4, §5) of a batch of records, read in one pass.
+
+    ``words`` holds them as native uint32, one row per record (rows of
+    records that do not hold them are zero); ``complete`` says which records
+    lie inside the buffer and are at least the ``min_bytes`` asked for.  The
+    properties decode the fields the pipeline reads before (or instead of)
+    decoding the hits: the replay's pacing, the push's GTID bookkeeping and
+    the GTIDs of records the decoder rejected.
+    """
+
+    words: np.ndarray
+    complete: np.ndarray
+
+    @property
+    def run(self) -> np.ndarray:
+        """Run number (§4 word 1)."""
+        return self.words[:, 1]
+
+    @property
+    def nhit(self) -> np.ndarray:
+        """NPmtHit (§4 word 3 bits 0-15)."""
+        return self.words[:, 3] & 0xFFFF
+
+    @property
+    def gtid(self) -> np.ndarray:
+        """The MTC GTID (§5 word M3 bits 0-23)."""
+        return self.words[:, 8] & 0xFFFFFF
+
+    @property
+    def clock10(self) -> np.ndarray:
+        """The 53-bit 10 MHz clock (§5 M0 and M1 bits 0-20) as int64."""
+        return self.words[:, 5].astype(np.int64) | (self.words[:, 6] & 0x1FFFFF).astype(np.int64) << 32
+
+    @property
+    def has_mtc(self) -> np.ndarray:
+        """False for orphans: all six MTC words (§5, header words 5-10) zero."""
+        return self.words[:, 5:11].any(axis=1)
+
+
+def read_headers(buf, offsets, lengths, min_bytes: int = HEADER_BYTES) -> Headers:
+    """The header words of every record ``buf[offsets[i]:offsets[i]+lengths[i]]`` at once.
+
+    The one PMT header reader of the pipeline: replay pacing
+    (:func:`minard.dispatcher.replay.peek_many`, ``min_bytes=36`` as it reads
+    words 1-8 only), the push's GTID of a batch (:func:`record_gtids`),
+    aggregation (GTIDs of rejected records) and :func:`decode_buffer` read
+    headers through it.  Word-aligned records (the rule) are gathered with
+    :func:`_gather_headers`; others byte by byte.
+    """
+    data = _as_bytes_buffer(buf)
+    offsets = np.asarray(offsets, np.int64).reshape(-1)
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    complete = (offsets >= 0) & (lengths >= min_bytes) & (offsets + lengths <= len(data))
+    n = len(offsets)
+    if not complete.any():
+        return Headers(np.zeros((n, HEADER_WORDS), np.uint32), complete)
+    every = bool(complete.all())
+    if min_bytes < HEADER_BYTES and np.any(offsets[complete] + HEADER_BYTES > len(data)):
+        data = np.concatenate([data, np.zeros(HEADER_BYTES, np.uint8)])  # a short record at the end
+    if not np.any(offsets[complete] & 3):
+        first = offsets // 4 if every else np.where(complete, offsets // 4, 0)
+        words = _gather_headers(data, first)
+    else:
+        words = np.zeros((n, HEADER_WORDS), np.uint32)
+        idx = offsets[complete][:, None] + np.arange(HEADER_BYTES)
+        words[complete] = data[idx].view(">u4").astype(np.uint32)
+    if not every:
+        words[~complete] = 0
+    return Headers(words, complete)
+
+
+def record_gtids(buf, offsets, lengths, orphans: bool = True) -> np.ndarray:
+    """Each record's GTID as the stream's GTID bookkeeping takes it; -1 for none.
+
+    A triggered event gives its MTC GTID (§5 M3); with *orphans*, an orphan
+    (MTC words zero) gives the GTID of its first hit (§6: H0 bits 0-15, H2
+    bits 12-15 and 28-31) when it has one; a record too short for its header
+    gives none.
+    """
+    offsets = np.asarray(offsets, np.int64).reshape(-1)
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    head = read_headers(buf, offsets, lengths)
+    mtc = head.complete & head.has_mtc
+    out = np.where(mtc, head.gtid.astype(np.int64), -1)
+    if orphans:
+        hit = head.complete & ~mtc & (head.nhit > 0) & (lengths >= HEADER_BYTES + 4 * HIT_WORDS)
+        if hit.any():
+            data = _as_bytes_buffer(buf)
+            at = offsets[hit][:, None] + HEADER_BYTES + np.arange(4 * HIT_WORDS)
+            h = data[at].view(">u4").astype(np.int64)
+            h0, h2 = h[:, 0], h[:, 2]
+            out[hit] = (h0 & 0xFFFF) | (h2 >> 12 & 0xF) << 16 | (h2 >> 28 & 0xF) << 20
+    return out
+
+
 def _check_records(data: np.ndarray, offsets, lengths):
     """Validate record extents and headers; return (header words, error map).
 
@@ -620,17 +717,13 @@ def _check_records(data: np.ndarray, offsets, lengths):
     record as native uint32 (rows of short records are zero) and
     ``{index: RecordError}``.
     """
-    nbytes = len(data)
-    long_enough = (offsets >= 0) & (lengths >= HEADER_BYTES) & (offsets + lengths <= nbytes)
-    all_long = bool(long_enough.all())
-    header = _gather_headers(data, offsets // 4 if all_long else np.where(long_enough, offsets // 4, 0))
-    if not all_long:
-        header[~long_enough] = 0
+    head = read_headers(data, offsets, lengths)
+    header, long_enough = head.words, head.complete
     nhit = (header[:, 3] & 0xFFFF).astype(np.int64)  # §4 word 3 bits 0-15
     fits = long_enough & (nhit <= MAX_NHIT) & (HEADER_BYTES + 12 * nhit <= lengths)
     if fits.all():
         return header, {}
-    return header, _record_errors(offsets, lengths, nbytes, long_enough, nhit)
+    return header, _record_errors(offsets, lengths, len(data), long_enough, nhit)
 
 
 def _record_errors(offsets, lengths, nbytes: int, long_enough, nhit) -> dict[int, RecordError]:
@@ -1015,3 +1108,51 @@ def unpack_dispatch(payload) -> tuple[int, bytes]:
     if length > len(body):
         raise RecordError("truncated", f"{name!r} needs {length} bytes, message has {len(body)}")
     return record_id, body[:length]
+
+
+def record_ids(payload, starts: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The big-endian 32-bit word at each byte offset *starts* of *payload* (where *valid*).
+
+    One gather of whole words when every offset is word-aligned (records
+    are whole words, so this is the rule); a byte gather otherwise.  Entries
+    that are not *valid* (records too short to hold a word) are 0.
+    """
+    out = np.zeros(len(starts), np.uint32)
+    if not valid.any():
+        return out
+    if not np.any(starts & 3):
+        words = np.frombuffer(payload, ">u4", count=len(payload) // 4)
+        if valid.all():
+            return words[starts >> 2]
+        out[valid] = words[starts[valid] >> 2]
+        return out
+    data = np.frombuffer(payload, np.uint8)
+    ids = data[starts[valid][:, None] + np.arange(4)].astype(np.uint32)
+    out[valid] = ids[:, 0] << 24 | ids[:, 1] << 16 | ids[:, 2] << 8 | ids[:, 3]
+    return out
+
+
+def split_dispatch(payload, offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Offsets and lengths of the PmtEventRecords inside 'PMT ' dispatch records (§9).
+
+    *offsets*/*lengths* locate the dispatch records in *payload* (a wire
+    batch's, computed once when it was decoded); the result locates their
+    PmtEventRecords and travels with the batch to :func:`decode_buffer` and
+    the GTID bookkeeping.  Vectorized check of the 12-byte generic header
+    (record id 'PMT '); records failing it are left out and counted by reason
+    (``truncated``: shorter than the generic header, ``bad_header``: another
+    record id).
+    """
+    inner = offsets + GENERIC_HEADER.size
+    body = lengths - GENERIC_HEADER.size
+    bad: dict[str, int] = {}
+    short = body < 0
+    wrong = ~short & (record_ids(payload, offsets, ~short) != PMT_RECORD_ID)
+    if not (short.any() or wrong.any()):
+        return inner, body, bad
+    if wrong.any():
+        bad["bad_header"] = int(wrong.sum())
+    if short.any():
+        bad["truncated"] = int(short.sum())
+    keep = ~(short | wrong)
+    return inner[keep], body[keep], bad

@@ -64,6 +64,11 @@ class Batch:
         return [bytes(view[o:o + n]) for o, n in zip(self.offsets.tolist(), self.lengths.tolist())]
 
 
+def record_count(frames: Sequence[bytes]) -> int:
+    """Records in a message as its lengths frame says, without decoding it (0 if malformed)."""
+    return len(frames[3]) // 4 if len(frames) == 5 else 0
+
+
 def encode(kind: str, records: Sequence[bytes], meta: dict | None = None) -> list[bytes]:
     """Build the frames of one batch of *records* of *kind*."""
     lengths = np.fromiter((len(r) for r in records), dtype=">u4", count=len(records))

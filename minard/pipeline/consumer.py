@@ -1,7 +1,7 @@
 """The Redis side of a consumer pool: loss settlement, heartbeat, run loop.
 
-Shared by ``minard_dispatch pull`` (:mod:`minard.pipeline.dispatch_stream`) and
-``data_consumer`` (:mod:`minard.pipeline.orca_stream`).  A :class:`minard.pipeline.pool.Pool`
+Shared by ``minard_dispatch pull`` (:mod:`minard.pipeline.dispatch_pull`) and
+``data_consumer`` (:mod:`minard.pipeline.orca_consumer`).  A :class:`minard.pipeline.pool.Pool`
 knows how many records it handed each worker, but not how many of them a
 worker managed to write to Redis before it ended.  So:
 

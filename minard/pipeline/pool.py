@@ -8,7 +8,7 @@ arrives; worker ids are never reused while the pool lives; every such event is
 written to an event log in the seed's format::
 
     2026/11/23_09:20:01.123 CREATING: D1
-                             ImageFile: minard.pipeline.dispatch_stream:Aggregator
+                             ImageFile: minard.pipeline.dispatch_pull:PullHandler
                               ...
 
 How data moves, and why: the manager PULLs batches from the producer and hands
@@ -134,9 +134,7 @@ class PoolStats:
     workers_crashed: int = 0
 
 
-def _record_count(frames: list[bytes]) -> int:
-    """Records in a wire message, read from its lengths frame without decoding it."""
-    return len(frames[3]) // 4 if len(frames) == 5 else 0
+_record_count = wire.record_count  # records of a message, without decoding it
 
 
 class Pool:

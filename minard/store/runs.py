@@ -8,8 +8,8 @@ combine exactly (see docs/storage.md):
   (HINCRBY);
 * ``run:<run>:nhit`` hash: NPmtHit value -> events (HINCRBY, nonzero only);
 * ``run:<run>:channels`` string: 9728 big-endian uint32 hit counts, index
-  ``crate*512 + card*32 + channel`` (BITFIELD INCRBY, as the per-channel time
-  series);
+  ``crate*512 + card*32 + channel`` (added by :class:`minard.store.channels.ChannelWriter`,
+  as the per-channel time series);
 * ``run:<run>:subruns`` set of sub-run numbers;
 * ``runs:start`` / ``runs:end`` sorted sets: run -> arrival time of its first
   / last event (ZADD LT / GT, so the earliest start and latest end win
@@ -34,6 +34,7 @@ from minard.analysis.aggregate import RunAgg
 from minard.formats.pmt import TRIGGER_NAMES
 from minard.store import schema
 from minard.store import timeseries as ts
+from minard.store.channels import ChannelWriter
 
 RUN_KEEP = 400 * 86400
 START_KEY, END_KEY = schema.RUNS_START, schema.RUNS_END
@@ -44,12 +45,12 @@ def run_key(run: int, part: str = "") -> str:
     return schema.RUN_PART.key(run=int(run), part=part) if part else schema.RUN.key(run=int(run))
 
 
-def write_run(pipe, agg: RunAgg, now: float | None = None, add_array=None) -> None:
+def write_run(pipe, agg: RunAgg, now: float | None = None, channels: ChannelWriter | None = None) -> None:
     """Add the pending summary *agg* of one run to Redis (in the caller's pipeline).
 
-    *add_array(pipe, key, counts, ttl)* adds the channel array (the pull
-    worker passes its dense-array writer); by default BITFIELD INCRBY per
-    nonzero channel.
+    The channel array goes through *channels* (the pull worker's writer, which
+    the caller writes with the rest of its flush); without one it is added
+    here with a writer of its own.
     """
     now = time.time() if now is None else now
     key = run_key(agg.run)
@@ -60,11 +61,11 @@ def write_run(pipe, agg: RunAgg, now: float | None = None, add_array=None) -> No
     nz = np.flatnonzero(agg.nhit_counts)
     for nhit in nz.tolist():
         pipe.hincrby(run_key(agg.run, "nhit"), nhit, int(agg.nhit_counts[nhit]))
-    ch = np.flatnonzero(agg.channel_hits)
-    if len(ch) and add_array is not None:
-        add_array(pipe, run_key(agg.run, "channels"), agg.channel_hits, RUN_KEEP)
-    elif len(ch):
-        ts._bitfield_incr(pipe, run_key(agg.run, "channels"), "u32", ch, agg.channel_hits[ch])
+    if np.any(agg.channel_hits):
+        writer = channels if channels is not None else ChannelWriter()
+        writer.add_array(run_key(agg.run, "channels"), agg.channel_hits, RUN_KEEP)
+        if channels is None:
+            writer.add(pipe)
     if agg.subruns:
         pipe.sadd(run_key(agg.run, "subruns"), *sorted(agg.subruns))
     if agg.start is not None:

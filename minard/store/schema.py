@@ -112,7 +112,7 @@ COMPONENTS = _single("pipeline:components", "set", "names of the pipeline compon
 POOL_FLUSHED = Family("pool:{name}:{host}:{pid}:flushed", "hash",
                       "Records each worker of one pool has accounted for in Redis.")
 
-# --- ORCA stream (minard/pipeline/orca_stream.py) --------------------------------
+# --- ORCA stream (minard/pipeline/orca_cmos.py, orca_base.py) ----------------------
 ORCA_CMOS_STATE = Family("orca:cmos:state:{crate}", "string",
                          "CMOS rate state of one crate: last valid count and its time per channel.")
 #: Latest value per channel of an ORCA stream (``cmos`` or ``base``):

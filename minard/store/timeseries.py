@@ -11,10 +11,11 @@ any window from a minute to a year is read in at most ``MAX_POINTS`` buckets:
 
 * **Per-channel series** (occupancy, CMOS rate, base current): one binary
   string per (resolution, bucket, name) holding an array over the 9728
-  channels, key ``ch:<step>:<bucket>:<name>``.  Counts are big-endian uint32
-  updated with ``BITFIELD ... OVERFLOW SAT INCRBY u32 #lcn delta`` (atomic per
-  channel, so workers combine exactly); averaged values keep a fixed-point
-  int64 sum (``<name>:sum``) and a uint32 count (``<name>:n``) the same way.
+  channels, key ``ch:<step>:<bucket>:<name>``.  Counts are big-endian uint32,
+  saturating; averaged values keep a fixed-point int64 sum (``<name>:sum``)
+  and a uint32 count (``<name>:n``).  They are written by the one
+  per-channel writer, :class:`minard.store.channels.ChannelWriter`, in ways
+  that let any number of workers combine exactly.
 
 Every key carries an expiry of its level's retention, so memory is bounded.
 ``docs/storage.md`` lists the keys and the memory they take.  Functions that
@@ -146,47 +147,6 @@ def latest(redis, group: str, t: float, level: Level = SCALAR_LEVELS[0]) -> dict
 
 
 # ---------------------------------------------------------- per-channel series
-
-def _bitfield_incr(pipe, key: str, kind: str, lcn: np.ndarray, delta: np.ndarray) -> None:
-    """Atomically add *delta* to entries *lcn* of the binary array at *key*."""
-    lcn = np.asarray(lcn, dtype=np.int64)
-    delta = np.asarray(delta, dtype=np.int64)
-    keep = delta != 0
-    if not keep.any():
-        return
-    args = ["OVERFLOW", "SAT"]
-    ops = np.empty((int(keep.sum()), 4), dtype=object)
-    ops[:, 0] = "INCRBY"
-    ops[:, 1] = kind
-    ops[:, 2] = np.char.add("#", lcn[keep].astype(str))
-    ops[:, 3] = delta[keep]
-    args.extend(ops.ravel().tolist())
-    pipe.execute_command("BITFIELD", key, *args)
-
-
-def add_counts(pipe, name: str, t: float, lcn: np.ndarray, counts: np.ndarray,
-               levels=CHANNEL_LEVELS) -> None:
-    """Add per-channel *counts* (e.g. hits) at channels *lcn* for time *t*."""
-    for level in levels:
-        key = channel_key(level.step, bucket(t, level.step), name)
-        _bitfield_incr(pipe, key, "u32", lcn, counts)
-        pipe.expire(key, level.keep + level.step)
-
-
-def add_values(pipe, name: str, t: float, lcn: np.ndarray, values: np.ndarray,
-               levels=CHANNEL_LEVELS) -> None:
-    """Record per-channel readings (e.g. CMOS rates) so that buckets average them."""
-    lcn = np.asarray(lcn, dtype=np.int64)
-    fixed = np.rint(np.asarray(values, dtype=float) * VALUE_SCALE).astype(np.int64)
-    ones = np.ones(len(lcn), dtype=np.int64)
-    for level in levels:
-        b = bucket(t, level.step)
-        for suffix, kind, delta in (("sum", "i64", fixed), ("n", "u32", ones)):
-            # A zero reading adds nothing to the sum but still adds one to the count.
-            key = channel_key(level.step, b, f"{name}:{suffix}")
-            _bitfield_incr(pipe, key, kind, lcn, delta)
-            pipe.expire(key, level.keep + level.step)
-
 
 def _array(raw: bytes | None, dtype: str) -> np.ndarray:
     """A stored binary array padded with zeros to the whole detector."""

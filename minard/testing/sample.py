@@ -2,9 +2,9 @@
 
 :func:`write_seconds` goes through the real consumer path: synthetic events are
 folded by :class:`minard.analysis.aggregate.SecondAgg` / ``RunAgg`` and written by
-:func:`minard.pipeline.dispatch_stream.write_second` and :func:`minard.store.runs.write_run`,
+:func:`minard.pipeline.dispatch_pull.write_second` and :func:`minard.store.runs.write_run`,
 so the keys and fields are exactly the pipeline's.  CMOS rates and base
-currents are written with :func:`minard.store.timeseries.add_values` under the names
+currents are written with :func:`minard.store.channels.add_values` under the names
 the Detector page reads (``data.CHANNEL_SOURCES``).
 
 :func:`write_day` fills a whole day quickly for the benchmark: it writes every
@@ -27,9 +27,10 @@ from minard.analysis.aggregate import (
     SecondAgg,
 )
 from minard.formats.detector import NCHANNELS_TOTAL
-from minard.pipeline.dispatch_stream import CountWriter, write_second
-from minard.store import schema
+from minard.pipeline.dispatch_pull import write_second
+from minard.store import channels, schema
 from minard.store import timeseries as ts
+from minard.store.channels import ChannelWriter
 from minard.store.runs import write_run
 from minard.store.schema import NHIT_LEVELS
 from minard.web.data import CHANNEL_SOURCES
@@ -66,7 +67,7 @@ def write_seconds(redis, t0: float, seconds: int, rate: float = 50.0, mean_nhit:
     totals = {"counts": np.zeros(NTRIG + 1, np.int64), "runs": {}, "hits": np.zeros(NCHANNELS_TOTAL, np.int64)}
     gtid, subrun = 1000, 0
     pipe = redis.pipeline(transaction=False)
-    counter = CountWriter(redis)
+    counter = ChannelWriter(redis)
     orca_buf = OrcaBuffer()
     for i in range(seconds):
         t = int(t0) + i
@@ -82,6 +83,7 @@ def write_seconds(redis, t0: float, seconds: int, rate: float = 50.0, mean_nhit:
         sec.add_events(ev)
         sec.last = (run, subrun, int(gtid - 1) % (1 << 24))
         write_second(pipe, sec, counter)
+        counter.add(pipe)
         totals["runs"].setdefault(run, RunAgg(run)).add_events(ev, np.array([subrun]), float(t))
         totals["counts"] += sec.counts
         totals["hits"] += sec.channel_hits
@@ -108,12 +110,12 @@ def orca_values(rng) -> tuple[np.ndarray, np.ndarray]:
 def write_orca(pipe, t: float, rng) -> None:
     """One reading of every channel's CMOS rate and base current at *t* (dead channel absent).
 
-    Goes through :func:`minard.store.timeseries.add_values`, the consumers' writer.
+    Goes through :func:`minard.store.channels.add_values`, the consumers' writer.
     """
     cmos, base = orca_values(rng)
     lcn = np.delete(np.arange(NCHANNELS_TOTAL), DEAD_CHANNEL)
-    ts.add_values(pipe, CHANNEL_SOURCES["cmos"][0], t, lcn, cmos[lcn])
-    ts.add_values(pipe, CHANNEL_SOURCES["base"][0], t, lcn, base[lcn])
+    channels.add_values(pipe, CHANNEL_SOURCES["cmos"][0], t, lcn, cmos[lcn])
+    channels.add_values(pipe, CHANNEL_SOURCES["base"][0], t, lcn, base[lcn])
 
 
 class OrcaBuffer:

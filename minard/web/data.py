@@ -2,7 +2,7 @@
 
 Every function takes a Redis client and a time window and returns plain
 Python/numpy data; :mod:`minard.web.api` turns it into JSON or CSV.  The key
-schema is the one of :mod:`minard.store.timeseries`, :mod:`minard.pipeline.dispatch_stream`
+schema is the one of :mod:`minard.store.timeseries`, :mod:`minard.pipeline.dispatch_pull`
 and :mod:`minard.store.runs` (docs/storage.md):
 
 * ``trig`` scalar group: ``<TRIGGER>`` event counts, ``<TRIGGER>:nhit`` and

@@ -195,8 +195,11 @@ def test_stream_gtids_take_orphans_from_their_hits_and_corrupt_records_from_the_
 
 def test_push_reads_the_same_gtid_as_the_workers():
     from minard.formats.pmt import pack_dispatch
-    from minard.pipeline.dispatch_stream import record_gtid
+    from minard.pipeline.dispatch_push import last_gtid
 
     records = make_records(4, seed=10, gtid0=0xFFFF00, orphans={1}, mean_nhit=3)
-    got = [record_gtid(memoryview(pack_dispatch(r))) for r in records]
+    got = []
+    for r in records:
+        body = pack_dispatch(r)
+        got.append(last_gtid(np.array([len(body)], ">u4").tobytes(), body))
     assert got == ag.stream_gtids(decode_events(records)).tolist() == [0xFFFF00 + i for i in range(4)]

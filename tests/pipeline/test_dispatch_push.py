@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minard.formats import pmt, wire
-from minard.pipeline.dispatch_stream import Pending, last_gtid
+from minard.pipeline.dispatch_push import Pending, last_gtid
 
 
 def packed(records):

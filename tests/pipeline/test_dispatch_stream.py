@@ -349,10 +349,10 @@ def test_redis_restart_mid_run_is_survived_and_the_gap_is_counted(make_stack, tm
 # ------------------------------------------------------------------ dense arrays
 
 def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redis_client):
-    from minard.pipeline.dispatch_stream import CountWriter
+    from minard.store.channels import ChannelWriter
 
     rng = np.random.default_rng(2)
-    writer = CountWriter(redis_client)
+    writer = ChannelWriter(redis_client)
     total = np.zeros(9728, np.int64)
     for k in range(6):
         counts = rng.integers(0, 50, 9728) if k % 2 else np.zeros(9728, np.int64)
@@ -360,7 +360,8 @@ def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redi
             counts[rng.integers(0, 9728, 40)] = 3  # sparse: BITFIELD path
         total += counts
         pipe = redis_client.pipeline(transaction=True)
-        writer.add(pipe, "ch:10:1:hits", counts, 100)
+        writer.add_array("ch:10:1:hits", counts, 100)
+        writer.add(pipe)
         pipe.execute()
     got, _ = ts.read_counts(redis_client, "hits", 10, 19)
     assert np.array_equal(got, total)
@@ -368,7 +369,8 @@ def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redi
     big = np.full(9728, 0xFFFFFFF0, np.int64)
     for _ in range(2):
         pipe = redis_client.pipeline()
-        writer.add(pipe, "sat", big, 100)
+        writer.add_array("sat", big, 100)
+        writer.add(pipe)
         pipe.execute()
     assert set(np.frombuffer(redis_client.get("sat"), ">u4").tolist()) == {0xFFFFFFFF}
 
@@ -406,16 +408,17 @@ def test_simulator_fault_injections_are_counted_and_skipped_gtids_are_no_gap(
 
 
 def test_count_writer_adds_one_array_to_every_level_and_keeps_a_longer_stored_tail(redis_client):
-    from minard.pipeline.dispatch_stream import CountWriter
+    from minard.store.channels import ChannelWriter
 
-    writer = CountWriter(redis_client)
+    writer = ChannelWriter(redis_client)
     t = 1_700_000_000
     keys = [ts.channel_key(level.step, ts.bucket(t, level.step), "hits") for level in ts.CHANNEL_LEVELS]
     redis_client.set(keys[-1], np.full(9728, 5, ">u4").tobytes())  # an existing array, longer than the adds
     dense = np.random.default_rng(3).integers(0, 9, 9000)
     for counts in (dense, dense):
         pipe = redis_client.pipeline(transaction=True)
-        writer.add_levels(pipe, "hits", t, counts)
+        writer.add_counts("hits", t, None, counts)
+        writer.add(pipe)
         pipe.execute()
     end = int(np.flatnonzero(dense)[-1]) + 1  # the array sent stops at the last nonzero entry
     for level, key in zip(ts.CHANNEL_LEVELS, keys):
@@ -429,14 +432,18 @@ def test_count_writer_adds_one_array_to_every_level_and_keeps_a_longer_stored_ta
 
 def test_split_dispatch_leaves_out_and_counts_short_and_foreign_records():
     from minard.formats import wire
-    from minard.formats.pmt import decode_buffer, pack_dispatch, pack_rechdr
-    from minard.pipeline.dispatch_stream import split_dispatch
+    from minard.formats.pmt import (
+        decode_buffer,
+        pack_dispatch,
+        pack_rechdr,
+        split_dispatch,
+    )
 
     good = [pack_dispatch(encode_event(run=5, evnum=i, gtid=10 + i, trigger_word=1,
                                        hits={"crate": [i], "qhs": [100]})) for i in range(4)]
     records = [good[0], b"PMT", good[1], pack_rechdr("TRIG", b"\0" * 8), good[2], good[3]]
     batch = wire.decode(wire.encode("pmt", records))  # the 3-byte record leaves the rest unaligned
-    offsets, lengths, bad = split_dispatch(batch)
+    offsets, lengths, bad = split_dispatch(batch.payload, batch.offsets, batch.lengths)
     assert bad == Counter(truncated=1, bad_header=1)
     events = decode_buffer(batch.payload, offsets, lengths)
     assert not events.errors and events.gtid.tolist() == [10, 11, 12, 13]
@@ -446,7 +453,7 @@ def test_split_dispatch_leaves_out_and_counts_short_and_foreign_records():
 def test_a_new_worker_writes_its_first_batch_at_once_then_once_a_second(redis_client, redis_url):
     from minard.formats import wire
     from minard.formats.pmt import pack_dispatch
-    from minard.pipeline.dispatch_stream import PullHandler
+    from minard.pipeline.dispatch_pull import PullHandler
 
     def message(run):
         recs = [pack_dispatch(encode_event(run=run, evnum=i, gtid=1 + i, trigger_word=1)) for i in range(3)]
@@ -464,7 +471,7 @@ def test_a_new_worker_writes_its_first_batch_at_once_then_once_a_second(redis_cl
 def test_messages_held_and_decoded_together_count_gtid_gaps_as_if_decoded_alone(redis_url):
     from minard.formats import wire
     from minard.formats.pmt import pack_dispatch
-    from minard.pipeline.dispatch_stream import HOLD_RECORDS, PullHandler
+    from minard.pipeline.dispatch_pull import HOLD_RECORDS, PullHandler
 
     gtids = list(range(100, 160)) + list(range(165, 225))  # one gap: 5 GTIDs missing
     records = [pack_dispatch(encode_event(run=8, evnum=i, gtid=g, trigger_word=1, hits={"qhs": [i]}))

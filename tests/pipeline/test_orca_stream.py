@@ -27,17 +27,14 @@ import redis as redis_py
 
 from minard.formats import orca, wire
 from minard.formats.detector import NCHANNELS_TOTAL
+from minard.pipeline.orca_base import BaseHandler
+from minard.pipeline.orca_cmos import CMOS_STATE_KEY, CmosHandler, card_rounds
+from minard.pipeline.orca_consumer import stream_for
 from minard.pipeline.orca_replay import OrcaReplay
-from minard.pipeline.orca_stream import (
-    CMOS_STATE_KEY,
-    BaseHandler,
-    CmosHandler,
-    SeriesWriter,
-    card_rounds,
-    stream_for,
-)
 from minard.simulate.orca import OrcaSimulator
+from minard.store import channels
 from minard.store import timeseries as ts
+from minard.store.channels import ChannelWriter
 from minard.store.query import latest_values
 from minard.store.status import stats
 from minard.testing import stop_pid, wait_for
@@ -595,12 +592,12 @@ def _padded(raw, dtype):
     return arr
 
 
-def test_the_series_writer_stores_exactly_what_bitfield_add_values_stores(redis_client):
+def test_read_modify_write_stores_exactly_what_atomic_bitfield_adds_store(redis_client):
     rng = np.random.default_rng(3)
     t0 = 1_700_000_000.0
     for round_ in range(3):  # the second and third rounds add to what is stored
         with redis_client.pipeline(transaction=True) as pipe:
-            writer = SeriesWriter()
+            writer = ChannelWriter()
             for k in range(4):
                 t = t0 + 7 * k + round_
                 lcn = rng.choice(NCHANNELS_TOTAL, 3000 + 1000 * k, replace=False)
@@ -608,8 +605,8 @@ def test_the_series_writer_stores_exactly_what_bitfield_add_values_stores(redis_
                 values[::50] = 0.0  # a zero reading adds to :n only
                 writer.add_values("a", t, lcn, values)
                 writer.add_counts("c", t, lcn[::3], 1)
-                ts.add_values(redis_client, "b", t, lcn, values)
-                ts.add_counts(redis_client, "d", t, lcn[::3], np.ones(len(lcn[::3]), dtype=np.int64))
+                channels.add_values(redis_client, "b", t, lcn, values)
+                channels.add_counts(redis_client, "d", t, lcn[::3], np.ones(len(lcn[::3]), dtype=np.int64))
             writer.read(pipe)
             pipe.multi()
             writer.write(pipe)
@@ -628,11 +625,11 @@ def test_the_series_writer_stores_exactly_what_bitfield_add_values_stores(redis_
         assert np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(a[~np.isnan(a)], b[~np.isnan(b)])
 
 
-def test_the_series_writer_saturates_like_bitfield_overflow_sat(redis_client):
+def test_read_modify_write_saturates_like_bitfield_overflow_sat(redis_client):
     key_n, key_sum = ts.channel_key(10, 170_000_000, "x:n"), ts.channel_key(10, 170_000_000, "x:sum")
     redis_client.set(key_n, np.array([2**32 - 3, 7], ">u4").tobytes())
     redis_client.set(key_sum, np.array([2**63 - 10, -(2**63) + 5, 4], ">i8").tobytes())
-    writer = SeriesWriter(levels=(ts.Level(10, 3600),))
+    writer = ChannelWriter(levels=(ts.Level(10, 3600),))
     for _ in range(5):
         writer.add_values("x", 1_700_000_000.0, np.array([0, 1, 2]), np.array([1.0, -1.0, 0.002]))
     with redis_client.pipeline(transaction=True) as pipe:

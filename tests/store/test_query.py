@@ -14,8 +14,10 @@ import pytest
 
 from minard.formats import orca, wire
 from minard.formats.detector import NCHANNELS_TOTAL
-from minard.pipeline.orca_stream import BaseHandler, CmosHandler
+from minard.pipeline.orca_base import BaseHandler
+from minard.pipeline.orca_cmos import CmosHandler
 from minard.simulate.orca import OrcaSimulator
+from minard.store import channels
 from minard.store import timeseries as ts
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,9 +83,9 @@ def test_query_occupancy_is_hits_per_event_of_the_latest_interval(redis_client, 
     pipe = redis_client.pipeline()
     old, new = now - 60, now - 1  # two 10 s buckets; the newer one is reported
     ts.add(pipe, "occ", old, {"events": 10}, levels=ts.CHANNEL_LEVELS)
-    ts.add_counts(pipe, "hits", old, np.array([5]), np.array([10]))
+    channels.add_counts(pipe, "hits", old, np.array([5]), np.array([10]))
     ts.add(pipe, "occ", new, {"events": 40}, levels=ts.CHANNEL_LEVELS)
-    ts.add_counts(pipe, "hits", new, np.array([7, 9000]), np.array([10, 40]))
+    channels.add_counts(pipe, "hits", new, np.array([7, 9000]), np.array([10, 40]))
     pipe.execute()
     values = json.loads(query(redis_url, "occupancy", "--json"))
     assert len(values) == NCHANNELS_TOTAL  # with events, a silent channel has occupancy 0

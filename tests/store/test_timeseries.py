@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import redis as redis_py
 
+from minard.store import channels
 from minard.store import timeseries as ts
 
 T0 = 1_700_000_000.0
@@ -41,7 +42,7 @@ def test_added_fields_appear_at_every_resolution(redis_client):
 def test_every_key_expires_after_its_retention(redis_client):
     pipe = redis_client.pipeline()
     ts.add(pipe, "trig", T0, {"x": 1})
-    ts.add_counts(pipe, "occ", T0, np.array([5]), np.array([1]))
+    channels.add_counts(pipe, "occ", T0, np.array([5]), np.array([1]))
     pipe.execute()
     for key in redis_client.keys("*"):
         assert 0 < redis_client.ttl(key) <= 800 * 86400 + 6 * 3600
@@ -57,7 +58,7 @@ def test_concurrent_writers_combine_exactly(redis_url):
         for lcn in chunks:
             pipe = client.pipeline(transaction=False)
             ch, counts = np.unique(lcn, return_counts=True)
-            ts.add_counts(pipe, "occ", T0, ch, counts)
+            channels.add_counts(pipe, "occ", T0, ch, counts)
             ts.add(pipe, "trig", T0, {"TOTAL:n": len(lcn)})
             pipe.execute()
         client.close()
@@ -78,8 +79,8 @@ def test_concurrent_writers_combine_exactly(redis_url):
 
 def test_values_average_per_channel_and_absent_channels_are_nan(redis_client):
     pipe = redis_client.pipeline()
-    ts.add_values(pipe, "cmos", T0, np.array([0, 7]), np.array([100.5, 0.0]))
-    ts.add_values(pipe, "cmos", T0 + 1, np.array([0, 7]), np.array([200.5, -3.25]))
+    channels.add_values(pipe, "cmos", T0, np.array([0, 7]), np.array([100.5, 0.0]))
+    channels.add_values(pipe, "cmos", T0 + 1, np.array([0, 7]), np.array([200.5, -3.25]))
     pipe.execute()
     mean, _ = ts.read_values(redis_client, "cmos", T0, T0 + 2)
     assert mean[0] == pytest.approx(150.5)
@@ -90,8 +91,8 @@ def test_values_average_per_channel_and_absent_channels_are_nan(redis_client):
 def test_channel_history_reads_one_channel(redis_client):
     pipe = redis_client.pipeline()
     for i in range(3):
-        ts.add_counts(pipe, "occ", T0 + 10 * i, np.array([42, 43]), np.array([i + 1, 100]))
-        ts.add_values(pipe, "base", T0 + 10 * i, np.array([42]), np.array([float(i)]))
+        channels.add_counts(pipe, "occ", T0 + 10 * i, np.array([42, 43]), np.array([i + 1, 100]))
+        channels.add_values(pipe, "base", T0 + 10 * i, np.array([42]), np.array([float(i)]))
     pipe.execute()
     times, counts, level = ts.channel_history(redis_client, "occ", 42, T0, T0 + 25)
     assert level.step == 10 and counts[-3:].tolist() == [1, 2, 3]

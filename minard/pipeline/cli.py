@@ -1,0 +1,48 @@
+"""The seed-named commands of the data plane: ``minard_dispatch push|pull`` and ``minard stats``.
+
+``data_producer`` and ``data_consumer`` are the commands of
+:mod:`minard.pipeline.orca_producer` and :mod:`minard.pipeline.orca_consumer`;
+:mod:`minard.cli` maps every console script to its command.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+import redis as redis_py
+
+from minard import config as config_mod
+from minard.pipeline.consumer import redis_client
+from minard.pipeline.dispatch_pull import pull_cmd
+from minard.pipeline.dispatch_push import push_cmd
+from minard.store import status
+
+
+@click.group("minard_dispatch", context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """The dispatch-stream monitoring: push (dispatcher -> ZMQ) and pull (ZMQ -> Redis)."""
+
+
+cli.add_command(push_cmd)
+cli.add_command(pull_cmd)
+
+
+@click.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+def stats_cmd(as_json, config_path):
+    """Print the loss counters of every pipeline stage (stats:<stage> in Redis)."""
+    cfg = config_mod.load(path=config_path)
+    client = redis_client(cfg)
+    try:
+        data = status.stats(client)
+    except redis_py.RedisError as exc:
+        raise click.ClickException(f"Redis {config_mod.redact(cfg['redis_url'])}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for stage, counters in data.items():
+        main = " ".join(f"{k}={counters.get(k, 0)}" for k in status.COUNTERS)
+        extra = " ".join(f"{k}={v}" for k, v in sorted(counters.items()) if k not in status.COUNTERS)
+        click.echo(f"{stage:<14} {main} {extra}".rstrip())

@@ -1,0 +1,323 @@
+"""``minard_dispatch pull``: the consumer pool of the dispatch stream, ZMQ into Redis.
+
+The pool (:mod:`minard.pipeline.pool`, :mod:`minard.pipeline.consumer`)
+PULLs the push's batches and hands them to workers that run
+:class:`PullHandler`: decode batches in vectorized passes (the batches of one
+second a few at a time, :func:`minard.formats.pmt.decode_buffer`), aggregate
+(:mod:`minard.analysis.aggregate`) and, once a second, write everything
+pending in ONE Redis transaction: time series, run summaries and the loss
+counters.  If Redis is unreachable the aggregates of that flush are dropped
+and their records counted as ``stats:redis`` errors once Redis is back;
+nothing is silent.
+
+Loss accounting (invariant received = processed + dropped + errors once
+queues are empty):
+
+* ``pull``: records received by the pool; processed = decoded and
+  aggregated; errors = corrupt records or batches; dropped = records held
+  by a worker that died before its flush (counted by the manager from the
+  per-worker ``pool:...:flushed`` hash the workers write in their flush).
+* ``redis``: records whose aggregates were to be written; errors = the write
+  failed (Redis down).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import time
+from collections import Counter
+
+import click
+import numpy as np
+
+from minard import config as config_mod
+from minard import log as log_mod
+from minard import metrics
+from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, segment_gaps
+from minard.formats import wire
+from minard.formats.pmt import decode_buffer, split_dispatch
+from minard.pipeline.base import Handler
+from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, run_pool
+from minard.pipeline.pool import PoolManager, PoolSpec
+from minard.store import status
+from minard.store import timeseries as ts
+from minard.store.bursts import BurstMonitor
+from minard.store.channels import ChannelWriter
+from minard.store.runs import write_run
+from minard.store.schema import NHIT_LEVELS
+
+log = logging.getLogger("minard.pipeline.dispatch_pull")
+
+PULL_COMPONENT = "minard_dispatch_pull"
+HANDLER = "minard.pipeline.dispatch_pull:PullHandler"
+
+#: A worker decodes up to this many records (and bytes) of one second together:
+#: numpy's fixed cost per call weighs on 1000-record batches at low nhit, and
+#: several batches in one decode and one aggregation cost about a quarter less
+#: at nhit 40.  The byte limit keeps the arrays of a pass in cache (merging
+#: batches at nhit 300 is slower).
+HOLD_RECORDS = 8192
+HOLD_BYTES = 4 << 20
+
+#: glibc mallopt parameters: allocations below this come from the heap, and
+#: freed heap memory is kept up to M_TRIM_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(limit: int = 256 << 20) -> bool:
+    """Make glibc malloc reuse freed memory rather than hand it back to the system.
+
+    A worker allocates the same few MB of arrays for every batch.  With
+    glibc's defaults a large array is a fresh ``mmap`` each time (or heap
+    memory trimmed and grown again), and touching it costs a page fault per
+    4 kB, which at low nhit costs as much as the decoding.  Arrays below
+    *limit* then come from the heap, and up to twice that is kept when
+    freed, so a worker's memory stays at its high-water mark (tens of MB).
+    False where mallopt is not available (not glibc): nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit) and libc.mallopt(_M_TRIM_THRESHOLD, 2 * limit))
+    except (OSError, AttributeError):
+        return False
+
+
+class Held:
+    """A 'PMT ' message waiting to be decoded: its PmtEventRecords located once.
+
+    ``offsets``/``lengths`` come from :func:`minard.formats.pmt.split_dispatch`
+    over the wire batch's own record index, and are what the decoder and the
+    GTID bookkeeping use (nothing walks the records again).
+    """
+
+    __slots__ = ("bad", "count", "lengths", "offsets", "payload", "prev_gtid", "t")
+
+    def __init__(self, batch: wire.Batch, t: float):
+        self.payload = batch.payload
+        self.offsets, self.lengths, self.bad = split_dispatch(batch.payload, batch.offsets, batch.lengths)
+        prev = batch.meta.get("prev_gtid")
+        self.prev_gtid = prev if isinstance(prev, int) and not isinstance(prev, bool) else None
+        self.t = t
+        self.count = len(batch)
+
+
+def join_held(held: list[Held]) -> tuple:
+    """(payload, offsets, lengths, bad, firsts) of held messages decoded as one.
+
+    The payloads joined (a copy only when there are several) and the offsets
+    moved along; ``firsts[k]`` is the index of message k's first PmtEventRecord.
+    """
+    if len(held) == 1:
+        h = held[0]
+        return h.payload, h.offsets, h.lengths, Counter(h.bad), [0]
+    bases = np.cumsum([0] + [len(h.payload) for h in held[:-1]])
+    offsets = np.concatenate([h.offsets + base for h, base in zip(held, bases.tolist())])
+    lengths = np.concatenate([h.lengths for h in held])
+    bad = sum((Counter(h.bad) for h in held), Counter())
+    firsts = np.cumsum([0] + [len(h.offsets) for h in held[:-1]]).tolist()
+    return b"".join(h.payload for h in held), offsets, lengths, bad, firsts
+
+
+def batch_time(meta: dict) -> float:
+    """The batch's send time from its meta (``sent``), or now if absent or not a finite number."""
+    sent = meta.get("sent")
+    if isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(sent) and sent > 0:
+        return float(sent)
+    return time.time()
+
+
+class PullHandler(Handler):
+    """A pool worker's handler: decode, aggregate, flush to Redis once a second.
+
+    'PMT ' messages of the same second are held back (at most
+    ``HOLD_RECORDS`` records, ``HOLD_BYTES`` bytes) and decoded and
+    aggregated together; everything held is decoded before each flush, so
+    holding delays nothing that Redis would show.  Each message keeps its own
+    ``prev_gtid`` for GTID gap finding (:func:`minard.analysis.aggregate.segment_gaps`).
+
+    A new worker also writes right after its first batch: the pool starts a
+    worker when data arrives (at start and after an idle stop), and waiting
+    for its first one-second tick would add the worker's start-up time to
+    the delay before that data is visible in Redis.
+    """
+
+    stage = "pull"
+
+    def __init__(self, cfg):
+        super().__init__(cfg, "dispatch_flushed_key", "dispatch_close_retry")
+        keep_freed_memory()  # this process is a worker: see the function
+        self.channels = ChannelWriter(self.redis)
+        self.agg = Aggregator()
+        self.redis_failed = 0  # records whose aggregates could not be written
+        self.redis_written = 0
+        self.taken = 0  # records of the aggregates in the current flush
+        self.first_batch = True  # no batch processed yet by this worker
+        self.held: list[Held] = []  # 'PMT ' messages not decoded yet
+        self.held_records = self.held_bytes = 0
+        self.burst = BurstMonitor(self.redis, cfg)  # supernova burst search (minard.store.bursts)
+        self.flush_now = 0.0
+
+    @property
+    def pull(self) -> Counter:
+        """The ``stats:pull`` deltas not yet in Redis."""
+        return self.counts
+
+    def process(self, frames) -> None:
+        """Decode one wire message and fold it into the pending aggregates (see the class)."""
+        self._process(frames)
+        if self.first_batch:
+            self.first_batch = False
+            self.flush(time.time())
+
+    def rejected(self, n: int) -> None:
+        """An invalid message's records still count as records of this second."""
+        self.agg.second(time.time()).records += n
+        self.agg.records += n
+
+    def _process(self, frames) -> None:
+        batch = self.open(frames)
+        if batch is None:
+            return
+        t = batch_time(batch.meta)
+        if batch.kind != "pmt":
+            self.counts["processed"] += len(batch)
+            self.counts[f"kind_{batch.kind}"] += len(batch)
+            self.agg.second(t).records += len(batch)
+            self.agg.records += len(batch)
+            return
+        if self.held and (int(t) != int(self.held[0].t) or self.held_records + len(batch) > HOLD_RECORDS
+                          or self.held_bytes + len(batch.payload) > HOLD_BYTES):
+            self.decode_held()
+        self.held.append(Held(batch, t))
+        self.held_records += len(batch)
+        self.held_bytes += len(batch.payload)
+
+    def decode_held(self) -> None:
+        """Decode and aggregate the 'PMT ' messages held back, in one pass."""
+        if not self.held:
+            return
+        held, self.held = self.held, []
+        self.held_records = self.held_bytes = 0
+        payload, offsets, lengths, bad, firsts = join_held(held)
+        events = decode_buffer(payload, offsets, lengths)
+        gaps = segment_gaps(record_gtids(events, payload, offsets, lengths), firsts,
+                            [h.prev_gtid for h in held])
+        self.agg.add_batch(events, held[0].t, corrupt=bad, gaps=gaps)
+        self.burst.add(events)
+        nbad = sum(bad.values()) + len(events.errors)
+        self.counts["processed"] += sum(h.count for h in held) - nbad
+        if nbad:
+            self.counts["errors"] += nbad
+            self.counts.update(bad)
+            self.counts.update(err.reason for _, err in events.errors)
+
+    # -------------------------------------------------------- flush
+    def has_pending(self) -> bool:
+        return bool(self.held or self.agg or self.redis_failed)
+
+    def begin_flush(self, now: float) -> None:
+        """Decode what is held, then take the pending aggregates for this flush."""
+        self.decode_held()
+        self.seconds, self.runs, self.taken = self.agg.take()
+        self.flush_now = now
+
+    def write_pending(self, pipe, now: float) -> None:
+        """Time series, run summaries and the ``stats:redis`` counters."""
+        for sec in self.seconds.values():
+            write_second(pipe, sec, self.channels)
+        for agg in self.runs.values():
+            write_run(pipe, agg, now, self.channels)
+        self.channels.add(pipe)
+        status.count(pipe, "redis", received=self.taken + self.redis_failed,
+                     processed=self.taken, errors=self.redis_failed)
+        self.burst.write(pipe)
+
+    def flush_failed(self, now: float) -> None:
+        """The aggregates of this flush are lost: count their records as Redis errors."""
+        self.channels.clear()
+        self.redis_failed += self.taken
+        log.warning("%d records not stored (Redis down)", self.taken)
+
+    def flush_done(self) -> None:
+        metrics.add_stage("redis", {"received": self.taken + self.redis_failed, "processed": self.taken,
+                                    "errors": self.redis_failed})  # what stats:redis just gained
+        self.burst.evaluate(self.flush_now)
+        self.redis_written += self.taken
+        self.redis_failed = 0
+
+
+def write_second(pipe, sec: SecondAgg, channels: ChannelWriter) -> None:
+    """Add one second's aggregate to the time series (see docs/storage.md).
+
+    The per-channel and per-card hit arrays go into *channels*; the caller
+    writes it (:meth:`ChannelWriter.add`) in the same transaction.
+    """
+    t = sec.t
+    trig = sec.scalar_fields()
+    if trig:
+        ts.add(pipe, "trig", t, trig)
+    stream = sec.stream_fields()
+    if stream:
+        ts.add(pipe, "stream", t, stream)
+    if sec.last is not None:
+        run, subrun, gtid = sec.last
+        ts.put(pipe, "stream", t, {"run": run, "subrun": subrun, "gtid": gtid})
+    nhit = sec.nhit_fields()
+    if nhit:
+        ts.add(pipe, "nhit", t, nhit, levels=NHIT_LEVELS)
+    if sec.events:
+        ts.add(pipe, "occ", t, {"events": sec.events}, levels=ts.CHANNEL_LEVELS)
+    if sec.hits:
+        channels.add_counts("hits", t, None, sec.channel_hits)
+        channels.add_counts("card_hits", t, None, sec.card_hits)
+        crates = sec.crate_hits
+        ts.add(pipe, "crate", t, {f"c{i}": int(crates[i]) for i in np.flatnonzero(crates).tolist()})
+
+
+# =================================================================== the pool
+
+def pool_spec(cfg) -> PoolSpec:
+    """The pull pool's parameters from the configuration."""
+    return PoolSpec(name="dispatch", handler=HANDLER, upstream=str(cfg["zmq_dispatch"]),
+                    max_workers=int(cfg["dispatch_workers"]), trx_limit=int(cfg["dispatch_trx_limit"]),
+                    idle_timeout=float(cfg["dispatch_idle_timeout"]), flush_period=1.0,
+                    hwm=int(cfg["zmq_hwm"]))
+
+
+def event_log_path(cfg) -> str:
+    """The pool event log: ``dispatch_event_log`` or ``var_dir/dispatch_pool.log``."""
+    path = str(cfg.get("dispatch_event_log") or "")
+    if not path:
+        var = cfg.path("var_dir") if hasattr(cfg, "path") else cfg["var_dir"]
+        path = os.path.join(str(var), "dispatch_pool.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def run_pull(cfg) -> None:
+    """Run the pull pool (stage ``pull``) until SIGTERM/SIGINT; see :func:`minard.pipeline.consumer.run_pool`."""
+    cfg = dict(cfg) if not hasattr(cfg, "path") else cfg
+    cfg["dispatch_flushed_key"] = flushed_key("dispatch")
+    manager = PoolManager(int(cfg["dispatch_max_total_workers"]))
+    pool = AccountedPool(pool_spec(cfg), cfg, stage="pull", flushed_option="dispatch_flushed_key",
+                         manager=manager, event_log=event_log_path(cfg))
+    run_pool(pool, PoolReporter(pool, cfg, PULL_COMPONENT), "pull")
+
+
+@click.command("pull")
+@click.option("--workers", type=int, default=None, help="MaxSlaves [dispatch_workers].")
+@click.option("--trx-limit", type=int, default=None, help="Recycle a worker after N records [dispatch_trx_limit].")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
+def pull_cmd(workers, trx_limit, config_path, log_level):
+    """Run the consumer pool: decode, aggregate and write to Redis once a second."""
+    cfg = config_mod.load(path=config_path)
+    log_mod.setup(log_level or cfg["log_level"])
+    if workers is not None:
+        cfg["dispatch_workers"] = workers
+    if trx_limit is not None:
+        cfg["dispatch_trx_limit"] = trx_limit
+    run_pull(cfg)

@@ -1,0 +1,153 @@
+"""``data_consumer 5557|5558``: the consumer pools of the ORCA stream, ZMQ into Redis.
+
+One pool (:mod:`minard.pipeline.pool`) per stream, chosen by the port (that
+of ``zmq_cmos`` or ``zmq_base``) or ``--stream``; its workers run
+:class:`minard.pipeline.orca_cmos.CmosHandler` (rates from counts, baselines
+shared through Redis) or :class:`minard.pipeline.orca_base.BaseHandler`
+(value − 127 per channel, busy flags).  Both derive from
+:class:`OrcaHandler` and flush once a second, in ONE ``MULTI/EXEC``, into the
+multi-resolution per-channel series ``cmos`` / ``base`` (bucketed by the
+producer's send time like the dispatch stream, written whole by
+:class:`minard.store.channels.ChannelWriter`), plus the stage counters.  Each
+also keeps a *latest map*: the value of every channel at its most recent
+reading, read by ``minard query``.  Crate/card average and maximum are
+derived at read time (:func:`minard.store.timeseries.crate_card_stats`): a
+worker sees only part of a second, so a per-worker maximum could not be
+combined.  Keys are listed in ``docs/storage.md`` ("ORCA stream").
+
+Counters (``stats:cmos`` / ``stats:base``, received = processed + dropped +
+errors): records received by the pool (counted by the manager);
+processed/errors by the workers in their flush; dropped = records held by a
+worker that ended before flushing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from minard import config as config_mod
+from minard import log as log_mod
+from minard.formats import wire
+from minard.pipeline.base import Handler
+from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, run_pool
+from minard.pipeline.dispatch_pull import batch_time
+from minard.pipeline.pool import PoolManager, PoolSpec
+
+log = logging.getLogger("minard.pipeline.orca_consumer")
+
+STREAMS = ("cmos", "base")
+#: Seconds of series data a handler keeps while Redis is down.
+KEEP_PENDING = 300
+HANDLERS = {"cmos": "minard.pipeline.orca_cmos:CmosHandler", "base": "minard.pipeline.orca_base:BaseHandler"}
+
+
+def consumer_component(stream: str) -> str:
+    """Heartbeat name of a consumer pool (the program names of conf/programs.cfg)."""
+    return f"data_consumer_{stream}"
+
+
+class OrcaHandler(Handler):
+    """What both ORCA stream handlers share: the batch's kind and byte order, decode
+    errors counted by reason, and series data kept (up to KEEP_PENDING s) while
+    Redis is down."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, "orca_flushed_key", "orca_close_retry")
+        self.ttl = int(cfg.get("orca_state_ttl", 86400))
+
+    @property
+    def stream(self) -> str:
+        return self.stage
+
+    def open_stream(self, frames) -> tuple[wire.Batch, str, float] | None:
+        """Decode a wire message of this stream: (batch, byte order, time), or None (counted)."""
+        batch = self.open(frames)
+        if batch is None:
+            return None
+        order = batch.meta.get("byteorder", "little")
+        if batch.kind != self.stream or order not in ("little", "big"):
+            reason = "wrong_kind" if batch.kind != self.stream else "bad_byteorder"
+            self.counts.update({"errors": len(batch), reason: len(batch)})
+            log.warning("batch of %d %s records refused: %s", len(batch), batch.kind, reason)
+            return None
+        return batch, order, batch_time(batch.meta)
+
+    def count_decode_errors(self, errors) -> int:
+        """Count records the decoder rejected, by reason; return how many."""
+        for _, err in errors:
+            self.counts.update({"errors": 1, err.reason: 1})
+        return len(errors)
+
+    def pending_stores(self) -> list[dict]:
+        """The per-second dicts of pending series data (subclasses)."""
+        return []
+
+    def flush_failed(self, now: float) -> None:
+        """While Redis is down, keep at most KEEP_PENDING seconds of series data."""
+        for store in self.pending_stores():
+            for sec in [s for s in store if s < now - KEEP_PENDING]:
+                del store[sec]
+                self.counts["lost_seconds"] += 1
+
+
+# =================================================================== the pool
+
+def pool_spec(cfg, stream: str) -> PoolSpec:
+    """The parameters of one stream's pool from the configuration."""
+    return PoolSpec(name=f"orca_{stream}", handler=HANDLERS[stream], upstream=str(cfg[f"zmq_{stream}"]),
+                    max_workers=int(cfg[f"{stream}_workers"]), trx_limit=int(cfg["orca_trx_limit"]),
+                    idle_timeout=float(cfg["orca_idle_timeout"]), flush_period=1.0,
+                    hwm=int(cfg["zmq_hwm"]))
+
+
+def event_log_path(cfg, stream: str) -> str:
+    """The pool event log: ``orca_event_log`` or ``var_dir/orca_<stream>_pool.log``."""
+    path = str(cfg.get("orca_event_log") or "")
+    if not path:
+        var = cfg.path("var_dir") if hasattr(cfg, "path") else cfg["var_dir"]
+        path = os.path.join(str(var), f"orca_{stream}_pool.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def stream_for(port: str | None, stream: str | None, cfg) -> str:
+    """The stream a consumer serves: ``--stream``, or the one whose ZMQ port is *port*."""
+    if stream:
+        return stream
+    if port is None:
+        raise click.UsageError("give the ZMQ port (e.g. 5557 or 5558) or --stream cmos|base")
+    for name in STREAMS:
+        if str(cfg[f"zmq_{name}"]).rsplit(":", 1)[-1] == str(port):
+            return name
+    ports = ", ".join(f"{str(cfg[f'zmq_{n}']).rsplit(':', 1)[-1]} ({n})" for n in STREAMS)
+    raise click.UsageError(f"port {port} is neither zmq_cmos nor zmq_base: {ports}")
+
+
+def run_consumer(cfg, stream: str) -> None:
+    """Run one stream's pool (stage *stream*) until SIGTERM/SIGINT; see :func:`minard.pipeline.consumer.run_pool`."""
+    cfg["orca_flushed_key"] = flushed_key(f"orca:{stream}")
+    manager = PoolManager(int(cfg["orca_max_total_workers"]))
+    pool = AccountedPool(pool_spec(cfg, stream), cfg, stage=stream, flushed_option="orca_flushed_key",
+                         manager=manager, event_log=event_log_path(cfg, stream))
+    run_pool(pool, PoolReporter(pool, cfg, consumer_component(stream), {"stream": stream}), stream)
+
+
+@click.command("data_consumer", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("port", required=False)
+@click.option("--stream", type=click.Choice(STREAMS), default=None,
+              help="Stream to consume (instead of PORT).")
+@click.option("--workers", type=int, default=None, help="MaxSlaves [cmos_workers / base_workers].")
+@click.option("--config", "config_path", default=None, help="Configuration file.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
+def consumer_cli(port, stream, workers, config_path, log_level):
+    """Consume one ORCA stream into Redis: PORT 5557 (zmq_cmos) gives CMOS
+    rates, 5558 (zmq_base) base currents."""
+    cfg = config_mod.load(path=config_path)
+    log_mod.setup(log_level or cfg["log_level"])
+    stream = stream_for(port, stream, cfg)
+    if workers is not None:
+        cfg[f"{stream}_workers"] = workers
+    run_consumer(cfg, stream)

@@ -36,7 +36,7 @@ def messages(n_events, faults=None, seed=11, per_message=1000):
 
 def run_workers(redis_url, n_events, faults=None, flush_every=1):
     """Feed two workers round robin; returns (workers, seconds each evaluate took, first detection index)."""
-    from minard.pipeline.dispatch_stream import PullHandler
+    from minard.pipeline.dispatch_pull import PullHandler
 
     workers = [PullHandler({"redis_url": redis_url, **CFG}) for _ in range(2)]
     spent, detected_at = [], None

@@ -39,6 +39,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -81,6 +82,7 @@ class Layout:
             "tokens": "secrets/pinger_tokens.json", "supervisor_password": "secrets/supervisor_password",
             "socket": "run/supervisor.sock", "pidfile": "run/supervisord.pid", "id_file": "run/stack.id",
             "zdab": "data/synthetic_run.zdab", "orca": "data/synthetic_orca.dat",
+            "redis_acl": "secrets/redis_acl.json", "tls_cert": "secrets/tls.crt", "tls_key": "secrets/tls.key",
         }
         if name not in paths:
             raise AttributeError(name)
@@ -124,11 +126,11 @@ def write_private(path: Path, text: str) -> None:
 
 
 def write_public(path: Path, text: str) -> None:
-    """Write a file without secrets (mode 0644), replacing it atomically."""
+    """Write a file without secrets (mode 0640: the owner and its group), replacing it atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, 0o640)
     os.replace(tmp, path)
 
 
@@ -226,8 +228,11 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
               else ["--speed", str(cfg["stack_replay_speed"])])
 
     def web(port, app: str, name: str) -> list[str]:
+        # Loopback only, behind nginx (which buffers whole requests); gthread
+        # workers, so that one slow request does not hold a whole worker.
         return [gunicorn, "-b", f"127.0.0.1:{port}", "--workers", workers, "--name", name,
-                "--graceful-timeout", "10", "--timeout", "60", *_gunicorn_options(),
+                "--worker-class", "gthread", "--threads", str(int(cfg["web_threads"])),
+                "--graceful-timeout", "10", "--timeout", "60", "--keep-alive", "5", *_gunicorn_options(),
                 "-c", "python:minard.gunicorn_conf", app]  # metrics of all workers (docs/operations.md)
 
     return {
@@ -306,7 +311,109 @@ def nginx_text(cfg, lay: Layout) -> str:
     return render(template("nginx.conf.in"), {
         "user_line": user, "run_dir": lay.run, "log_dir": lay.logs, "nginx_dir": lay.nginx,
         "web_port": cfg["web_port"], "log_port": cfg["log_port"], "bind": cfg["stack_bind"],
-        "nginx_port": cfg["nginx_port"], "static_dir": ROOT / "static", "csp": CSP})
+        "nginx_port": cfg["nginx_port"], "static_dir": ROOT / "static", "csp": CSP, **_tls_blocks(cfg, lay)})
+
+
+def tls_paths(cfg, lay) -> tuple[Path, Path]:
+    """(certificate, key) of the site: nginx_tls_cert/_key, else the layout's ``tls_cert``/``tls_key``."""
+    cert = Path(str(cfg["nginx_tls_cert"])) if cfg["nginx_tls_cert"] else lay.tls_cert
+    key = Path(str(cfg["nginx_tls_key"])) if cfg["nginx_tls_key"] else cert.with_suffix(".key")
+    return cert, key
+
+
+def _tls_blocks(cfg, lay) -> dict[str, str]:
+    """The listen lines, the HTTP-to-HTTPS redirect server and HSTS for nginx.conf.
+
+    Without ``nginx_tls`` the site is plain HTTP on nginx_port.  With it, the
+    site is HTTPS only on nginx_tls_port (TLS 1.2/1.3, HSTS) and nginx_port
+    answers every request with a permanent redirect there.
+    """
+    bind, port = cfg["stack_bind"], int(cfg["nginx_port"])
+    if not cfg["nginx_tls"]:
+        return {"listen": f"        listen {bind}:{port};", "http_redirect_server": "", "hsts": ""}
+    cert, key = tls_paths(cfg, lay)
+    tls_port = int(cfg["nginx_tls_port"])
+    target = "https://$host" + ("" if tls_port == 443 else f":{tls_port}") + "$request_uri"
+    redirect = ("    # Plain HTTP only redirects: passwords and session cookies travel over HTTPS.\n"
+                "    server {\n"
+                f"        listen {bind}:{port};\n"
+                "        server_name _;\n"
+                f"        return 301 {target};\n"
+                "    }\n")
+    listen = (f"        listen {bind}:{tls_port} ssl;\n"
+              f"        ssl_certificate {cert};\n"
+              f"        ssl_certificate_key {key};\n"
+              "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+              "        ssl_prefer_server_ciphers off;\n"
+              "        ssl_session_cache shared:minard_tls:1m;\n"
+              "        ssl_session_tickets off;")
+    hsts = f'        add_header Strict-Transport-Security "max-age={int(cfg["nginx_hsts_seconds"])}" always;'
+    return {"listen": listen, "http_redirect_server": redirect, "hsts": hsts}
+
+
+def ensure_certificate(cert: Path, key: Path, echo=click.echo) -> None:
+    """A self-signed certificate for this machine in *cert*/*key* (key 0600), made once with openssl.
+
+    Valid for localhost, 127.0.0.1 and the host name, for a local stack; a
+    production install uses a real certificate (docs/security.md).
+    """
+    if cert.exists() and key.exists():
+        return
+    echo(f"generating a self-signed TLS certificate {cert} (minard up --tls)")
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    tmp_key = key.with_name(f".{key.name}.tmp")
+    os.close(os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    proc = subprocess.run(
+        [binary("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "825", "-subj", "/CN=minard local stack", "-keyout", str(tmp_key), "-out", str(cert),
+         "-addext", f"subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:{host}",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=digitalSignature,keyCertSign"],
+        capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tmp_key.unlink(missing_ok=True)
+        raise click.ClickException(f"openssl could not make a certificate: {proc.stderr.strip()[-300:]}")
+    os.chmod(tmp_key, 0o600)
+    os.chmod(cert, 0o640)
+    os.replace(tmp_key, key)
+
+
+def ensure_redis_users(lay: Layout) -> dict[str, dict[str, str]]:
+    """Credentials of every Redis role in ``secrets/redis_acl.json`` (0600), made once.
+
+    This is the ``redis_acl_file`` of the stack's processes; the ``user`` lines
+    with the hashed passwords go into the 0600 redis-auth.conf.
+    """
+    from minard.store import acl
+
+    users = {}
+    if lay.redis_acl.exists():
+        try:
+            users = json.loads(lay.redis_acl.read_text(encoding="utf-8"))
+        except ValueError:
+            users = {}
+    valid = isinstance(users, dict) and all(isinstance(users.get(r), dict) and users[r].get("password")
+                                            and users[r].get("username") == acl.username(r) for r in acl.ROLES)
+    if not valid:
+        users = acl.new_credentials()
+        write_private(lay.redis_acl, json.dumps(users, indent=1, sort_keys=True) + "\n")
+    return users
+
+
+def tighten_modes(root: Path) -> None:
+    """No group write and nothing for others anywhere under *root* (files 0640/0600, dirs 0750/0700).
+
+    A stack directory made by an older version (files 0644) is fixed on the next ``minard up``.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, ""]:
+            path = os.path.join(dirpath, name) if name else dirpath
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o027:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o027)
 
 
 # ----------------------------------------------------------------- preparing a stack
@@ -342,8 +449,12 @@ def stack_config(cfg, lay: Layout, password: str) -> config_mod.Config:
         "stack_dir": str(lay.root),
         "dispatcher_host": "127.0.0.1",
         "orca_host": "127.0.0.1",
+        "redis_acl_file": str(lay.redis_acl),
     })
     out.update(metrics_ports(cfg))
+    if cfg["nginx_tls"]:
+        cert, key = tls_paths(cfg, lay)
+        out.update({"nginx_tls_cert": str(cert), "nginx_tls_key": str(key), "web_secure_cookies": True})
     return out
 
 
@@ -439,19 +550,31 @@ def ensure_data(cfg, lay: Layout, echo=click.echo) -> None:
 
 
 def prepare(cfg, lay: Layout, stack_id: str, echo=click.echo) -> config_mod.Config:
-    """Create the directories, secrets, data and rendered configurations; return the stack's config."""
+    """Create the directories, secrets, data and rendered configurations; return the stack's config.
+
+    Everything is created with umask 027 (files 0640 or 0600, directories
+    0750 or 0700), and supervisord passes the same umask to every process.
+    """
+    os.umask(0o027)
     for d in (lay.root, lay.run, lay.logs, lay.data, lay.var, lay.redis, lay.nginx):
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True, mode=0o750)
+    tighten_modes(lay.root)
     lay.secrets.mkdir(mode=0o700, exist_ok=True)
     os.chmod(lay.secrets, 0o700)
     os.chmod(lay.run, 0o700)
     url_password = urllib.parse.urlsplit(str(cfg["redis_url"])).password
     password = urllib.parse.unquote(url_password) if url_password else secret_file(lay.redis_password)
     sup_password = secret_file(lay.supervisor_password) if int(cfg["supervisor_port"]) > 0 else None
+    from minard.store import acl
+
+    users = ensure_redis_users(lay)
+    if cfg["nginx_tls"]:
+        ensure_certificate(*tls_paths(cfg, lay), echo=echo)
     scfg = stack_config(cfg, lay, password)
     write_private(lay.minard_conf, config_text(scfg))
     write_public(lay.programs_cfg, programs_text(cfg, lay))
-    write_private(lay.redis_auth, render(template("redis-auth.conf.in"), {"redis_password": password}))
+    write_private(lay.redis_auth, render(template("redis-auth.conf.in"), {
+        "redis_password": password, "redis_users": acl.config_lines(users)}))
     write_public(lay.redis_conf, redis_text(cfg, lay))
     write_public(lay.nginx_conf, nginx_text(cfg, lay))
     write_public(lay.prometheus_yml, prometheus_text(scfg))
@@ -624,6 +747,8 @@ def check_ports(cfg) -> None:
              "web": int(cfg["web_port"]), "log": int(cfg["log_port"]), "nginx": int(cfg["nginx_port"])}
     if int(cfg["supervisor_port"]) > 0:
         ports["supervisor"] = int(cfg["supervisor_port"])
+    if cfg["nginx_tls"]:
+        ports["nginx_tls"] = int(cfg["nginx_tls_port"])
     ports.update({k: v for k, v in metrics_ports(cfg).items() if v})
     busy = []
     for name, port in ports.items():
@@ -639,11 +764,23 @@ def check_ports(cfg) -> None:
 
 
 def url_of(cfg) -> str:
-    """The site's address through nginx."""
+    """The site's address through nginx (https on nginx_tls_port when nginx_tls is on)."""
     host = str(cfg["stack_bind"])
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
+    if cfg["nginx_tls"]:
+        return f"https://{host}:{cfg['nginx_tls_port']}/"
     return f"http://{host}:{cfg['nginx_port']}/"
+
+
+def _health_request(cfg, lay) -> tuple[str, object]:
+    """URL of nginx's /healthz and the SSL context to reach it (trusting the site's own certificate)."""
+    if not cfg["nginx_tls"]:
+        return f"http://127.0.0.1:{cfg['nginx_port']}/healthz", None
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(tls_paths(cfg, lay)[0]))
+    return f"https://127.0.0.1:{cfg['nginx_tls_port']}/healthz", context
 
 
 def wait_running(lay: Layout, cfg, timeout: float, proc: subprocess.Popen | None = None) -> list[dict]:
@@ -659,7 +796,8 @@ def wait_running(lay: Layout, cfg, timeout: float, proc: subprocess.Popen | None
             rows = process_rows(lay)
             bad = [r for r in rows if r["state"] != "RUNNING"]
             if not bad:
-                with urllib.request.urlopen(f"http://127.0.0.1:{cfg['nginx_port']}/healthz", timeout=2) as r:
+                url, context = _health_request(cfg, lay)
+                with urllib.request.urlopen(url, timeout=2, context=context) as r:
                     if r.status == 200:
                         return []
         except Exception:  # noqa: BLE001, S110 - still starting
@@ -804,9 +942,13 @@ _config_option = click.option("--config", "config_path", default=None, help="Con
 @_dir_option
 @_config_option
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the whole stack.")
-def up_cmd(directory, config_path, foreground):
+@click.option("--tls", is_flag=True, help="Serve the site over HTTPS on nginx_tls_port (HTTP redirects there) "
+                                          "with a self-signed certificate made at first start [nginx_tls].")
+def up_cmd(directory, config_path, foreground, tls):
     """Start the whole stack under supervisord and print the site's URL."""
     cfg, lay = _setup(config_path, directory)
+    if tls:
+        cfg["nginx_tls"] = True
     raise SystemExit(up(cfg, lay, foreground))
 
 
@@ -859,7 +1001,9 @@ class ProductionLayout:
         paths = {"socket": self.run / "supervisor.sock", "minard_conf": self.etc / "minard.conf",
                  "redis_conf": self.etc / "redis.conf", "redis_auth": self.etc / "redis-auth.conf",
                  "nginx_conf": self.etc / "nginx.conf", "redis": self.var / "redis", "nginx": self.var / "nginx",
-                 "orca": self.var / "orca.dat", "zdab": self.var / "run.zdab"}
+                 "orca": self.var / "orca.dat", "zdab": self.var / "run.zdab",
+                 "tls_cert": self.etc / "tls" / "minard.crt", "tls_key": self.etc / "tls" / "minard.key",
+                 "redis_acl": self.etc / "redis_acl.json"}
         if name not in paths:
             raise AttributeError(name)
         return paths[name]
@@ -869,6 +1013,7 @@ def production_files() -> dict[str, str]:
     """conf/redis.conf, conf/nginx.conf and conf/supervisord.conf for the default ports and paths."""
     cfg = config_mod.load(env={}, path=ROOT / "conf" / "minard.conf")
     cfg["stack_bind"] = "0.0.0.0"
+    cfg["nginx_tls"] = True  # passwords and session cookies never cross the network in clear
     lay = ProductionLayout()
     binaries = {n: str(lay.home / ".venv" / "bin" / n) for n in ("minard", "gunicorn", "minard_dispatch",
                                                                  "data_producer", "data_consumer", "supervisord")}

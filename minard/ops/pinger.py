@@ -84,11 +84,21 @@ def component_probe(fields: dict, now: float) -> Probe:
     return Probe(True, str(fields.get("state") or "running")[:64], metrics)
 
 
+class _KeepRedirect(urllib.request.HTTPRedirectHandler):
+    """Report a redirect as the answer (nginx's HTTP port redirects to HTTPS when TLS is on)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECT = urllib.request.build_opener(_KeepRedirect)
+
+
 def http_probe(url: str, timeout: float = 2.0, any_status: bool = False) -> Probe:
     """Up if *url* answers 200 (or any HTTP status with *any_status*)."""
     t0 = time.perf_counter()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with _NO_REDIRECT.open(url, timeout=timeout) as resp:
             code = resp.status
     except urllib.error.HTTPError as exc:
         code = exc.code

@@ -98,7 +98,7 @@ class Reporter:
 def stats(redis) -> dict[str, dict[str, int]]:
     """Every stage's counters as ints."""
     out = {}
-    for stage in sorted({*STAGES, *(k.decode().split(":", 1)[1] for k in redis.keys(schema.STATS.pattern))}):
+    for stage in sorted({*STAGES, *(k.decode().split(":", 1)[1] for k in redis.scan_iter(match=schema.STATS.pattern, count=1000))}):
         raw = redis.hgetall(schema.STATS.key(stage=stage))
         if raw:
             out[stage] = {k.decode(): int(float(v)) for k, v in raw.items()}

@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PY=${PYTHON:-python3}
-APT_PACKAGES=(redis-server redis-sentinel nginx-light chromium iproute2)
+APT_PACKAGES=(redis-server redis-sentinel nginx-light chromium iproute2 openssl)
 
 log() { printf '[manage] %s\n' "$*" >&2; }
 
@@ -37,6 +37,7 @@ install_apt() {
     have nginx || missing+=(nginx-light)
     have chromium || missing+=(chromium)
     have npm || missing+=(npm)
+    have openssl || missing+=(openssl)
     [ ${#missing[@]} -eq 0 ] && return 0
     apt_install "${missing[@]}"
     local sudo=""

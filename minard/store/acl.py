@@ -23,32 +23,37 @@ import secrets
 
 from fnmatch import fnmatchcase
 
-from minard.store import sessions
+from minard.store import schema, sessions
+
+#: Every single key of the alarms (next id, index, counters) and their groups.
+_ALARMS = schema.ALARMS_INDEX.rsplit(":", 1)[0] + ":*"
 
 #: The roles (contract with minard.store.connection).
 ROLES = ("pipeline", "dashboard", "logserver", "admin")
 
 #: Key families written by the pipeline: time series, runs, ORCA state, pool
 #: accounting, heartbeats and loss counters, dispatcher scalers, DQ results and
-#: the alarms/bursts the pipeline raises.
-PIPELINE_WRITES = ("ts:*", "ch:*", "run:*", "runs:*", "orca:*", "pool:*", "status:*", "stats:*", "pipeline:*",
-                   "dispatcher:*", "accounting:*", "dq:*", "minard:alarm:*", "minard:alarms:*", "minard:burst:*",
+#: the alarms/bursts the pipeline raises.  (Families of minard/store/schema.py
+#: by their pattern; prefixes of families declared elsewhere as prefixes.)
+PIPELINE_WRITES = (schema.SCALAR.pattern, schema.CHANNEL.pattern, schema.RUN.pattern, "runs:*", "orca:*",
+                   "pool:*", schema.STATUS.pattern, schema.STATS.pattern, schema.COMPONENTS,
+                   "dispatcher:*", "accounting:*", "dq:*", schema.ALARM.pattern, _ALARMS, "minard:burst:*",
                    "minard:bursts:*")
 
 #: What the website legitimately writes: its sessions, login limits and
 #: counters; alarm acknowledgements and shelves (and the heartbeat alarms its
 #: reads raise lazily); run sign-offs (run registry), channel flags, DQ
 #: reference runs, the shift roster and handover notes.
-DASHBOARD_WRITES = (sessions.WEB_PREFIX + "*", "minard:alarm:*", "minard:alarms:*", "minard:ops:hb:*",
+DASHBOARD_WRITES = (sessions.WEB_PREFIX + "*", schema.ALARM.pattern, _ALARMS, schema.OPS_HEARTBEAT.pattern,
                     "registry:*", "channels:*", "dq:reference*", "minard:roster*", "minard:shift:*")
 
 #: The log server, pinger, monitors and alarm notifier: program heartbeats and
 #: metrics, alarms, notifications, roster and escalation state, the burst
 #: monitor, the monitors' series (group ``mon``) and their own heartbeats;
 #: never the website's sessions.
-LOGSERVER_WRITES = ("minard:ops:*", "minard:alarm:*", "minard:alarms:*", "minard:notify:*", "minard:roster*",
+LOGSERVER_WRITES = ("minard:ops:*", schema.ALARM.pattern, _ALARMS, "minard:notify:*", "minard:roster*",
                     "minard:shift:*", "minard:escalation*", "minard:kpi*", "minard:burst:*", "minard:bursts:*",
-                    "ts:*:mon", "status:*", "pipeline:components")
+                    schema.SCALAR.key(step="*", bucket="*", group="mon"), schema.STATUS.pattern, schema.COMPONENTS)
 
 WRITES = {"pipeline": PIPELINE_WRITES, "dashboard": DASHBOARD_WRITES, "logserver": LOGSERVER_WRITES}
 

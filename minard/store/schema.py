@@ -164,6 +164,14 @@ BURSTS_LOCK = _single("minard:bursts:lock", "string", "short lock serialising me
 OPS_HEARTBEAT = Family("minard:ops:hb:{program}", "hash", "Heartbeat of a registered program (log server).")
 OPS_METRICS = Family("minard:ops:metrics:{program}", "hash", "Metrics a program posted with its heartbeat.")
 
+# --- website (minard/store/sessions.py, minard/web/auth.py) ----------------------
+WEB_SESSION = Family("minard:web:session:{digest}", "hash",
+                     "A login session (user, credentials' generation, login time), by the SHA-256 of its "
+                     "cookie id; expires after the idle lifetime.")
+WEB_LIMITS = Family("minard:web:limits:{limit}", "string or zset",
+                    "Flask-Limiter's counters of failed logins per client address and per user name.")
+WEB_COUNTERS = _single("minard:web:counters", "hash", "the website's security counters: login_failed, login_limited")
+
 
 def families() -> dict[str, Family]:
     """Every key family of this module by its constant name (for docs and ACL checks)."""

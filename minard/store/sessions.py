@@ -21,14 +21,16 @@ import hashlib
 import secrets
 import time
 
+from minard.store import schema
+
 #: One login session (hash: user, generation, created).
-SESSION_KEY = "minard:web:session:{digest}"
+SESSION_KEY = schema.WEB_SESSION.template
 #: Counters of the website's security events (hash: login_failed, login_limited, ...).
-WEB_COUNTERS_KEY = "minard:web:counters"
+WEB_COUNTERS_KEY = schema.WEB_COUNTERS
 #: Prefix of Flask-Limiter's counters (login attempts per address and per user).
-LIMITS_PREFIX = "minard:web:limits"
+LIMITS_PREFIX = schema.WEB_LIMITS.template.split(":{", 1)[0]
 #: Every key the website writes starts with this (the dashboard's Redis ACL allows it).
-WEB_PREFIX = "minard:web:"
+WEB_PREFIX = LIMITS_PREFIX.rsplit(":", 1)[0] + ":"
 
 
 def _key(session_id: str) -> str:

@@ -37,7 +37,7 @@ ROLES = ("pipeline", "dashboard", "logserver", "admin")
 #: by their pattern; prefixes of families declared elsewhere as prefixes.)
 PIPELINE_WRITES = (schema.SCALAR.pattern, schema.CHANNEL.pattern, schema.RUN.pattern, "runs:*", "orca:*",
                    "pool:*", schema.STATUS.pattern, schema.STATS.pattern, schema.COMPONENTS,
-                   "dispatcher:*", "accounting:*", "dq:*", schema.ALARM.pattern, _ALARMS, "minard:burst:*",
+                   "dispatcher:*", "accounting:*", "dq:*", schema.ALARM.pattern, _ALARMS, schema.BURST.pattern,
                    "minard:bursts:*")
 
 #: What the website legitimately writes: its sessions, login limits and
@@ -52,7 +52,7 @@ DASHBOARD_WRITES = (sessions.WEB_PREFIX + "*", schema.ALARM.pattern, _ALARMS, sc
 #: monitor, the monitors' series (group ``mon``) and their own heartbeats;
 #: never the website's sessions.
 LOGSERVER_WRITES = ("minard:ops:*", schema.ALARM.pattern, _ALARMS, "minard:notify:*", "minard:roster*",
-                    "minard:shift:*", "minard:escalation*", "minard:kpi*", "minard:burst:*", "minard:bursts:*",
+                    "minard:shift:*", "minard:escalation*", "minard:kpi*", schema.BURST.pattern, "minard:bursts:*",
                     schema.SCALAR.key(step="*", bucket="*", group="mon"), schema.STATUS.pattern, schema.COMPONENTS)
 
 WRITES = {"pipeline": PIPELINE_WRITES, "dashboard": DASHBOARD_WRITES, "logserver": LOGSERVER_WRITES}

@@ -19,6 +19,7 @@ losses      dropped + errors of every pipeline stage (``stats:<stage>``)
 heartbeats  components whose heartbeat stopped (and the registry's alarms)
 staleness   seconds since each component beat and each stream stage moved
 crates      hits per event of each crate (newest 10 s of the dispatch stream)
+rates       events per second of the dispatch stream (last complete 10 s)
 =========== ==================================================================
 
 A failing check is logged and retried on its next period; it never stops the
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 
 from minard import config as config_mod
 from minard import log as log_mod
@@ -238,10 +240,18 @@ def check_crates(ctx: Context, now: float | None = None):
     return {f"occupancy.{c}": float(v) for c, v in enumerate(per_crate)}
 
 
+def check_rates(ctx: Context, now: float | None = None):
+    """Events per second of the dispatch stream over the last complete 10 s (``events``)."""
+    now = time.time() if now is None else now
+    _, vals, _ = ts.fetch(ctx.redis, schema.GROUP_STREAM, ["events"], now - 12, now - 2.5, step=1)
+    events = vals["events"]
+    return {"events": float(np.nansum(events)) / max(1, len(events))}
+
+
 CHECKS: dict[str, Check] = {
     "redis": check_redis, "disk": check_disk, "lag": check_lag, "queues": check_queues,
     "dispatcher": check_dispatcher, "losses": check_losses, "heartbeats": check_heartbeats,
-    "staleness": check_staleness, "crates": check_crates,
+    "staleness": check_staleness, "crates": check_crates, "rates": check_rates,
 }
 
 

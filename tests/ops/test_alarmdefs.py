@@ -140,3 +140,25 @@ def test_staleness_monitor_reports_silent_components_and_streams(cfg, redis_clie
     ev.evaluate(named, now + 46, only=alarmdefs.matching(defs, "staleness.*"))
     names = {a["name"] for a in alarms.list_alarms(redis_client)}
     assert {"component_stale"} <= names
+
+
+def test_a_calibration_run_suppresses_the_rate_alarm_it_would_trip(cfg, redis_client):
+    """The rates monitor on real series; the shipped event_rate_high is suppressed by run_type:calibration."""
+    from minard.store import schema
+    from minard.store import timeseries as ts
+
+    now = time.time()
+    pipe = redis_client.pipeline()
+    for k in range(3, 14):
+        ts.add(pipe, schema.GROUP_STREAM, now - k, {"events": 9000})
+    pipe.execute()
+    defs = alarmdefs.load(cfg)
+    ev = alarmdefs.Evaluator(redis_client, defs)
+    ctx = monitors.Context(cfg, redis_client, ev)
+    alarms.set_flag(redis_client, "run_type:calibration", "alice", True, "laserball scan")
+    for _ in range(3):  # on_delay = 3
+        values = monitors.run_check(ctx, "rates", now=now)
+    assert 8000 < values["events"] <= 9000
+    (a,) = [a for a in alarms.list_alarms(redis_client) if a["name"] == "event_rate_high"]
+    assert a["state"] == "suppressed" and not a["ringing"] and "laserball scan" in a["suppressed"]
+    assert not [a for a in alarms.list_alarms(redis_client) if a["name"] == "event_rate_zero"]

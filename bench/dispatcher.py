@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minard.formats import framing, pmt
-from minard.testing import free_port
+from minard.testing import export_dispatcher_keys, free_port
 from minard.testing.dispatcher import DispatcherProcess
 
 RAW = framing.tag_bytes("RAWDATA")
@@ -54,10 +54,13 @@ def make_stream(n_events: int, nhit: int, seed: int = 1) -> tuple[bytes, int]:
 
 def receiver(address: tuple[str, int], role: str | None, results) -> None:
     """Count RAWDATA frames until ENDTAPE; report (count, bytes, wall time)."""
-    sock = socket.create_connection(address)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    if role:
-        sock.sendall(framing.encode_frame("HELLO", f"{role}:bench"))
+    if role:  # authenticate (HELLO + AUTH), then read the socket raw
+        from minard.dispatcher.client import DispatchClient
+
+        sock = DispatchClient.connect(address, role, rcvbuf=4 << 20).sock
+    else:
+        sock = socket.create_connection(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     buf, count, nbytes, unpack = bytearray(), 0, 0, framing.HEADER.unpack_from
     done = False
     while not done:
@@ -162,7 +165,7 @@ def bench_dispatcher(address: str, stream: bytes, n: int, roles: list[str], run:
     results = mp.Queue()
     control = DispatchClient.connect(address, "control", "bench")
     procs = start_receivers((host, int(port)), roles, results)
-    while sum(1 for c in control.stats()["clients"] if c["name"] == "bench") < len(roles) + 1:
+    while len(control.stats()["clients"]) < len(roles) + 1:
         time.sleep(0.01)
     source = DispatchClient.connect(address, "source", "bench")
     source.command(f"BEGINTAPE:{run}:1", check=True)
@@ -188,6 +191,9 @@ def main(argv=None) -> int:
 
     stream, n = make_stream(args.events, args.nhit)
     print(f"{n} events, {len(stream) / n:.0f} bytes/event framed, {len(stream) / 1e6:.1f} MB per run")
+    import tempfile
+
+    export_dispatcher_keys(tempfile.mkdtemp(prefix="bench-dispatcher-keys-"))
     disp = DispatcherProcess(port=free_port(), redis_url="", log_level="WARNING",
                              dispatcher_analyzer_queue=args.analyzer_queue,
                              dispatcher_writer_queue=2000).start()

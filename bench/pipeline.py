@@ -58,7 +58,7 @@ from minard.store import timeseries as ts
 from minard.store.channels import ChannelWriter
 from minard.store.runs import write_run
 from minard.store.schema import NHIT_LEVELS
-from minard.testing import RedisServer, free_port, stop_pid
+from minard.testing import RedisServer, export_dispatcher_keys, free_port, stop_pid
 from minard.testing.dispatcher import DispatcherProcess
 
 BIN = Path(sys.executable).parent
@@ -249,6 +249,7 @@ class Stack:
         self.redis = redis_py.Redis.from_url(redis_url)
         self.port = free_port()
         self.dir = workdir
+        export_dispatcher_keys(workdir)  # every connection authenticates, as in production
         settings = {"redis_url": redis_url, "zmq_dispatch": f"tcp://127.0.0.1:{free_port()}",
                     "var_dir": str(workdir), "dispatcher_port": self.port,
                     "dispatcher_accounting_dir": str(workdir / "acct"), "dispatch_workers": workers,

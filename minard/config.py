@@ -139,6 +139,25 @@ DEFAULTS: dict[str, object] = {
     "burst_false_alarms_per_day": 0.01,  # accepted false-alarm rate that sets each window's threshold
     "burst_min_background": 30.0,  # seconds of measured background before the search is armed
     "burst_background_seconds": 300,  # latest clock seconds the background rate is measured over
+    # Dispatcher authentication, roles and limits (docs/protocol.md section 2.1, docs/security.md)
+    "dispatcher_auth": True,  # every connection proves its role with a program key (HELLO + AUTH)
+    "dispatcher_keys_file": "",  # key store the dispatcher verifies against (default keys_file)
+    "dispatcher_credentials_file": "",  # clients' {role: {name, token}} (0600; default var_dir/dispatcher_credentials.json)
+    "dispatcher_source_programs": "replay",  # programs that may connect as each role (comma list; * = any)
+    "dispatcher_analyzer_programs": "minard_dispatch_push",
+    "dispatcher_writer_programs": "recorder",
+    "dispatcher_control_programs": "control",
+    "dispatcher_source_commands": "BEGINTAPE,ENDTAPE,ANALYZERS?,SCALERS?,STATS?,DIR?,QUIT",
+    "dispatcher_analyzer_commands": "FINISHED,ACCTREC,SCALERSUM,SCALERREC,ANALYZERS?,SCALERS?,STATS?,DIR?,QUIT",
+    "dispatcher_writer_commands": "ANALYZERS?,SCALERS?,STATS?,DIR?,QUIT",
+    "dispatcher_control_commands": "EXIT,SHUTDOWN,DROP,BROADCAST,DUMP,ANALYZERS?,SCALERS?,STATS?,DIR?,QUIT",
+    "dispatcher_source_hosts": "",  # addresses/networks a role may connect from (comma list; empty = any)
+    "dispatcher_analyzer_hosts": "",
+    "dispatcher_writer_hosts": "",
+    "dispatcher_control_hosts": "",
+    "dispatcher_max_connections": 256,  # connections beyond this are refused at once
+    "dispatcher_handshake_timeout": 5.0,  # seconds to finish HELLO + AUTH before being closed
+    "dispatcher_idle_timeout": 300.0,  # seconds a control connection may stay silent; 0 = forever
 }
 
 

@@ -80,6 +80,7 @@ class Layout:
             "prometheus_yml": "prometheus.yml",
             "redis_auth": "secrets/redis-auth.conf", "redis_password": "secrets/redis_password",
             "tokens": "secrets/pinger_tokens.json", "supervisor_password": "secrets/supervisor_password",
+            "dispatcher_credentials": "secrets/dispatcher_credentials.json",
             "socket": "run/supervisor.sock", "pidfile": "run/supervisord.pid", "id_file": "run/stack.id",
             "zdab": "data/synthetic_run.zdab", "orca": "data/synthetic_orca.dat",
             "redis_acl": "secrets/redis_acl.json", "tls_cert": "secrets/tls.crt", "tls_key": "secrets/tls.key",
@@ -444,6 +445,8 @@ def stack_config(cfg, lay: Layout, password: str) -> config_mod.Config:
         "log_dir": str(lay.var / "logs"),
         "log_url": f"http://127.0.0.1:{cfg['log_port']}",
         "pinger_tokens_file": str(lay.tokens),
+        "dispatcher_keys_file": str(lay.var / "keys.json"),
+        "dispatcher_credentials_file": str(lay.dispatcher_credentials),
         "dispatcher_accounting_dir": str(lay.var / "dispatcher"),
         "record_dir": str(lay.var / "records"),
         "stack_dir": str(lay.root),
@@ -526,6 +529,21 @@ def ensure_tokens(scfg, lay: Layout) -> dict[str, str]:
     return tokens
 
 
+def ensure_dispatcher_credentials(scfg, lay: Layout) -> None:
+    """A dispatcher key for each role's program (replay, push, recorder, control), 0600.
+
+    The dispatcher verifies them against the stack's key file; a key that no
+    longer verifies (revoked, replaced) is issued again.
+    """
+    from minard.dispatcher.client import issue_credentials
+    from minard.ops.keys import KeyStore
+
+    programs = {role: str(scfg[f"dispatcher_{role}_programs"]).split(",")[0].strip()
+                for role in ("source", "analyzer", "writer", "control")}
+    issue_credentials(KeyStore(lay.var / "keys.json"), str(lay.dispatcher_credentials),
+                      {r: p for r, p in programs.items() if p and p != "*"})
+
+
 def ensure_data(cfg, lay: Layout, echo=click.echo) -> None:
     """Write the synthetic ZDAB run and ORCA stream once (first start)."""
     minard = binary("minard")
@@ -581,6 +599,7 @@ def prepare(cfg, lay: Layout, stack_id: str, echo=click.echo) -> config_mod.Conf
     write_private(lay.supervisord_conf, supervisord_text(cfg, lay, stack_id, sup_password))
     ensure_data(cfg, lay, echo)
     ensure_tokens(scfg, lay)
+    ensure_dispatcher_credentials(scfg, lay)
     return scfg
 
 

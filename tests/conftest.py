@@ -12,6 +12,7 @@ import zmq
 from minard import config
 from minard.testing import (
     RedisServer,
+    dispatcher_keys,
     free_port,
     wait_for,  # noqa: F401 - the one wait helper, re-exported for tests
 )
@@ -39,6 +40,26 @@ timeout = 5
 """
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dispatcher_credentials(tmp_path_factory):
+    """Dispatcher keys for every role, shared by the session (scrypt costs ~0.1 s per key).
+
+    Exported as MINARD_DISPATCHER_KEYS_FILE / MINARD_DISPATCHER_CREDENTIALS_FILE so
+    that dispatcher subprocesses verify against it and every client (in-process
+    or not) authenticates with it; ``cfg`` carries the same paths.
+    """
+    keys, creds = dispatcher_keys(tmp_path_factory.mktemp("dispatcher-keys"))
+    saved = {k: os.environ.get(k) for k in ("MINARD_DISPATCHER_KEYS_FILE", "MINARD_DISPATCHER_CREDENTIALS_FILE")}
+    os.environ["MINARD_DISPATCHER_KEYS_FILE"] = str(keys)
+    os.environ["MINARD_DISPATCHER_CREDENTIALS_FILE"] = str(creds)
+    yield keys, creds
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """One real redis-server for the test session, stopped by pid at the end."""
@@ -63,11 +84,13 @@ def redis_client(redis_url):
 
 
 @pytest.fixture
-def cfg(redis_url, tmp_path):
+def cfg(redis_url, tmp_path, dispatcher_credentials):
     """A configuration pointing every address at this test's own servers."""
     return config.load(
         {
             "redis_url": redis_url,
+            "dispatcher_keys_file": str(dispatcher_credentials[0]),
+            "dispatcher_credentials_file": str(dispatcher_credentials[1]),
             "var_dir": str(tmp_path / "var"),
             "dispatcher_port": free_port(),
             "dispatcher_accounting_dir": str(tmp_path / "var" / "dispatcher"),

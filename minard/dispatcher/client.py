@@ -14,7 +14,10 @@ every receive has a timeout.  ``docs/protocol.md`` describes the protocol.
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import os
 import select
 import socket
 import sys
@@ -25,7 +28,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import click
 import numpy as np
 
+from minard.formats import handshake
 from minard.formats.framing import (
+    AUTH,
     CMD,
     DEFAULT_MAX_FRAME,
     HELLO,
@@ -39,6 +44,8 @@ from minard.formats.framing import (
     encode_rawbatch,
 )
 
+log = logging.getLogger("minard.dispatcher.client")
+
 ROLES = ("source", "analyzer", "writer", "control")
 READ_SIZE = 1 << 20
 
@@ -49,6 +56,90 @@ class ConnectionClosed(ConnectionError):
 
 class CommandFailed(RuntimeError):
     """The dispatcher answered a command with ``ERROR:...``."""
+
+
+class Credential:
+    """A program's name and dispatcher token (the secret never leaves this process)."""
+
+    __slots__ = ("name", "token")
+
+    def __init__(self, name: str, token: str):
+        self.name, self.token = name, token
+
+    def __repr__(self) -> str:  # never show the token in a log or a traceback
+        return f"Credential({self.name!r}, <token>)"
+
+
+def credentials_path(cfg) -> str:
+    """``dispatcher_credentials_file`` or ``var_dir/dispatcher_credentials.json``."""
+    path = str(cfg.get("dispatcher_credentials_file") or "")
+    if not path:
+        path = os.path.join(str(cfg.get("var_dir") or "var"), "dispatcher_credentials.json")
+    if not os.path.isabs(path):
+        from minard.config import ROOT
+
+        path = str(ROOT / path)
+    return path
+
+
+def load_credential(role: str, cfg=None) -> Credential | None:
+    """The credential this host holds for *role*, or None (no file, no entry).
+
+    The file is JSON ``{role: {"name": program, "token": secret}}`` (mode 0600,
+    written by ``minard up`` or by hand from ``minard keys add``); *cfg* None
+    loads the configuration (``MINARD_CONFIG`` and ``MINARD_*``).
+    """
+    if cfg is None:
+        from minard import config as config_mod
+
+        cfg = config_mod.load()
+    try:
+        with open(credentials_path(cfg), encoding="utf-8") as fh:
+            entry = json.load(fh).get(role)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(entry, dict) or not entry.get("name") or not entry.get("token"):
+        return None
+    return Credential(str(entry["name"]), str(entry["token"]))
+
+
+#: The program each role's key belongs to in a stack (the defaults of ``dispatcher_<role>_programs``).
+DEFAULT_PROGRAMS = {"source": "replay", "analyzer": "minard_dispatch_push",
+                    "writer": "recorder", "control": "control"}
+
+
+def issue_credentials(store, path, programs: dict[str, str] | None = None) -> dict[str, Credential]:
+    """Make sure *path* holds a working key for every role; return the credentials.
+
+    *store* is a :class:`minard.ops.keys.KeyStore`; a token in *path* that no
+    longer verifies or has no dispatcher record (revoked, replaced, older key
+    file) is issued again.  *path* is written with mode 0600.
+    """
+    programs = dict(DEFAULT_PROGRAMS if programs is None else programs)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    out, changed = {}, False
+    for role, name in programs.items():
+        entry = data.get(role) if isinstance(data.get(role), dict) else {}
+        token = entry.get("token") if entry.get("name") == name else None
+        if not (token and store.dispatch_record(name) and store.verify(name, token, kind="program")):
+            token = store.add(name, replace=True)
+            data[role] = {"name": name, "token": token}
+            changed = True
+        out[role] = Credential(name, token)
+    if changed or not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    return out
 
 
 def parse_address(text: str, default_port: int = 7000) -> tuple[str, int]:
@@ -72,14 +163,24 @@ class DispatchClient:
 
     def __init__(self, host: str, port: int, role: str = "control", name: str = "",
                  timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 rcvbuf: int | None = None, sndbuf: int | None = None, batch: bool = False):
-        """Connect and send HELLO; ``socket_number`` is the server-side socket.
+                 rcvbuf: int | None = None, sndbuf: int | None = None, batch: bool = False,
+                 credential: Credential | None = None, cfg=None):
+        """Connect, send HELLO and authenticate; ``socket_number`` is the server-side socket.
 
         *batch*: ask for RAWBATCH frames as the source sent them (otherwise
         the dispatcher expands them into RAWDATA frames for this client).
+        *credential*: the program key to authenticate with; by default the
+        one the configuration's credentials file holds for *role*
+        (:func:`load_credential`).  With a credential, the HELLO name is its
+        program name.
         """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if credential is None:
+            credential = load_credential(role, cfg)
+        self.credential = credential
+        if credential is not None:
+            name = credential.name
         self.host, self.port, self.role, self.name = host, port, role, name
         self.batch = batch
         self.timeout = timeout
@@ -107,16 +208,54 @@ class DispatchClient:
         return sock
 
     def _hello(self) -> int:
-        """Send HELLO role[:name[:batch]] and wait for ``OK:HELLO:<socket>``."""
+        """HELLO role[:name[:batch]], answer the AUTH challenge, wait for ``OK:HELLO:<socket>``."""
         hello = f"{self.role}:{self.name}" if self.name or self.batch else self.role
         if self.batch:
             hello += ":batch"
         self.sock.sendall(encode_frame(HELLO, hello))
-        reply = self._wait_reply("HELLO", self.timeout)
+        frame = self._handshake_frame()
+        expected_signature = None
+        if frame.tag == AUTH:
+            if self.credential is None:
+                self.close()
+                raise CommandFailed(f"ERROR:AUTH: the dispatcher wants a key for role {self.role}"
+                                    " and this host has none (dispatcher_credentials_file)")
+            try:
+                response, expected_signature = handshake.respond(
+                    self.credential.token, hello, frame.text)
+            except handshake.HandshakeError as exc:
+                self.close()
+                raise CommandFailed(f"ERROR:AUTH: {exc}") from None
+            self.sock.sendall(encode_frame(AUTH, response))
+            frame = self._handshake_frame()
+        reply = frame.text if frame.tag == CMD else f"ERROR:unexpected {frame.tag} frame"
         if not reply.startswith("OK:HELLO:"):
             self.close()
             raise CommandFailed(reply)
-        return int(reply.rsplit(":", 1)[1])
+        fields = reply.split(":")
+        if expected_signature is not None:
+            got = fields[3] if len(fields) > 3 else ""
+            if not hmac.compare_digest(got, expected_signature.hex()):
+                self.close()
+                raise CommandFailed("ERROR:AUTH: the dispatcher did not prove it knows this"
+                                    " program's key (wrong ServerSignature)")
+        return int(fields[2])
+
+    def _handshake_frame(self) -> Frame:
+        """The next AUTH frame or reply CMD (frames before it are kept for recv)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                frame = self._read_frame(max(0.0, deadline - time.monotonic()))
+            except ConnectionClosed:
+                self.close()
+                raise
+            if frame is None:
+                self.close()
+                raise TimeoutError(f"no reply to HELLO within {self.timeout}s")
+            if frame.tag == AUTH or (frame.tag == CMD and frame.text.startswith(("OK:", "ERROR:"))):
+                return frame
+            self.backlog.append(frame)
 
     @classmethod
     def connect(cls, address: str | tuple[str, int], role: str = "control",
@@ -301,13 +440,20 @@ def connect_with_retry(address: str | tuple[str, int], role: str, name: str = ""
 
     *retry_for* None retries forever; *should_stop* aborts the wait (raises
     ConnectionClosed).  Other keyword arguments go to DispatchClient.
+    A refused handshake (no key, wrong or revoked key) is retried too, and
+    logged once per distinct reason: the key file may be fixed while we wait,
+    and a monitoring process must not die of it.
     """
     deadline = None if retry_for is None else time.monotonic() + retry_for
     delay = first_delay
+    last_refusal = None
     while True:
         try:
             return DispatchClient.connect(address, role, name, **kwargs)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, CommandFailed) as exc:
+            if isinstance(exc, CommandFailed) and str(exc) != last_refusal:
+                last_refusal = str(exc)
+                log.error("dispatcher %s refused us as %s: %s; retrying", address, role, exc)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise ConnectionError(f"cannot connect to dispatcher {address}: {exc}") from exc
         if should_stop is not None and should_stop():
@@ -316,9 +462,12 @@ def connect_with_retry(address: str | tuple[str, int], role: str, name: str = ""
         delay = min(max_delay, delay * 2)
 
 
-def query(address: str | tuple[str, int], text: str, timeout: float = 10.0) -> str:
-    """Open a control connection, send one command, return its reply."""
-    with DispatchClient.connect(address, "control", "query", timeout=timeout) as client:
+def query(address: str | tuple[str, int], text: str, timeout: float = 10.0, **kwargs) -> str:
+    """Open a control connection, send one command, return its reply.
+
+    Keyword arguments (``credential``, ``cfg``) go to DispatchClient.
+    """
+    with DispatchClient.connect(address, "control", "query", timeout=timeout, **kwargs) as client:
         return client.command(text)
 
 
@@ -345,6 +494,8 @@ def send_cmd(command, address, timeout):
             click.echo("OK:EXIT (connection closed)")
             return
         raise click.ClickException(f"dispatcher {address} closed the connection") from None
+    except CommandFailed as exc:  # the handshake was refused (no key, wrong key, role)
+        raise click.ClickException(f"dispatcher {address}: {exc}") from None
     except (OSError, TimeoutError) as exc:
         raise click.ClickException(f"dispatcher {address}: {exc}") from None
     click.echo(reply)

@@ -20,7 +20,11 @@ write per client.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import json
+import secrets
 import logging
 import math
 import re
@@ -35,7 +39,9 @@ import click
 from minard import config as config_mod
 from minard import log as log_mod
 from minard import metrics
+from minard.formats import handshake
 from minard.formats.framing import (
+    AUTH,
     CMD,
     DATA_TAGS_RAW,
     HELLO,
@@ -47,6 +53,7 @@ from minard.formats.framing import (
     RawBatchError,
     TruncatedFrame,
     command_frame,
+    encode_frame,
     expand_rawbatches,
     rawbatch_count,
 )
@@ -68,6 +75,57 @@ REPLY_BACKLOG = 8 * 1024 * 1024
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 _RESERVED_KEYS = frozenset({"run", "tape", "spill", "spills"})
+#: Read buffer of a connection that has not authenticated yet (bytes): a
+#: crowd of idle connections costs kilobytes each, not the 256 KiB of READ_SIZE.
+HANDSHAKE_READ = 1024
+#: Seconds between sweeps for handshake/idle timeouts and revoked keys.
+SWEEP_PERIOD = 0.5
+
+
+def parse_grants(cfg) -> dict[str, frozenset[str] | None]:
+    """Commands each role may send (``dispatcher_<role>_commands``); None = all."""
+    out = {}
+    for role in ROLES:
+        items = {c.strip() for c in str(cfg[f"dispatcher_{role}_commands"]).split(",") if c.strip()}
+        out[role] = None if "*" in items else frozenset(items)
+    return out
+
+
+def parse_programs(cfg) -> dict[str, frozenset[str] | None]:
+    """Programs allowed to take each role (``dispatcher_<role>_programs``); None = any."""
+    out = {}
+    for role in ROLES:
+        items = {c.strip() for c in str(cfg[f"dispatcher_{role}_programs"]).split(",") if c.strip()}
+        out[role] = None if "*" in items else frozenset(items)
+    return out
+
+
+def parse_hosts(cfg) -> dict[str, list | None]:
+    """Networks each role may connect from (``dispatcher_<role>_hosts``); None = anywhere.
+
+    A malformed entry is a configuration error at start, not a silent "any".
+    """
+    out = {}
+    for role in ROLES:
+        items = [h.strip() for h in str(cfg[f"dispatcher_{role}_hosts"]).split(",") if h.strip()]
+        try:
+            out[role] = [ipaddress.ip_network(h, strict=False) for h in items] or None
+        except ValueError as exc:
+            raise ValueError(f"config dispatcher_{role}_hosts: {exc}") from None
+    return out
+
+
+def host_allowed(networks: list | None, host: str) -> bool:
+    """True if *host* (an IP address string) is inside one of *networks* (None = any)."""
+    if networks is None:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if getattr(addr, "ipv4_mapped", None):
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)
 
 
 class CommandError(Exception):
@@ -177,7 +235,15 @@ class Client(asyncio.BufferedProtocol):
         self.fd = -1
         self.peer = ("?", 0)
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder(server.max_frame, batch_tags=DATA_TAGS_RAW)
+        # Until the handshake succeeds a connection may only send small frames
+        # into a small buffer (docs/protocol.md section 2.1).
+        self.decoder = FrameDecoder(
+            handshake.MAX_HANDSHAKE_FRAME if server.auth else server.max_frame,
+            batch_tags=DATA_TAGS_RAW, initial_buffer=HANDSHAKE_READ)
+        self.authenticated = not server.auth
+        self.challenge: dict | None = None  # the pending AUTH challenge
+        self.key_id: str | None = None  # StoredKey of the program key it proved
+        self.last_input = self.connected_mono = time.monotonic()
         self.queue: deque[tuple[bytes, int]] = deque()
         self.queued_events = 0
         self.queued_bytes = 0
@@ -202,10 +268,11 @@ class Client(asyncio.BufferedProtocol):
         self.server.register(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.writable(max(sizehint, READ_SIZE))
+        return self.decoder.writable(READ_SIZE if self.role else HANDSHAKE_READ)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
+        self.last_input = time.monotonic()
         self.decoder.commit(nbytes)
         self.process()
 
@@ -348,6 +415,15 @@ class Dispatcher:
                                    if hasattr(cfg, "path") else cfg["dispatcher_accounting_dir"])
         self.redis_url = str(cfg.get("redis_url") or "")
         self._redis = None
+        self.auth = bool(cfg.get("dispatcher_auth", True))
+        self.grants = parse_grants(cfg)
+        self.programs = parse_programs(cfg)
+        self.hosts = parse_hosts(cfg)
+        self.max_connections = int(cfg["dispatcher_max_connections"])
+        self.handshake_timeout = float(cfg["dispatcher_handshake_timeout"])
+        self.idle_timeout = float(cfg["dispatcher_idle_timeout"])
+        self.keys = self._key_store(cfg) if self.auth else None
+        self._fake_salt_key = secrets.token_bytes(32)
         self.clients: dict[int, Client] = {}
         self.analyzers: list[Client] = []
         self.writers: list[Client] = []
@@ -370,7 +446,9 @@ class Dispatcher:
         self.counters = dict.fromkeys((
             "received_events", "received_bytes", "dropped_events", "rejected_events",
             "finished_timeouts", "redis_failures", "protocol_errors",
-            "backpressure_pauses", "runs_ended", "connections", "malformed_batches"), 0)
+            "backpressure_pauses", "runs_ended", "connections", "malformed_batches",
+            "auth_failures", "handshake_timeouts", "idle_timeouts", "connections_refused",
+            "commands_refused", "hosts_refused", "keys_revoked"), 0)
         self.handlers = {
             "ACCTREC": self.cmd_acctrec, "ANALYZERS?": self.cmd_analyzers,
             "BEGINTAPE": self.cmd_begintape, "BROADCAST": self.cmd_broadcast,
@@ -382,6 +460,16 @@ class Dispatcher:
             "STATS?": self.cmd_stats,
         }
 
+    @staticmethod
+    def _key_store(cfg):
+        """The key store of ``dispatcher_keys_file`` (default ``keys_file``)."""
+        from minard.ops.keys import KeyStore
+
+        path = str(cfg.get("dispatcher_keys_file") or "")
+        if path:
+            return KeyStore(config_mod.Config(cfg).path("dispatcher_keys_file"))
+        return KeyStore.from_config(cfg)
+
     # -- lifecycle ---------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
         """Listen on *host*:*port* (0 = any free port); return the bound port."""
@@ -389,9 +477,52 @@ class Dispatcher:
         self.server = await loop.create_server(self._new_client, host, port, reuse_address=True)
         bound = self.server.sockets[0].getsockname()[1]
         log.info("dispatcher listening on %s:%d (analyzer queue %d, writer queue %d,"
-                 " FINISHED timeout %.1fs)", host, bound, self.analyzer_limit,
-                 self.writer_limit, self.finished_timeout)
+                 " FINISHED timeout %.1fs, at most %d connections, handshake timeout %.1fs)",
+                 host, bound, self.analyzer_limit, self.writer_limit, self.finished_timeout,
+                 self.max_connections, self.handshake_timeout)
+        if self.auth:
+            log.info("authentication on: program keys from %s", self.keys.path)
+        else:
+            log.warning("dispatcher_auth is off: any client that reaches port %d may claim any"
+                        " role, including EXIT and SHUTDOWN (test benches only)", bound)
+        self.spawn(self._sweep())
         return bound
+
+    async def _sweep(self) -> None:
+        """Close connections past their handshake or idle timeout, and those whose key was revoked."""
+        stamp = None
+        while not self.done.is_set():
+            await asyncio.sleep(SWEEP_PERIOD)
+            now = time.monotonic()
+            for client in list(self.clients.values()):
+                if client.closed or client.broken:
+                    continue
+                if not client.authenticated and now - client.connected_mono > self.handshake_timeout:
+                    self.counters["handshake_timeouts"] += 1
+                    self.refuse(client, f"handshake timeout ({self.handshake_timeout:g}s):"
+                                " send HELLO and AUTH first", counter=None)
+                elif (client.role == "control" and self.idle_timeout > 0
+                      and now - client.last_input > self.idle_timeout):
+                    self.counters["idle_timeouts"] += 1
+                    client.send_cmd(f"ERROR:idle for more than {self.idle_timeout:g}s: closing")
+                    client.close("idle timeout")
+            if self.keys is not None:
+                new_stamp = self.keys._file_stamp()
+                if new_stamp != stamp:
+                    stamp = new_stamp
+                    self._drop_revoked()
+
+    def _drop_revoked(self) -> None:
+        """The key file changed: close connections whose program key is gone or replaced."""
+        for client in list(self.clients.values()):
+            if client.key_id is None or client.closed:
+                continue
+            record = self.keys.dispatch_record(client.name)
+            if record is None or record.get("stored_key") != client.key_id:
+                self.counters["keys_revoked"] += 1
+                log.warning("%s: its program key was revoked or replaced: closing", client.label)
+                client.send_cmd("ERROR:AUTH: key revoked")
+                client.close()
 
     def _new_client(self) -> Client:
         self._conn_ids += 1
@@ -410,7 +541,16 @@ class Dispatcher:
             log.error("internal task failed", exc_info=task.exception())
 
     def register(self, client: Client) -> None:
-        """A connection was accepted."""
+        """A connection was accepted (or refused at once beyond ``dispatcher_max_connections``)."""
+        client.connected_mono = time.monotonic()
+        if len(self.clients) >= self.max_connections:
+            self.counters["connections_refused"] += 1
+            log.warning("connection from %s:%d refused: %d connections open (dispatcher_max_connections)",
+                        *client.peer, len(self.clients))
+            client.send_cmd("ERROR:too many connections")
+            client.broken = True
+            client.transport.close()
+            return
         self.clients[client.conn_id] = client
         self.counters["connections"] += 1
         log.debug("connection from %s:%d on socket %d", *client.peer, client.fd)
@@ -452,6 +592,9 @@ class Dispatcher:
     # -- data path ---------------------------------------------------------
     def on_data(self, client: Client, batch: Batch) -> None:
         """Fan one batch of data frames out to every analyzer and write client."""
+        if not client.authenticated:
+            self.refuse(client, "authenticate first: HELLO role:program, then AUTH")
+            return
         if client is not self.source:
             if client.role == "source" and self.source is None and not self.shutting_down:
                 self.source = client
@@ -510,8 +653,16 @@ class Dispatcher:
         """Handle one non-data frame (HELLO or CMD; anything else is an error)."""
         if frame.tag == HELLO:
             self.on_hello(client, frame.text)
+        elif frame.tag == AUTH and client.challenge is not None:
+            self.on_auth(client, frame.text)
+        elif not client.authenticated:
+            self.refuse(client, "authenticate first: HELLO role:program, then AUTH")
         elif frame.tag == CMD:
-            if client.role is None:
+            if client.role is None:  # auth off: a quick script without HELLO is a control client
+                if not host_allowed(self.hosts["control"], client.peer[0]):
+                    self.refuse(client, f"role control may not connect from {client.peer[0]}",
+                                counter="hosts_refused")
+                    return
                 self._set_role(client, "control", "")
             self.on_command(client, frame.text)
         elif frame.tag == RAWBATCH:  # only a malformed one comes here (FrameDecoder.next_item)
@@ -531,11 +682,15 @@ class Dispatcher:
         log.warning("%s: RAWBATCH of %d bytes rejected: %s", client.label, len(payload), reason)
 
     def on_hello(self, client: Client, text: str) -> None:
-        """``HELLO role[:name[:options]]``: the client says what it is (once)."""
+        """``HELLO role[:name[:options]]``: the client says what it is (once).
+
+        With authentication on, *name* is the program whose key the client
+        holds; the server answers with an AUTH challenge (:meth:`on_auth`).
+        """
         role, _, rest = text.strip().partition(":")
         name, _, options = rest.partition(":")
-        if client.role is not None:
-            client.send_cmd(f"ERROR:HELLO: already identified as {client.role}")
+        if client.role is not None or client.challenge is not None:
+            client.send_cmd(f"ERROR:HELLO: already identified as {client.role or 'pending AUTH'}")
             return
         if role not in ROLES:
             self.protocol_error(client, f"HELLO: unknown role {role[:20]!r}"
@@ -546,11 +701,62 @@ class Dispatcher:
             self.protocol_error(client, f"HELLO: unknown option {min(wanted - HELLO_OPTIONS)[:20]!r}"
                                 f" (known: {', '.join(sorted(HELLO_OPTIONS))})")
             return
-        client.batch = "batch" in wanted
-        self._set_role(client, role, _NAME_SAFE.sub("_", name)[:64])
-        client.send_cmd(f"OK:HELLO:{client.fd}")
+        if not host_allowed(self.hosts[role], client.peer[0]):
+            self.refuse(client, f"role {role} may not connect from {client.peer[0]}",
+                        counter="hosts_refused")
+            return
+        name = _NAME_SAFE.sub("_", name)[:64]
+        if not self.auth:
+            self._welcome(client, role, name, "batch" in wanted, "")
+            return
+        record = self.keys.dispatch_record(name) if name else None
+        nonce = handshake.new_nonce()
+        client.challenge = {"hello": text.strip(), "role": role, "name": name,
+                            "batch": "batch" in wanted, "nonce": nonce,
+                            "record": record or self._decoy_record(name)}
+        client.send(encode_frame(AUTH, handshake.challenge(nonce, client.challenge["record"])))
+
+    def _decoy_record(self, name: str) -> dict:
+        """A record for an unknown program: a stable salt, so probing reveals no names."""
+        salt = hmac.new(self._fake_salt_key, name.encode(), hashlib.sha256).digest()[:16]
+        return {"salt": salt.hex(), **handshake.SCRYPT, "stored_key": "", "server_key": ""}
+
+    def on_auth(self, client: Client, text: str) -> None:
+        """The AUTH response: accept if it proves the key and the program may take the role."""
+        pending, client.challenge = client.challenge, None
+        role, name = pending["role"], pending["name"]
+        signature = handshake.verify(pending["record"], pending["hello"], pending["nonce"], text)
+        if signature is None:
+            self.refuse(client, "authentication failed")
+            return
+        allowed = self.programs[role]
+        if allowed is not None and name not in allowed:
+            self.refuse(client, f"program {name} may not connect as {role}")
+            return
+        client.key_id = pending["record"]["stored_key"]
+        self._welcome(client, role, name, pending["batch"], ":" + signature.hex())
+
+    def _welcome(self, client: Client, role: str, name: str, batch: bool, suffix: str) -> None:
+        """The client is who it says: give it its role and the full frame limit."""
+        client.authenticated = True
+        client.decoder.max_frame = self.max_frame
+        client.batch = batch
+        self._set_role(client, role, name)
+        client.send_cmd(f"OK:HELLO:{client.fd}{suffix}")
         if role in ("analyzer", "writer") and self.state == "Tape":
             client.send_cmd(f"BEGINTAPE:{self.run}:{self.tape}")
+
+    def refuse(self, client: Client, reason: str, counter: str | None = "auth_failures") -> None:
+        """One ``ERROR:AUTH`` frame, then the connection is closed; nothing more is read."""
+        if client.broken:
+            return
+        if counter:
+            self.counters[counter] += 1
+        log.warning("%s refused: %s", client.label, reason)
+        client.send_cmd(f"ERROR:AUTH: {reason}")
+        client.broken = True
+        if client.transport is not None:
+            client.transport.close()
 
     def _set_role(self, client: Client, role: str, name: str) -> None:
         client.role, client.name = role, name
@@ -568,6 +774,11 @@ class Dispatcher:
         try:
             if handler is None:
                 raise CommandError(f"unknown command {name[:40]!r} (DIR? lists the commands)")
+            allowed = self.grants.get(client.role)
+            if allowed is not None and name not in allowed:
+                self.counters["commands_refused"] += 1
+                log.warning("%s: %s refused (not granted to role %s)", client.label, name, client.role)
+                raise CommandError(f"not allowed for a {client.role} client")
             reply = handler(client, arg)
         except CommandError as exc:
             reply = f"ERROR:{name[:40]}: {exc}" if handler else f"ERROR:{exc}"

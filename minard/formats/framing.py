@@ -41,6 +41,7 @@ RAWBATCH = "RAWBATCH"  # many 'PMT ' dispatch records in one frame (docs/protoco
 RECHDR = "RECHDR"     # any other dispatch record (RUN, TRIG, EPED, ...)
 CMD = "CMD"           # a text command or the reply to one
 HELLO = "HELLO"       # role identification, the first frame of a client
+AUTH = "AUTH"         # handshake challenge (server) and response (client), docs/protocol.md 2.1
 
 #: Tags that carry data records, as they appear on the wire.
 DATA_TAGS_RAW = frozenset({b"RAWDATA\0", b"RECHDR\0\0", b"RAWBATCH"})
@@ -208,14 +209,14 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
                  batch_tags: frozenset[bytes] = frozenset(),
-                 batch_bytes: int = 1 << 20):
+                 batch_bytes: int = 1 << 20, initial_buffer: int = _INITIAL_BUFFER):
         self.max_frame = int(max_frame)
         self.batch_tags = frozenset(batch_tags)
         self.batch_bytes = batch_bytes
         # Bytes live in self._buf[self._pos:self._end]; the buffer is reused and
         # only ever replaced by a larger one, so a busy connection does not
         # allocate (and page-fault) fresh memory on every read.
-        self._buf = bytearray(_INITIAL_BUFFER)
+        self._buf = bytearray(initial_buffer)
         self._pos = 0
         self._end = 0
         self._tags: dict[bytes, str] = {}

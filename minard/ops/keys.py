@@ -30,6 +30,8 @@ from pathlib import Path
 
 import click
 
+from minard.formats import handshake
+
 log = logging.getLogger(__name__)
 
 #: Names of programs and users: what a file name or a URL segment may safely hold.
@@ -183,6 +185,8 @@ class KeyStore:
             raise ValueError(f"kind must be one of {KINDS}")
         secret = new_secret()
         record = hash_secret(secret)
+        if kind == "program":  # the dispatcher's challenge-response keys (no secret-equivalent)
+            record["dispatch"] = handshake.make_record(secret)
         with self._lock:
             entries = dict(self._load())
             old = entries.get(name)
@@ -205,6 +209,20 @@ class KeyStore:
         return True
 
     # -- checking -----------------------------------------------------------
+
+    def dispatch_record(self, name: str) -> dict | None:
+        """The dispatcher handshake record (StoredKey, ServerKey) of an active program, or None.
+
+        Programs added before the dispatcher handshake existed have none:
+        ``minard keys add NAME --replace`` issues a new token that has one.
+        """
+        with self._lock:
+            entry = self._load().get(name)
+        if not entry or entry.get("revoked") or entry.get("kind", "program") != "program":
+            return None
+        record = entry.get("dispatch")
+        return dict(record) if isinstance(record, dict) else None
+
 
     def verify(self, name: str, secret: str | None, kind: str | None = None) -> bool:
         """True if *secret* is the active credential of *name* (of *kind* if given)."""

@@ -72,6 +72,31 @@ def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     return proc.returncode
 
 
+def dispatcher_keys(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """A key file and a credentials file holding a dispatcher key for every role.
+
+    Returns (keys file, credentials file) under *directory*; point
+    ``dispatcher_keys_file`` (the server) and ``dispatcher_credentials_file``
+    (the clients) at them.
+    """
+    from minard.dispatcher.client import issue_credentials
+    from minard.ops.keys import KeyStore
+
+    directory = Path(directory)
+    keys, creds = directory / "dispatcher_keys.json", directory / "dispatcher_credentials.json"
+    issue_credentials(KeyStore(keys), creds)
+    return keys, creds
+
+
+def export_dispatcher_keys(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """:func:`dispatcher_keys`, exported through ``MINARD_DISPATCHER_*`` to this process
+    and every process it starts (benchmarks)."""
+    keys, creds = dispatcher_keys(directory)
+    os.environ["MINARD_DISPATCHER_KEYS_FILE"] = str(keys)
+    os.environ["MINARD_DISPATCHER_CREDENTIALS_FILE"] = str(creds)
+    return keys, creds
+
+
 def redis_server_binary() -> str:
     """Path of redis-server, or raise a clear error telling how to get it."""
     path = shutil.which("redis-server") or (

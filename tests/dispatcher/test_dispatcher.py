@@ -53,6 +53,9 @@ def start_dispatcher(cfg, tmp_path):
             "dispatcher_finished_timeout": 5,
             "dispatcher_shutdown_wait": 0.5,
             "log_level": "INFO",
+            # These tests are about what each command does; the role grants
+            # have their own tests (tests/dispatcher/test_auth.py).
+            **{f"dispatcher_{role}_commands": "*" for role in ("source", "analyzer", "writer", "control")},
         }
         base.update(settings)
         proc = DispatcherProcess(log_path=tmp_path / f"dispatcher-{len(procs)}.log", **base)
@@ -214,7 +217,9 @@ def test_acctrec_appends_one_line_per_record_to_accounting_dat(connect, cfg):
     path = cfg.path("dispatcher_accounting_dir") / "Accounting.dat"
     lines = path.read_text().splitlines()
     assert len(lines) == 2
-    assert lines[0].endswith(f"\trun=-\tanalyzer:prod#{analyzer.socket_number}\tevents=100 rate=20Hz")
+    # The name is the program whose key the analyzer proved (docs/protocol.md 2.1).
+    assert lines[0].endswith(
+        f"\trun=-\tanalyzer:minard_dispatch_push#{analyzer.socket_number}\tevents=100 rate=20Hz")
     assert lines[1].endswith("\tevents=200 cpu=3")  # control characters are blanked
 
 
@@ -258,7 +263,8 @@ def test_dump_writes_state_clients_and_queues_into_the_log(disp, connect):
     time.sleep(0.2)
     text = disp.log_text()
     assert "DUMP state=NoTape" in text and "DUMP counters received_events=0" in text
-    assert re.search(rf"DUMP client analyzer\[dumpme\]#{analyzer.socket_number} .*queued_events=0", text)
+    assert re.search(rf"DUMP client analyzer\[minard_dispatch_push\]#{analyzer.socket_number}"
+                     " .*queued_events=0", text)
 
 
 def test_stats_reply_is_one_json_line_with_global_and_per_client_counters(connect):
@@ -637,7 +643,8 @@ def test_slow_analyzer_loses_only_its_own_events_and_they_are_counted(start_disp
     while "ENDTAPE" not in fast_reader.commands and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "ENDTAPE" in fast_reader.commands
-    stats = {c["name"]: c for c in connect(proc=disp).stats()["clients"] if c["role"] == "analyzer"}
+    by_socket = {c["socket"]: c for c in connect(proc=disp).stats()["clients"]}
+    stats = {"fast": by_socket[fast.socket_number], "slow": by_socket[slow.socket_number]}
     assert stats["fast"]["events_dropped"] == 0 and stats["fast"]["events_sent"] == n
     assert stats["slow"]["events_dropped"] > 0
     slow_now = stats["slow"]
@@ -698,7 +705,8 @@ def test_rawbatch_goes_as_is_to_batch_clients_and_as_rawdata_frames_to_the_other
     for a in (plain, batched):
         a.finished()
     collect(source, "ALLFINISHED")
-    stats = {c["name"]: c for c in connect().stats()["clients"]}
+    by_socket = {c["socket"]: c for c in connect().stats()["clients"]}
+    stats = {"plain": by_socket[plain.socket_number], "batched": by_socket[batched.socket_number]}
     assert stats["plain"]["events_sent"] == stats["batched"]["events_sent"] == 300
     assert stats["batched"]["batch"] and not stats["plain"]["batch"]
 
@@ -718,5 +726,7 @@ def test_a_malformed_rawbatch_is_rejected_counted_and_the_stream_goes_on(connect
 
 
 def test_hello_with_an_unknown_option_is_refused(disp):
-    with pytest.raises(CommandFailed, match="unknown option 'zip'"):
-        DispatchClient.connect(disp.address, "analyzer", "x:zip", timeout=5.0)
+    with socket.create_connection(("127.0.0.1", disp.port), timeout=5) as sock:
+        sock.sendall(framing.encode_frame("HELLO", "analyzer:minard_dispatch_push:zip"))
+        frames = read_until_closed(sock)
+    assert len(frames) == 1 and "unknown option 'zip'" in frames[0].text

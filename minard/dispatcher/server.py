@@ -24,10 +24,10 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import secrets
 import logging
 import math
 import re
+import secrets
 import signal
 import threading
 import time

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from minard.dispatcher.client import CommandFailed, ConnectionClosed, DispatchClient
+from minard.dispatcher.client import ConnectionClosed, DispatchClient
 from minard.dispatcher.server import CommandError, ScalerRecord
 from minard.formats import framing, pmt
 from minard.testing.dispatcher import DispatcherProcess

@@ -158,6 +158,7 @@ DEFAULTS: dict[str, object] = {
     "dispatcher_max_connections": 256,  # connections beyond this are refused at once
     "dispatcher_handshake_timeout": 5.0,  # seconds to finish HELLO + AUTH before being closed
     "dispatcher_idle_timeout": 300.0,  # seconds a control connection may stay silent; 0 = forever
+    "dispatcher_unaccounted_delay": 30.0,  # seconds after a run's end before unaccounted events raise an alarm
 }
 
 

@@ -505,12 +505,13 @@ def programs_text(cfg, lay: Layout) -> str:
     return buf.getvalue()
 
 
-def ensure_tokens(scfg, lay: Layout) -> dict[str, str]:
+def ensure_tokens(scfg, lay: Layout, known: dict[str, str] | None = None) -> dict[str, str]:
     """A program token for every registered program, for the pinger (0600 file).
 
     Tokens are created with :mod:`minard.ops.keys` (only their hashes go to the key
     file); a token that no longer verifies (key file replaced, revoked) is
-    issued again.
+    replaced by the program's token in *known* (its dispatcher key: one token
+    per program) if that one verifies, else issued again.
     """
     from minard.ops.keys import KeyStore
     from minard.ops.programs import Registry
@@ -522,26 +523,33 @@ def ensure_tokens(scfg, lay: Layout) -> dict[str, str]:
     changed = False
     for prog in Registry.from_config(scfg):
         if not store.verify(prog.name, tokens.get(prog.name), kind="program"):
-            tokens[prog.name] = store.add(prog.name, replace=True)
+            other = (known or {}).get(prog.name)
+            ok = other is not None and store.verify(prog.name, other, kind="program")
+            tokens[prog.name] = other if ok else store.add(prog.name, replace=True)
             changed = True
     if changed or not lay.tokens.exists():
         write_private(lay.tokens, json.dumps(tokens, indent=1, sort_keys=True) + "\n")
     return tokens
 
 
-def ensure_dispatcher_credentials(scfg, lay: Layout) -> None:
+def ensure_dispatcher_credentials(scfg, lay: Layout) -> dict[str, str]:
     """A dispatcher key for each role's program (replay, push, recorder, control), 0600.
 
     The dispatcher verifies them against the stack's key file; a key that no
-    longer verifies (revoked, replaced) is issued again.
+    longer verifies (revoked, replaced) is replaced by the pinger's token of
+    that program if it works, else issued again.  Returns program -> token.
     """
     from minard.dispatcher.client import issue_credentials
     from minard.ops.keys import KeyStore
 
     programs = {role: str(scfg[f"dispatcher_{role}_programs"]).split(",")[0].strip()
                 for role in ("source", "analyzer", "writer", "control")}
-    issue_credentials(KeyStore(lay.var / "keys.json"), str(lay.dispatcher_credentials),
-                      {r: p for r, p in programs.items() if p and p != "*"})
+    pinger_tokens = {}
+    if lay.tokens.exists():
+        pinger_tokens = json.loads(lay.tokens.read_text(encoding="utf-8") or "{}")
+    creds = issue_credentials(KeyStore(lay.var / "keys.json"), str(lay.dispatcher_credentials),
+                              {r: p for r, p in programs.items() if p and p != "*"}, known=pinger_tokens)
+    return {c.name: c.token for c in creds.values()}
 
 
 def ensure_data(cfg, lay: Layout, echo=click.echo) -> None:
@@ -598,8 +606,7 @@ def prepare(cfg, lay: Layout, stack_id: str, echo=click.echo) -> config_mod.Conf
     write_public(lay.prometheus_yml, prometheus_text(scfg))
     write_private(lay.supervisord_conf, supervisord_text(cfg, lay, stack_id, sup_password))
     ensure_data(cfg, lay, echo)
-    ensure_tokens(scfg, lay)
-    ensure_dispatcher_credentials(scfg, lay)
+    ensure_tokens(scfg, lay, known=ensure_dispatcher_credentials(scfg, lay))
     return scfg
 
 

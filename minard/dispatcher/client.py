@@ -108,13 +108,17 @@ DEFAULT_PROGRAMS = {"source": "replay", "analyzer": "minard_dispatch_push",
                     "writer": "recorder", "control": "control"}
 
 
-def issue_credentials(store, path, programs: dict[str, str] | None = None) -> dict[str, Credential]:
+def issue_credentials(store, path, programs: dict[str, str] | None = None,
+                      known: dict[str, str] | None = None) -> dict[str, Credential]:
     """Make sure *path* holds a working key for every role; return the credentials.
 
     *store* is a :class:`minard.ops.keys.KeyStore`; a token in *path* that no
     longer verifies or has no dispatcher record (revoked, replaced, older key
-    file) is issued again.  *path* is written with mode 0600.
+    file) is replaced by the program's token in *known* (name -> token, e.g.
+    the pinger's) if that one works, else issued again.  *path* is written
+    with mode 0600.
     """
+    known = known or {}
     programs = dict(DEFAULT_PROGRAMS if programs is None else programs)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -126,8 +130,8 @@ def issue_credentials(store, path, programs: dict[str, str] | None = None) -> di
     for role, name in programs.items():
         entry = data.get(role) if isinstance(data.get(role), dict) else {}
         token = entry.get("token") if entry.get("name") == name else None
-        if not (token and store.dispatch_record(name) and store.verify(name, token, kind="program")):
-            token = store.add(name, replace=True)
+        if not _works(store, name, token):
+            token = known.get(name) if _works(store, name, known.get(name)) else store.add(name, replace=True)
             data[role] = {"name": name, "token": token}
             changed = True
         out[role] = Credential(name, token)
@@ -140,6 +144,12 @@ def issue_credentials(store, path, programs: dict[str, str] | None = None) -> di
             json.dump(data, fh, indent=1, sort_keys=True)
         os.replace(tmp, path)
     return out
+
+
+def _works(store, name: str, token: str | None) -> bool:
+    """True if *token* is *name*'s active program token and has a dispatcher record."""
+    return bool(token) and store.dispatch_record(name) is not None and store.verify(
+        name, token, kind="program")
 
 
 def parse_address(text: str, default_port: int = 7000) -> tuple[str, int]:

@@ -31,7 +31,7 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import click
@@ -80,6 +80,8 @@ _RESERVED_KEYS = frozenset({"run", "tape", "spill", "spills"})
 HANDSHAKE_READ = 1024
 #: Seconds between sweeps for handshake/idle timeouts and revoked keys.
 SWEEP_PERIOD = 0.5
+#: Seconds between writes of the runs' event accounting to Redis.
+ACCOUNTING_PERIOD = 1.0
 
 
 def parse_grants(cfg) -> dict[str, frozenset[str] | None]:
@@ -423,6 +425,12 @@ class Dispatcher:
         self.handshake_timeout = float(cfg["dispatcher_handshake_timeout"])
         self.idle_timeout = float(cfg["dispatcher_idle_timeout"])
         self.keys = self._key_store(cfg) if self.auth else None
+        # Per-run event accounting (docs/storage.md run:<run>:acct): deltas not yet in Redis.
+        self.acct: dict[int, Counter] = {}
+        first = str(cfg["dispatcher_analyzer_programs"]).split(",")[0].strip()
+        #: The analyzer program whose deliveries are accounted (None: every analyzer).
+        self.monitor_program = None if first in ("", "*") else first
+        self.unaccounted_delay = float(cfg["dispatcher_unaccounted_delay"])
         self._fake_salt_key = secrets.token_bytes(32)
         self.clients: dict[int, Client] = {}
         self.analyzers: list[Client] = []
@@ -486,6 +494,8 @@ class Dispatcher:
             log.warning("dispatcher_auth is off: any client that reaches port %d may claim any"
                         " role, including EXIT and SHUTDOWN (test benches only)", bound)
         self.spawn(self._sweep())
+        if self.redis_url:
+            self.spawn(self._account_loop())
         return bound
 
     async def _sweep(self) -> None:
@@ -561,6 +571,11 @@ class Dispatcher:
     def unregister(self, client: Client, exc) -> None:
         """A connection closed: forget it and repair the run flow."""
         self.clients.pop(client.conn_id, None)
+        acct = self._run_acct() if client in self.analyzers and self._monitoring(client) else None
+        if acct is not None and client.queued_events:
+            # Accepted for delivery, never handed over: counted as lost with the analyzer.
+            acct["dispatched"] -= client.queued_events
+            acct["dropped:analyzer_lost"] += client.queued_events
         for group in (self.analyzers, self.writers):
             if client in group:
                 group.remove(client)
@@ -608,6 +623,10 @@ class Dispatcher:
         counters["received_bytes"] += len(batch.raw)
         raw, count, limit = batch.raw, batch.count, self.analyzer_limit
         expanded = None  # RAWDATA form, made once for the clients that need it
+        acct = self._run_acct()
+        if acct is not None:
+            acct["source_events"] += count
+        monitored = False
         for analyzer in self.analyzers:
             if batch.packed and not analyzer.batch:
                 expanded = expanded or expand_rawbatches(raw)
@@ -616,6 +635,11 @@ class Dispatcher:
                 sent = analyzer.send(raw, count, limit)
             if not sent:
                 counters["dropped_events"] += count
+            if acct is not None and self._monitoring(analyzer):
+                monitored = True
+                acct["dispatched" if sent else "dropped:dispatcher_queue"] += count
+        if acct is not None and not monitored:
+            acct["dropped:no_analyzer"] += count
         backlog = False
         for writer in self.writers:
             if batch.packed and not writer.batch:
@@ -628,6 +652,85 @@ class Dispatcher:
         if backlog and "backpressure" not in client.holds:
             counters["backpressure_pauses"] += 1
             client.hold("backpressure")
+
+    def _run_acct(self) -> Counter | None:
+        """The pending accounting deltas of the open run, or None outside a run."""
+        if self.state == "NoTape" or self.run is None:
+            return None
+        acct = self.acct.get(self.run)
+        if acct is None:
+            acct = self.acct[self.run] = Counter()
+        return acct
+
+    def _monitoring(self, client: Client) -> bool:
+        """True if *client* is the monitoring analyzer whose deliveries are accounted."""
+        return self.monitor_program is None or client.name == self.monitor_program
+
+    async def _account_loop(self) -> None:
+        """Write the accounting deltas to Redis every ACCOUNTING_PERIOD seconds."""
+        while not self.done.is_set():
+            await asyncio.sleep(ACCOUNTING_PERIOD)
+            await self.flush_accounting()
+
+    async def flush_accounting(self) -> bool:
+        """Add the pending per-run deltas to Redis; kept for the next try if Redis is down."""
+        pending = {run: c for run, c in self.acct.items() if c}
+        if not pending or not self.redis_url:
+            return True
+        self.acct = {run: c for run, c in self.acct.items() if not c}
+        try:
+            await asyncio.to_thread(self._store_accounting, pending)
+        except Exception as exc:  # noqa: BLE001 - redis down, bad URL...: keep the counts
+            for run, counts in pending.items():
+                self.acct.setdefault(run, Counter()).update(counts)
+            self.counters["redis_failures"] += 1
+            log.warning("cannot store the event accounting in Redis (%s): %s; kept for the next try",
+                        config_mod.redact(self.redis_url), exc)
+            return False
+        return True
+
+    def _store_accounting(self, pending: dict[int, Counter]) -> None:
+        """HINCRBY every delta into run:<run>:acct, in one pipeline (in a thread)."""
+        from minard.store import runs as runs_store
+
+        pipe = self._redis_client().pipeline(transaction=True)
+        for run, counts in pending.items():
+            runs_store.add_accounting(pipe, run, counts)
+        pipe.execute()
+
+    def _redis_client(self):
+        """The dispatcher's Redis client (created on first use)."""
+        import redis
+
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        return self._redis
+
+    async def _check_unaccounted(self, run: int) -> None:
+        """Some time after a run ended, raise an alarm if events of it are unaccounted."""
+        await asyncio.sleep(self.unaccounted_delay)
+        await self.flush_accounting()
+        try:
+            await asyncio.to_thread(self._alarm_unaccounted, run)
+        except Exception as exc:  # noqa: BLE001 - redis down: the numbers stay in runs show
+            log.warning("cannot check the accounting of run %s: %s", run, exc)
+
+    def _alarm_unaccounted(self, run: int) -> None:
+        """Raise a warning alarm if run *run* has unaccounted events (in a thread)."""
+        from minard.store import alarms
+        from minard.store import runs as runs_store
+
+        r = self._redis_client()
+        summary = runs_store.get_run(r, run)
+        if not summary or not summary.get("unaccounted"):
+            return
+        message = (f"run {run}: {summary['unaccounted']} events unaccounted (received"
+                   f" {summary['source_events']}, stored {summary['events']}, counted lost"
+                   f" {summary['dropped']})")
+        log.warning("%s", message)
+        alarms.raise_alarm(r, "warning", message, source="dispatcher", program="dispatcher",
+                           key=f"unaccounted:{run}")
 
     def _reject_data(self, client: Client, count: int) -> None:
         """Data from anyone but the data source is dropped (one ERROR per client)."""
@@ -1022,6 +1125,9 @@ class Dispatcher:
             target.send_cmd("ALLFINISHED")
         log.info("ALLFINISHED run %s sent to %d clients", run, len(targets))
         await self._flush_scalers(self.scalers)
+        if self.redis_url and run is not None:
+            await self.flush_accounting()
+            self.spawn(self._check_unaccounted(run))
         self.counters["runs_ended"] += 1
         self.state, self.scalers = "NoTape", ScalerRecord()
         self._notape.set()
@@ -1048,14 +1154,9 @@ class Dispatcher:
 
     def _store_scalers(self, data: dict) -> None:
         """HSET dispatcher:scalers:<run> and index the run (runs in a thread)."""
-        import redis
-
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
         fields = {k: ("" if v is None else v) for k, v in data.items()}
         fields["ended"] = time.time()
-        pipe = self._redis.pipeline()
+        pipe = self._redis_client().pipeline()
         key = schema.DISPATCHER_SCALERS.key(run=data["run"])
         pipe.delete(key)
         pipe.hset(key, mapping=fields)
@@ -1148,6 +1249,7 @@ async def serve(cfg, host: str, port: int, ready=None) -> int:
     if ready is not None:
         ready(bound, dispatcher)
     await dispatcher.done.wait()
+    await dispatcher.flush_accounting()
     if exporter is not None:
         exporter.shutdown()
     log.info("dispatcher exiting: %s", json.dumps(

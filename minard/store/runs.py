@@ -11,6 +11,11 @@ combine exactly (see docs/storage.md):
   ``crate*512 + card*32 + channel`` (added by :class:`minard.store.channels.ChannelWriter`,
   as the per-channel time series);
 * ``run:<run>:subruns`` set of sub-run numbers;
+* ``run:<run>:acct`` hash: the run's event accounting, written by the
+  dispatcher (:func:`add_accounting`): ``source_events`` (events received from
+  the data source), ``dispatched`` (handed to the monitoring analyzer) and
+  ``dropped:<reason>`` (counted losses, e.g. ``dispatcher_queue``,
+  ``no_analyzer``, ``analyzer_lost``);
 * ``runs:start`` / ``runs:end`` sorted sets: run -> arrival time of its first
   / last event (ZADD LT / GT, so the earliest start and latest end win
   whatever the order in which workers flush).
@@ -40,9 +45,41 @@ RUN_KEEP = 400 * 86400
 START_KEY, END_KEY = schema.RUNS_START, schema.RUNS_END
 
 
+#: The part of a run's summary that holds its event accounting (``run:<run>:acct``).
+ACCT = "acct"
+DROPPED_PREFIX = "dropped:"
+
+
 def run_key(run: int, part: str = "") -> str:
-    """Key of one part of run *run*'s summary (``""``, nhit, channels, subruns)."""
+    """Key of one part of run *run*'s summary (``""``, nhit, channels, subruns, acct)."""
     return schema.RUN_PART.key(run=int(run), part=part) if part else schema.RUN.key(run=int(run))
+
+
+def add_accounting(pipe, run: int, deltas) -> None:
+    """Add counter *deltas* (``source_events``, ``dispatched``, ``dropped:<reason>``) to run *run*."""
+    key = run_key(run, ACCT)
+    for name, value in deltas.items():
+        if value:
+            pipe.hincrby(key, name, int(value))
+    pipe.expire(key, RUN_KEEP)
+
+
+def accounting(acct: dict[str, int], events: int) -> dict:
+    """The accounting fields of a run summary from its ``acct`` hash and stored *events*.
+
+    ``unaccounted`` = ``source_events`` - ``events`` - ``dropped``, never
+    negative: the events that no counter saw lost.  All None for a run the
+    dispatcher did not account (older data).
+    """
+    if not acct:
+        return {"source_events": None, "dispatched": None, "dropped": None,
+                "dropped_by": {}, "unaccounted": None}
+    dropped_by = {k[len(DROPPED_PREFIX):]: v for k, v in sorted(acct.items())
+                  if k.startswith(DROPPED_PREFIX) and v}
+    dropped = sum(dropped_by.values())
+    source = acct.get("source_events", 0)
+    return {"source_events": source, "dispatched": acct.get("dispatched", 0), "dropped": dropped,
+            "dropped_by": dropped_by, "unaccounted": max(0, source - events - dropped)}
 
 
 def write_run(pipe, agg: RunAgg, now: float | None = None, channels: ChannelWriter | None = None) -> None:
@@ -71,7 +108,7 @@ def write_run(pipe, agg: RunAgg, now: float | None = None, channels: ChannelWrit
     if agg.start is not None:
         pipe.zadd(START_KEY, {str(agg.run): agg.start}, lt=True)
         pipe.zadd(END_KEY, {str(agg.run): agg.end}, gt=True)
-    for part in ("", "nhit", "channels", "subruns"):
+    for part in ("", "nhit", "channels", "subruns"):  # (acct: add_accounting)
         pipe.expire(run_key(agg.run, part), RUN_KEEP)
     for zkey in (START_KEY, END_KEY):
         pipe.zremrangebyscore(zkey, "-inf", now - RUN_KEEP)
@@ -88,7 +125,9 @@ def get_run(redis, run: int) -> dict | None:
     Keys: ``run``, ``events``, ``orphans``, ``hits``, ``triggers`` (all 27
     names -> events), ``nhit_histogram`` (nhit as a string -> events, nonzero
     only), ``channel_hits`` (channel index as a string -> hits, nonzero only),
-    ``start``, ``end`` (Unix seconds) and ``subruns`` (sorted list).
+    ``start``, ``end`` (Unix seconds), ``subruns`` (sorted list) and the
+    accounting of :func:`accounting` (``source_events``, ``dispatched``,
+    ``dropped``, ``dropped_by``, ``unaccounted``).
     """
     run = int(run)
     pipe = redis.pipeline(transaction=False)
@@ -98,8 +137,9 @@ def get_run(redis, run: int) -> dict | None:
     pipe.smembers(run_key(run, "subruns"))
     pipe.zscore(START_KEY, str(run))
     pipe.zscore(END_KEY, str(run))
-    head, nhit, channels, subruns, start, end = pipe.execute()
-    if not head and start is None:
+    pipe.hgetall(run_key(run, ACCT))
+    head, nhit, channels, subruns, start, end, acct = pipe.execute()
+    if not head and start is None and not acct:
         return None
     head = {k.decode(): int(v) for k, v in head.items()}
     hits = ts._array(channels, ">u4")
@@ -115,6 +155,7 @@ def get_run(redis, run: int) -> dict | None:
         "start": start,
         "end": end,
         "subruns": sorted(int(s) for s in subruns),
+        **accounting({k.decode(): int(v) for k, v in acct.items()}, head.get("events", 0)),
     }
 
 
@@ -205,3 +246,7 @@ def show_cmd(config_path, run, as_json):
         if n:
             click.echo(f"  {name:<8} {n}")
     click.echo(f"channels hit: {len(summary['channel_hits'])}")
+    if summary["source_events"] is not None:
+        click.echo(f"accounting: source {summary['source_events']}, dispatched {summary['dispatched']},"
+                   f" stored {summary['events']}, dropped {summary['dropped']}"
+                   f" {summary['dropped_by'] or ''}, unaccounted {summary['unaccounted']}")

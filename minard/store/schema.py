@@ -99,7 +99,8 @@ CHANNEL_BASE_BUSY = "base_busy"
 # --- run summaries (minard/store/runs.py) ----------------------------------------
 RUN = Family("run:{run}", "hash", "Run summary: events, orphans, hits, trig:<NAME>.")
 RUN_PART = Family("run:{run}:{part}", "hash, string or set",
-                  "Run summary parts: nhit (hash), channels (string array), subruns (set).")
+                  "Run summary parts: nhit (hash), channels (string array), subruns (set),"
+                  " acct (hash: the dispatcher's event accounting, source_events, dispatched, dropped:<reason>).")
 RUNS_START = _single("runs:start", "zset", "run -> arrival time of its first event")
 RUNS_END = _single("runs:end", "zset", "run -> arrival time of its last event")
 #: Hash field of a run summary counting one trigger type.

@@ -35,7 +35,9 @@ def test_summary_written_by_several_workers_equals_the_single_worker_summary(red
     ref = _aggs(records, T0)[0].runs[7].as_dict()
     _write(redis_client, _aggs(records, T0, parts=3))
     got = get_run(redis_client, 7)
-    assert got == ref
+    # Without the dispatcher's accounting the accounting fields are null.
+    assert got == {**ref, "source_events": None, "dispatched": None, "dropped": None,
+                   "dropped_by": {}, "unaccounted": None}
     assert got["events"] == 199 and got["orphans"] == 1
     assert set(got["triggers"]) == set(ag.TRIGGER_NAMES) and len(got["triggers"]) == 27
     assert got["start"] == T0 and got["end"] == T0 + 7
@@ -88,3 +90,22 @@ def test_cli_prints_the_same_object_as_get_run(redis_client, redis_url, monkeypa
     assert [r["run"] for r in json.loads(listing.output)] == [8]
     missing = runner.invoke(main, ["runs", "show", "12345", "--json"])
     assert missing.exit_code != 0 and "not known" in missing.output
+
+
+def test_accounting_fields_follow_the_dispatcher_counters_and_unaccounted_is_never_negative(redis_client):
+    from minard.store.runs import add_accounting
+
+    _write(redis_client, _aggs(make_records(50, seed=3, run=8), T0))
+    pipe = redis_client.pipeline()
+    add_accounting(pipe, 8, {"source_events": 60, "dispatched": 55, "dropped:no_analyzer": 5,
+                             "dropped:dispatcher_queue": 2})
+    pipe.execute()
+    got = get_run(redis_client, 8)
+    assert (got["source_events"], got["dispatched"], got["events"], got["dropped"]) == (60, 55, 50, 7)
+    assert got["dropped_by"] == {"dispatcher_queue": 2, "no_analyzer": 5}
+    assert got["unaccounted"] == 3
+    pipe = redis_client.pipeline()
+    add_accounting(pipe, 8, {"dropped:analyzer_lost": 10})  # more counted than lost: clamped
+    pipe.execute()
+    assert get_run(redis_client, 8)["unaccounted"] == 0
+    assert redis_client.ttl("run:8:acct") > 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from minard.dispatcher.client import DispatchClient
-from minard.dispatcher.server import DispatcherProcess
 from minard.store import alarms
 from minard.store.runs import get_run
-from tests.conftest import wait_for
+from minard.testing import wait_for
+from minard.testing.dispatcher import DispatcherProcess
 from tests.dispatcher.test_dispatcher import collect, payloads
 
 pytestmark = pytest.mark.timeout(60)

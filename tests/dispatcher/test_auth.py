@@ -19,10 +19,10 @@ from minard.dispatcher.client import (
     DispatchClient,
     issue_credentials,
 )
-from minard.testing.dispatcher import DispatcherProcess
 from minard.formats import framing, handshake
 from minard.ops.keys import KeyStore
 from minard.testing import wait_for
+from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = pytest.mark.timeout(120)
 

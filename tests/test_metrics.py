@@ -82,7 +82,8 @@ def procs(cfg, tmp_path):
     """Processes on this test's Redis, ports and var_dir; every metrics port free."""
     ports = {p: free_port() for p in metrics.PROGRAMS}
     settings = {k: cfg[k] for k in ("redis_url", "var_dir", "dispatcher_port", "dispatcher_accounting_dir",
-                                    "zmq_dispatch", "zmq_cmos", "zmq_base", "orca_port")}
+                                    "zmq_dispatch", "zmq_cmos", "zmq_base", "orca_port",
+                                    "dispatcher_keys_file", "dispatcher_credentials_file")}
     settings.update({f"metrics_port_{p}": n for p, n in ports.items()})
     settings.update({"dispatch_event_log": tmp_path / "pool.log", "dispatch_close_retry": 1,
                      "orca_reconnect_max": 0.2, "web_port": free_port(), "log_port": free_port(),

@@ -23,7 +23,7 @@ from flask import (
 )
 
 from minard.apidoc import doc, q
-from minard.ops import programs
+from minard.ops import alarmreport, programs
 from minard.ops.keys import valid_name
 from minard.store import alarms
 from minard.web import logtail, supervisor
@@ -95,7 +95,8 @@ def _alarms_page(error: str | None = None, status: int = 200):
     state = request.args.get("state", "")
     if state in alarms.STATES:  # filter by ISA-18.2 state
         items = [a for a in items if a["state"] == state]
-    return render_template("alarms.html", alarms=items, error=error, now=now, states=alarms.STATES,
+    kpi = alarmreport.kpis(alarms.list_alarms(_redis(), now, limit=5000, history_days=_history()), now)
+    return render_template("alarms.html", alarms=items, error=error, now=now, states=alarms.STATES, kpi=kpi,
                            shelve_minutes=_shelve_choices()), status
 
 

@@ -137,3 +137,12 @@ def test_shift_page_and_json_list_the_shift_and_keep_the_note(client, users, red
     everything = client.get(f"/api/shift?since={time.time() - 10000}").get_json()
     assert old in {a["id"] for a in everything["raised"]}
     assert json.dumps(everything)
+
+
+def test_the_alarms_page_shows_the_kpis_against_eemua_191(client, redis_client):
+    now = time.time()
+    for k in range(12):
+        alarms.raise_alarm(redis_client, 30, f"flood {k}", name="flood", now=now - 60)
+    html = client.get("/alarms").get_data(as_text=True)
+    kpis = html.split('id="alarm-kpis"')[1]
+    assert "EEMUA 191" in kpis and 'class="num kpi-bad">12 (≤ 10)' in kpis and "flood ×12" in kpis

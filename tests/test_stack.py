@@ -302,7 +302,8 @@ def test_every_long_running_process_serves_its_metrics(stack):
                 "data_consumer_cmos": "minard_pool_records_received", "data_consumer_base": "minard_pool_records_received",
                 "minard_dispatch_push": "minard_push_consumers", "data_producer": "minard_producer_orca_connected",
                 "web": "minard_http_requests", "snoplus_log": "minard_http_requests",
-                "pinger": "minard_pinger_rounds", "monitors": "minard_monitor_checks"}
+                "pinger": "minard_pinger_rounds", "monitors": "minard_monitor_checks",
+                "notifier": "minard_notifier_messages"}
     assert set(expected) == set(metrics.PROGRAMS)
     assert (stack.lay.root / "prometheus.yml").exists()
     for program, family in expected.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-
 from fnmatch import fnmatchcase
 
 from minard.store import schema, sessions

@@ -157,7 +157,7 @@ def login():
         return render_template("login.html", next=local_path(request.form.get("next")) or "",
                                error="Wrong user name or password."), 401
     gen = _generation(keys.entries().get(name))
-    absolute, idle = _lifetimes()
+    idle = _lifetimes()[1]
     old = session.get("sid")
     try:
         if old:

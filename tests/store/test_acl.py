@@ -75,7 +75,7 @@ def test_the_redis_config_holds_no_password_in_clear():
     creds = acl.new_credentials()
     text = acl.config_lines(creds)
     assert all(c["password"] not in text for c in creds.values())
-    assert len(re.findall(r"^user minard-\w+ reset on #[0-9a-f]{64} ", text, re.M)) == 4
+    assert len(re.findall(r"^user minard-\w+ reset on #[0-9a-f]{64} ", text, re.MULTILINE)) == 4
 
 
 def test_every_key_family_of_the_schema_has_a_writer_and_the_dashboard_writes_no_pipeline_family():

@@ -24,6 +24,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
@@ -34,7 +35,6 @@ from minard.ops.keys import KeyStore
 from minard.store import alarms
 from minard.testing import stop_pid
 from minard.web import create_app
-from conftest import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from minard.ops.keys import KeyStore
-from minard.ops.logserver import append_line, create_app as create_log_app, format_line
+from minard.ops.logserver import append_line, format_line
+from minard.ops.logserver import create_app as create_log_app
 from minard.store import alarms, sessions
 from minard.web import create_app
-from conftest import wait_for
 
 
 @pytest.fixture

@@ -156,7 +156,7 @@ def find_excesses(t: np.ndarray, window_s: float, k: int, rate_hz: float,
     if n < k:
         return []
     t = np.asarray(t, dtype=np.int64)
-    w = int(round(window_s * TICKS))
+    w = round(window_s * TICKS)
     e0 = 0 if end_from is None else int(np.searchsorted(t, end_from, side="left"))
     e1 = n if end_to is None else int(np.searchsorted(t, end_to, side="right"))
     ends = np.arange(max(e0, k - 1), e1)

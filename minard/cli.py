@@ -23,7 +23,7 @@ COMMANDS = {
     "record": ("minard.dispatcher.recorder:record_cmd", "Write every event from a dispatcher to ZDAB files."),
     "send": ("minard.dispatcher.client:send_cmd", "Send one text command to a dispatcher and print the reply."),
     "keys": ("minard.ops.keys:keys_cli", "Add, list and revoke program tokens and shift-crew logins."),
-    "runs": ("minard.store.runs:runs_cli", "List runs, or show one run's summary (events, triggers, nhit, channels)."),
+    "runs": ("minard.ops.dq:runs_cli", "List runs, show one run's summary, sign runs off, set run types and references."),
     "stats": ("minard.pipeline.cli:stats_cmd", "Print the pipeline's loss counters per stage."),
     "query": ("minard.store.query:query_cmd", "Print the latest per-channel CMOS rates, base currents or occupancy."),
     "orca-replay": ("minard.pipeline.orca_replay:orca_replay_cmd", "Serve a recorded ORCA stream file to clients as ORCA does."),
@@ -37,6 +37,9 @@ COMMANDS = {
     "roster": ("minard.ops.notify:roster_cli", "Show or set the on-call roster (shifter, expert, supernova)."),
     "notifier": ("minard.ops.notify:notifier_cmd", "Send alarm notifications by email and webhook; escalate."),
     "bursts": ("minard.store.bursts:bursts_cmd", "List supernova burst candidates (--json)."),
+    "dq": ("minard.ops.dq:dq_cmd", "Judge a run's data quality against a reference run (--json)."),
+    "dq-live": ("minard.ops.dq:dq_live_cmd", "Judge the current run every dq_interval seconds and at its end."),
+    "channels": ("minard.ops.dq:channels_cli", "Flag, unflag and show channels in the channel-status database."),
 }
 
 

@@ -119,7 +119,7 @@ DEFAULTS: dict[str, object] = {
     "metrics_host": "127.0.0.1",  # address every metrics port listens on
     **{f"metrics_port_{p}": 0 for p in (  # 0 = off; minard up gives each program a port
         "dispatcher", "minard_dispatch_pull", "data_consumer_cmos", "data_consumer_base",
-        "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors", "notifier")},
+        "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors", "notifier", "dq_live")},
     "stack_metrics_port": 9100,  # minard up: first of the consecutive metrics ports; 0 = none
     # Alarms, notifications, supernova burst monitor (docs/operations.md)
     "alarms_file": "conf/alarms.cfg",  # alarm definitions: conditions, priorities, delays, guidance
@@ -159,6 +159,10 @@ DEFAULTS: dict[str, object] = {
     "dispatcher_handshake_timeout": 5.0,  # seconds to finish HELLO + AUTH before being closed
     "dispatcher_idle_timeout": 300.0,  # seconds a control connection may stay silent; 0 = forever
     "dispatcher_unaccounted_delay": 30.0,  # seconds after a run's end before unaccounted events raise an alarm
+    # Data quality (docs/dq.md)
+    "dq_file": "conf/dq.cfg",  # the checks, their thresholds and run types
+    "dq_interval": 30.0,  # seconds between live checks of the current run
+    "dq_experts": "",  # users allowed to sign runs pass/fail (space-separated; empty = every login)
 }
 
 

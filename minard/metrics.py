@@ -46,7 +46,7 @@ log = logging.getLogger("minard.metrics")
 
 #: Every long-running program that serves metrics (``metrics_port_<program>``), in stack order.
 PROGRAMS = ("dispatcher", "minard_dispatch_pull", "data_consumer_cmos", "data_consumer_base",
-            "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors", "notifier")
+            "minard_dispatch_push", "data_producer", "web", "snoplus_log", "pinger", "monitors", "notifier", "dq_live")
 #: Outcomes of the loss accounting (received = processed + dropped + errors).
 OUTCOMES = ("received", "processed", "dropped", "errors")
 #: Stage counters that are not counts of records: name -> (family, help).

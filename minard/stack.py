@@ -211,6 +211,7 @@ PROGRAMS = (
     Program("pinger", 80, 10),
     Program("monitors", 80, 10),
     Program("notifier", 80, 10),
+    Program("dq_live", 80, 10),
 )
 
 
@@ -255,6 +256,7 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
         "pinger": [minard, "pinger"],
         "monitors": [minard, "monitors"],
         "notifier": [minard, "notifier"],
+        "dq_live": [minard, "dq-live"],
     }
 
 

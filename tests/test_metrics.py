@@ -345,3 +345,16 @@ def test_pinger_and_monitors_serve_their_rounds_and_checks(procs):
     assert value(mon, "minard_monitor_failing", monitor="redis") == 0
     for name in ("pinger", "monitors"):
         assert procs.stop(name) == 0, procs.log(name)
+
+
+@pytest.mark.slow
+def test_dq_live_serves_its_judgements(procs, redis_client):
+    from minard.testing.dq import write_run
+
+    write_run(redis_client, 3, 2000, 77, 1_700_000_000.0)
+    procs.start("dq_live", "minard", "dq-live")
+    port = procs.ports["dq_live"]
+    wait_for(lambda: answers(port) and (value(scrape(port), "minard_dq_judgements_total", kind="live") or 0) >= 1,
+             60, "a live judgement")
+    assert value(scrape(port), "minard_dq_run") == 77
+    assert procs.stop("dq_live") == 0, procs.log("dq_live")

@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 ALL = [p.name for p in stack_mod.PROGRAMS]
 #: The registered programs the pinger reports (conf/programs.cfg).
 REGISTERED = ["dispatcher", "minard_dispatch_push", "minard_dispatch_pull", "data_producer", "data_consumer_cmos",
-              "data_consumer_base", "redis", "web", "snoplus_log", "nginx", "pinger", "monitors", "notifier"]
+              "data_consumer_base", "redis", "web", "snoplus_log", "nginx", "pinger", "monitors", "notifier", "dq_live"]
 
 
 def stack_env(directory: Path) -> dict[str, str]:
@@ -303,7 +303,7 @@ def test_every_long_running_process_serves_its_metrics(stack):
                 "minard_dispatch_push": "minard_push_consumers", "data_producer": "minard_producer_orca_connected",
                 "web": "minard_http_requests", "snoplus_log": "minard_http_requests",
                 "pinger": "minard_pinger_rounds", "monitors": "minard_monitor_checks",
-                "notifier": "minard_notifier_messages"}
+                "notifier": "minard_notifier_messages", "dq_live": "minard_dq_judgements"}
     assert set(expected) == set(metrics.PROGRAMS)
     assert (stack.lay.root / "prometheus.yml").exists()
     for program, family in expected.items():
@@ -351,7 +351,7 @@ def losses(stage: dict) -> int:
 
 
 #: kill -9 order: the data path last, so each restart is checked with everything else up.
-KILL_ORDER = ["pinger", "monitors", "notifier", "snoplus_log", "web", "nginx", "orca_replay", "data_producer",
+KILL_ORDER = ["pinger", "monitors", "notifier", "dq_live", "snoplus_log", "web", "nginx", "orca_replay", "data_producer",
               "data_consumer_cmos", "data_consumer_base", "replay", "minard_dispatch_push",
               "minard_dispatch_pull", "dispatcher", "redis"]
 

@@ -410,6 +410,20 @@ class RunAgg:
     subruns: set = field(default_factory=set)
     start: float | None = None  # arrival time of the first record seen
     end: float | None = None  # arrival time of the last record seen
+    #: For the data-quality checks (docs/dq.md): the nhit distribution per
+    #: trigger in the time series' bins (shared with SecondAgg, computed once
+    #: per batch) and the run's integrity counters.
+    nhit_hist: np.ndarray = field(default_factory=lambda: np.zeros((NTRIG + 1, NHIT_BINS), np.int64))
+    integrity: Counter = field(default_factory=Counter)
+    clock_first: int | None = None  # lowest / highest 10 MHz clock of the run's events
+    clock_last: int | None = None
+
+    def add_clocks(self, clocks: np.ndarray) -> None:
+        """Fold the 10 MHz clocks of some of the run's events (the run's live time span)."""
+        if len(clocks):
+            lo, hi = int(clocks.min()), int(clocks.max())
+            self.clock_first = lo if self.clock_first is None else min(self.clock_first, lo)
+            self.clock_last = hi if self.clock_last is None else max(self.clock_last, hi)
 
     def add_events(self, ev: Events, subruns, t: float, orphans: int = 0) -> None:
         """Fold *ev* (events of this run), their *subruns* and arrival time *t*."""
@@ -420,6 +434,11 @@ class RunAgg:
             self.triggers += ev.words.per_trigger(ev.words.events)
             np.add.at(self.nhit_counts, np.minimum(ev.nhit, MAX_NHIT), 1)
             self.channel_hits += ev.channel_counts
+            self.nhit_hist += ev.nhit_hist
+            if ev.bad_hits:
+                self.integrity["bad_hits"] += int(ev.bad_hits)
+            if ev.gtid_mismatch:
+                self.integrity["gtid_mismatch"] += int(ev.gtid_mismatch)
         self.subruns.update(distinct(subruns))
         self.start = t if self.start is None else min(self.start, t)
         self.end = t if self.end is None else max(self.end, t)
@@ -432,6 +451,9 @@ class RunAgg:
         self.triggers += other.triggers
         self.nhit_counts += other.nhit_counts
         self.channel_hits += other.channel_hits
+        self.nhit_hist += other.nhit_hist
+        self.integrity.update(other.integrity)
+        self.add_clocks(np.array([c for c in (other.clock_first, other.clock_last) if c is not None], np.int64))
         self.subruns |= other.subruns
         for t in (other.start, other.end):
             if t is not None:
@@ -510,13 +532,24 @@ class Aggregator:
         i = len(batch.gtid) - 1
         sec.last = (int(batch.run[i]), int(batch.subrun[i]), int(batch.gtid[i]))
         runs = distinct(batch.run)
+        # Losses found in the batch go to its last run (a batch spans two runs only at a change).
+        self.run(int(batch.run[i])).integrity.update(
+            {k: v for k, v in (("gtid_gaps", gaps), ("gtid_missing", missing), ("gtid_jumps", jumps),
+                               ("corrupt", sum((corrupt or {}).values()) + len(batch.errors))) if v})
+        clocks = getattr(batch, "clock10", None)
+        if clocks is not None and len(clocks) != len(orphan):  # a batch without MTC headers
+            clocks = None
         if len(runs) == 1:
             self.run(runs[0]).add_events(ev, batch.subrun, t, norphan)
+            if clocks is not None:
+                self.run(runs[0]).add_clocks(clocks[~orphan])
             return
         for r in runs:
             mask = batch.run == r
             self.run(int(r)).add_events(select(batch, mask), batch.subrun[mask], t,
                                         int((orphan & mask).sum()))
+            if clocks is not None:
+                self.run(int(r)).add_clocks(clocks[mask & ~orphan])
 
     def take(self) -> tuple[dict[int, SecondAgg], dict[int, RunAgg], int]:
         """Hand over everything pending (for a flush) and start afresh."""

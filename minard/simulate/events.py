@@ -27,6 +27,11 @@ take seconds.  What is modelled:
   ``run_every`` events per run (the run number goes up by one and EvNumber
   restarts at 0; the GTID keeps counting, as the hardware does).
 
+``--trigger-scale NAME=FACTOR`` changes the mix: for PULGT (pulser
+events), PED and EXTA it makes that kind of event FACTOR times as frequent
+(the total rate grows accordingly); for a bit of physics events it clears
+the bit on a share of them or sets it on more of them.
+
 Faults (``Faults``): a hot channel present in half the events, dead crates
 and cards (no hits), a rate burst (e.g. 1 MHz for 10 ms), a GTID jump, and
 corrupt records (truncated, NPmtHit too large, or a broken sub-field chain,
@@ -121,16 +126,60 @@ class _Detector:
         self.alive_cards = np.unique(self.alive // 32)  # crate*16 + card
 
 
-def _nhit_and_triggers(rng, n: int, mean_nhit: float, cards: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """nhit, trigger word and pedestal card (crate*16+card, -1 = none) for *n* events."""
+#: Event kinds of the simulated trigger mix and their shares of the events.
+KIND_SHARES = {"physics": 0.945, "PULGT": 0.04, "PED": 0.01, "EXTA": 0.005}
+#: Trigger bits set on physics events (scaled by thinning or adding the bit).
+PHYSICS_BITS = ("100L", "100M", "100H", "20", "20LB", "ESUML", "ESUMH", "PRESCL", "MISS")
+
+
+def kind_shares(scale: dict | None = None) -> tuple[np.ndarray, float]:
+    """Cumulative shares of the event kinds after *scale*, and the factor on the total rate.
+
+    Scaling an event kind (PULGT = pulser events, PED, EXTA) by F makes that
+    kind F times as frequent while the others keep their absolute rate, so
+    the total rate changes by the factor returned.
+    """
+    w = np.array([KIND_SHARES[k] * (scale or {}).get(k, 1.0) for k in KIND_SHARES])
+    total = float(w.sum())
+    if total <= 0:
+        raise ValueError("the trigger scales leave no events")
+    return np.cumsum(w / total), total
+
+
+def _scale_bit(rng, trig: np.ndarray, eligible: np.ndarray, bit: int, factor: float) -> None:
+    """Multiply the count of events with *bit* among *eligible* by *factor* (in place).
+
+    Below 1, the bit is cleared on a random share ``1 - factor`` of the events
+    that have it; above 1, it is set on enough of the eligible events without
+    it (at most all of them).
+    """
+    has = eligible & (trig >> bit & 1).astype(bool)
+    if factor < 1:
+        trig[has & (rng.random(len(trig)) >= factor)] &= ~(1 << bit)
+        return
+    lacks = eligible & ~has
+    n_has, n_lacks = int(has.sum()), int(lacks.sum())
+    if n_lacks and factor > 1:
+        p = min(1.0, (factor - 1) * n_has / n_lacks)
+        trig[lacks & (rng.random(len(trig)) < p)] |= 1 << bit
+
+
+def _nhit_and_triggers(rng, n: int, mean_nhit: float, cards: np.ndarray,
+                       scale: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nhit, trigger word and pedestal card (crate*16+card, -1 = none) for *n* events.
+
+    *scale* (trigger name -> factor, ``--trigger-scale``) changes the mix:
+    see :func:`kind_shares` and :func:`_scale_bit`.
+    """
     sigma = 0.6
     mu = math.log(max(mean_nhit, 1.0)) - sigma**2 / 2
     nhit = np.rint(rng.lognormal(mu, sigma, n)).astype(np.int64)
     big = rng.random(n) < 0.002
     nhit[big] = np.rint(np.exp(rng.uniform(math.log(500), math.log(5000), big.sum())))
     kind = rng.random(n)
+    c_phys, c_pulser, c_ped = (0.945, 0.985, 0.995) if not scale else kind_shares(scale)[0][:3]
     trig = np.zeros(n, np.int64)
-    physics = kind < 0.945
+    physics = kind < c_phys
     trig[physics] = 1 << T["100L"]
     trig[physics & ((nhit > 15) | (rng.random(n) < 0.3))] |= 1 << T["100M"]
     trig[physics & (nhit > 40)] |= 1 << T["100H"]
@@ -139,15 +188,18 @@ def _nhit_and_triggers(rng, n: int, mean_nhit: float, cards: np.ndarray) -> tupl
     trig[physics & (rng.random(n) < 0.3)] |= 1 << T["ESUML"]
     trig[physics & (nhit > 100)] |= 1 << T["ESUMH"]
     trig[physics & (rng.random(n) < 0.01)] |= 1 << T["PRESCL"]
-    pulser = (kind >= 0.945) & (kind < 0.985)
+    pulser = (kind >= c_phys) & (kind < c_pulser)
     trig[pulser] = 1 << T["PULGT"]
     nhit[pulser] = rng.poisson(3, pulser.sum())
-    ped = (kind >= 0.985) & (kind < 0.995)
+    ped = (kind >= c_pulser) & (kind < c_ped)
     trig[ped] = 1 << T["PED"] | 1 << T["PULGT"]
     nhit[ped] = 32
-    exta = kind >= 0.995
+    exta = kind >= c_ped
     trig[exta] = 1 << T["EXTA"]
     trig[rng.random(n) < 0.001] |= 1 << T["MISS"]
+    for name, factor in sorted((scale or {}).items()):
+        if name in PHYSICS_BITS:
+            _scale_bit(rng, trig, physics if name != "MISS" else np.ones(n, bool), T[name], factor)
     ped_card = np.where(ped, cards[rng.integers(0, len(cards), n)], -1)
     return np.clip(nhit, 0, pmt.MAX_NHIT), trig, ped_card
 
@@ -216,11 +268,22 @@ def generate_batches(
     start_clock10: int = DEFAULT_CLOCK10,
     faults: Faults | None = None,
     batch_size: int = 10_000,
+    trigger_scale: dict | None = None,
 ) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
     """Like ``generate_events`` but yields ``(buffer, offsets, lengths)`` batches,
-    the input of ``pmt.decode_buffer`` and the shape of the ZMQ wire format."""
+    the input of ``pmt.decode_buffer`` and the shape of the ZMQ wire format.
+
+    *trigger_scale* (name -> factor) multiplies the rate of those trigger
+    types; *rate_hz* is the total rate before scaling (see :func:`kind_shares`).
+    """
     if rate_hz <= 0 or n_events < 0:
         raise ValueError("rate_hz must be > 0 and n_events >= 0")
+    for name in trigger_scale or {}:
+        if name not in KIND_SHARES and name not in PHYSICS_BITS:
+            raise ValueError(f"trigger {name} is not simulated; scalable: "
+                             f"{', '.join(sorted(set(KIND_SHARES) - {'physics'} | set(PHYSICS_BITS)))}")
+    if trigger_scale:
+        rate_hz *= kind_shares(trigger_scale)[1]
     faults = faults or Faults()
     rng = np.random.default_rng(seed)
     det = _Detector(rng, faults)
@@ -231,7 +294,7 @@ def generate_batches(
     for first in range(0, n_events, batch_size):
         n = min(batch_size, n_events - first)
         index = np.arange(first, first + n, dtype=np.int64)
-        nhit, trig, ped_card = _nhit_and_triggers(rng, n, mean_nhit, det.alive_cards)
+        nhit, trig, ped_card = _nhit_and_triggers(rng, n, mean_nhit, det.alive_cards, trigger_scale)
         hits = _hits(rng, det, nhit, ped_card, faults)
         gtids = next_gtids(gtid, n)
         if faults.gtid_jump is not None and first <= faults.gtid_jump[0] < first + n:
@@ -279,6 +342,22 @@ def write_zdab(path, events: Iterable[bytes], progress: bool = True, total: int 
         for record in tqdm(events, total=total, disable=not progress, unit="ev", desc="zdab"):
             writer.write_event(record)
         return writer.events
+
+
+def parse_trigger_scale(items) -> dict[str, float]:
+    """``NAME=FACTOR`` options as a dict (a later repeat of a name wins)."""
+    out = {}
+    for text in items:
+        name, sep, value = str(text).partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = -1.0
+        if not sep or not name or not math.isfinite(factor) or factor < 0:
+            raise click.BadParameter(f"{text!r}: use NAME=FACTOR with FACTOR >= 0, e.g. PULGT=3",
+                                     param_hint="--trigger-scale")
+        out[name.strip()] = factor
+    return out
 
 
 def _parse_burst(text: str | None) -> tuple[int, float, float] | None:
@@ -331,12 +410,14 @@ def _parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
 @click.option("--gtid-jump", metavar="EVENT:JUMP", help="Add JUMP to the GTID from event EVENT on.")
 @click.option("--corrupt", type=click.IntRange(min=0), default=0, show_default=True,
               help="Number of corrupt records (truncated, nhit too large, bad sub-field).")
+@click.option("--trigger-scale", multiple=True, metavar="NAME=FACTOR",
+              help="Multiply the rate of trigger type NAME by FACTOR (repeatable), e.g. PULGT=3.")
 @click.option("--record-words", type=click.IntRange(16, 3840), default=3840, show_default=True,
               help="Physical record size in words.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def zdab_cmd(out, n_events, seed, run, start_gtid, mean_nhit, rate_hz, subrun_every, run_every,
-             orphan_rate, hot_channel, dead_crate, dead_card, burst, gtid_jump, corrupt, record_words,
-             progress):
+             orphan_rate, hot_channel, dead_crate, dead_card, burst, gtid_jump, corrupt, trigger_scale,
+             record_words, progress):
     """Write OUT, a ZDAB file of N seeded synthetic PMT events.
 
     The trigger mix, nhit distribution, charges, clocks and GTIDs are those of
@@ -352,8 +433,13 @@ def zdab_cmd(out, n_events, seed, run, start_gtid, mean_nhit, rate_hz, subrun_ev
     faults = Faults(hot_channel=hot_channel, dead_crates=tuple(dead_crate), dead_cards=tuple(cards),
                     burst=_parse_burst(burst), gtid_jump=_parse_pair(gtid_jump, "EVENT:JUMP"),
                     corrupt=corrupt)
+    scale = parse_trigger_scale(trigger_scale)
+    try:
+        generate_batches(0, 0, trigger_scale=scale).close()  # check the names before writing
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trigger-scale") from None
     events = generate_events(seed, n_events, run=run, start_gtid=start_gtid, rate_hz=rate_hz,
                              mean_nhit=mean_nhit, subrun_every=subrun_every, run_every=run_every,
-                             orphan_rate=orphan_rate, faults=faults)
+                             orphan_rate=orphan_rate, faults=faults, trigger_scale=scale)
     count = write_zdab(out, events, progress=progress, total=n_events, record_words=record_words)
     click.echo(f"wrote {count} events to {out}")

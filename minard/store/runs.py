@@ -16,6 +16,14 @@ combine exactly (see docs/storage.md):
   the data source), ``dispatched`` (handed to the monitoring analyzer) and
   ``dropped:<reason>`` (counted losses, e.g. ``dispatcher_queue``,
   ``no_analyzer``, ``analyzer_lost``);
+* ``run:<run>:nhit_trig`` hash: ``<NAME>:<lo>`` -> events of that trigger
+  with ``lo <= nhit < lo+5`` (the bins of the ``nhit`` time series), and the
+  fields ``dq:<counter>`` of ``run:<run>`` (``gtid_gaps``, ``gtid_missing``,
+  ``gtid_jumps``, ``corrupt``, ``bad_hits``, ``gtid_mismatch``): what the
+  data-quality checks read (docs/dq.md);
+* ``runs:clock_start`` / ``runs:clock_end`` sorted sets: run -> lowest /
+  highest 10 MHz clock of its events (ZADD LT / GT): the span the trigger
+  rates of the data-quality checks are taken over;
 * ``runs:start`` / ``runs:end`` sorted sets: run -> arrival time of its first
   / last event (ZADD LT / GT, so the earliest start and latest end win
   whatever the order in which workers flush).
@@ -35,7 +43,7 @@ import numpy as np
 import redis as redis_py
 
 from minard import config as config_mod
-from minard.analysis.aggregate import RunAgg
+from minard.analysis.aggregate import NAMES, RunAgg, nhit_bin_label
 from minard.formats.pmt import TRIGGER_NAMES
 from minard.store import schema
 from minard.store import timeseries as ts
@@ -43,6 +51,7 @@ from minard.store.channels import ChannelWriter
 
 RUN_KEEP = 400 * 86400
 START_KEY, END_KEY = schema.RUNS_START, schema.RUNS_END
+CLOCK_START_KEY, CLOCK_END_KEY = schema.RUNS_CLOCK_START, schema.RUNS_CLOCK_END
 
 
 #: The part of a run's summary that holds its event accounting (``run:<run>:acct``).
@@ -93,6 +102,7 @@ def write_run(pipe, agg: RunAgg, now: float | None = None, channels: ChannelWrit
     key = run_key(agg.run)
     counts = {"events": agg.events, "orphans": agg.orphans, "hits": agg.hits}
     counts.update({schema.RUN_TRIGGER_FIELD.format(name=n): int(c) for n, c in zip(TRIGGER_NAMES, agg.triggers) if c})
+    counts.update({schema.RUN_DQ_FIELD.format(name=k): int(v) for k, v in agg.integrity.items() if v})
     for name, value in counts.items():
         pipe.hincrby(key, name, int(value))
     nz = np.flatnonzero(agg.nhit_counts)
@@ -103,14 +113,22 @@ def write_run(pipe, agg: RunAgg, now: float | None = None, channels: ChannelWrit
         writer.add_array(run_key(agg.run, "channels"), agg.channel_hits, RUN_KEEP)
         if channels is None:
             writer.add(pipe)
+    trig, bins = np.nonzero(agg.nhit_hist)
+    if len(trig):
+        for t_i, b_i in zip(trig.tolist(), bins.tolist()):
+            pipe.hincrby(run_key(agg.run, "nhit_trig"), f"{NAMES[t_i]}:{nhit_bin_label(b_i)}",
+                         int(agg.nhit_hist[t_i, b_i]))
     if agg.subruns:
         pipe.sadd(run_key(agg.run, "subruns"), *sorted(agg.subruns))
     if agg.start is not None:
         pipe.zadd(START_KEY, {str(agg.run): agg.start}, lt=True)
         pipe.zadd(END_KEY, {str(agg.run): agg.end}, gt=True)
-    for part in ("", "nhit", "channels", "subruns"):  # (acct: add_accounting)
+    if agg.clock_first is not None:  # < 2**53 ticks: exact as a sorted-set score
+        pipe.zadd(CLOCK_START_KEY, {str(agg.run): agg.clock_first}, lt=True)
+        pipe.zadd(CLOCK_END_KEY, {str(agg.run): agg.clock_last}, gt=True)
+    for part in ("", "nhit", "channels", "subruns", "nhit_trig"):  # (acct: add_accounting)
         pipe.expire(run_key(agg.run, part), RUN_KEEP)
-    for zkey in (START_KEY, END_KEY):
+    for zkey in (START_KEY, END_KEY, CLOCK_START_KEY, CLOCK_END_KEY):
         pipe.zremrangebyscore(zkey, "-inf", now - RUN_KEEP)
         pipe.expire(zkey, RUN_KEEP)
 

@@ -100,11 +100,27 @@ CHANNEL_BASE_BUSY = "base_busy"
 RUN = Family("run:{run}", "hash", "Run summary: events, orphans, hits, trig:<NAME>.")
 RUN_PART = Family("run:{run}:{part}", "hash, string or set",
                   "Run summary parts: nhit (hash), channels (string array), subruns (set),"
-                  " acct (hash: the dispatcher's event accounting, source_events, dispatched, dropped:<reason>).")
+                  " acct (hash: the dispatcher's event accounting, source_events, dispatched, dropped:<reason>),"
+                  " nhit_trig (hash <NAME>:<lo> -> events, for the data-quality checks).")
 RUNS_START = _single("runs:start", "zset", "run -> arrival time of its first event")
 RUNS_END = _single("runs:end", "zset", "run -> arrival time of its last event")
+RUNS_CLOCK_START = _single("runs:clock_start", "zset", "run -> lowest 10 MHz clock (ticks) of its events")
+RUNS_CLOCK_END = _single("runs:clock_end", "zset", "run -> highest 10 MHz clock (ticks) of its events")
 #: Hash field of a run summary counting one trigger type.
 RUN_TRIGGER_FIELD = "trig:{name}"
+#: Hash field of a run summary with one integrity counter (gtid_missing, corrupt, ...).
+RUN_DQ_FIELD = "dq:{name}"
+
+# --- data quality (minard/store/dq.py, registry.py, channel_status.py; docs/dq.md) -----
+DQ_RESULT = Family("dq:result:{run}", "string", "Latest data-quality report of a run (JSON of minard dq --json).")
+DQ_STATUS = _single("dq:status", "hash", "run -> status of its latest data-quality report")
+DQ_RUN_TYPE = _single("dq:run_type", "hash", "run -> run type (absent: no type)")
+DQ_REFERENCE = _single("dq:reference", "hash", "run type (none = no type) -> reference run chosen by an expert")
+REGISTRY_STATE = _single("registry:state", "hash", "run -> JSON {state, who, when, comment} of its sign-off; never expires")
+REGISTRY_HISTORY = Family("registry:history:{run}", "list",
+                          "Every sign-off change of a run (JSON from, to, who, when, comment); appended only.")
+CHANNELS_STATUS = _single("channels:status", "hash", "lcn -> JSON {flag: {reason, who, when}} of a flagged channel")
+CHANNELS_HISTORY = _single("channels:history", "list", "every channel flag change (JSON); appended only")
 
 # --- heartbeats and loss counters (minard/store/status.py) -----------------------
 STATUS = Family("status:{component}", "hash", "Heartbeat of a pipeline component (expires).")

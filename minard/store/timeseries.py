@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
-from minard.store.schema import (  # noqa: E402  (re-exported: ts.Level, ts.SCALAR_LEVELS, ...)
+from minard.store.schema import (
     CHANNEL,
     CHANNEL_LEVELS,
     SCALAR,

@@ -118,6 +118,9 @@ def create_app(cfg: dict | None = None) -> Flask:
     from minard.web import alarmpages
 
     alarmpages.register(app)  # alarm detail, KPIs, flags, Bursts, Shift, Roster
+    from minard.web import dq
+
+    dq.register(app)  # data quality: report cards, run registry, channel status
     _site(app)
     metrics.instrument(app, "web")  # requests per route, served by gunicorn's master
     return app

@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 from minard import metrics as metrics_mod
 from minard.analysis.aggregate import NAMES
 from minard.apidoc import doc, q
+from minard.store import channel_status as channels_store
 from minard.store import status
 from minard.store.runs import get_run, list_runs
 from minard.web import data
@@ -238,7 +239,8 @@ def detector():
            "baseline": floats(view["baseline"], 5), "hot": view["hot"].tolist(), "dead": view["dead"].tolist(),
            "crate": {"mean": floats(st["crate_mean"], 5), "max": floats(st["crate_max"], 5)},
            "card": {"mean": [floats(r, 5) for r in st["card_mean"]], "max": [floats(r, 5) for r in st["card_max"]]},
-           "selection": {"crate": crate, "card": card}}
+           "selection": {"crate": crate, "card": card},
+           "flags": {str(k): sorted(v) for k, v in channels_store.status(_redis()).items()}}
     return json_response(out, name)
 
 

@@ -265,6 +265,7 @@
     var values = opts.values;
     var scale = valueScale(values);
     var hot = new Set(opts.hot || []), dead = new Set(opts.dead || []);
+    var flags = opts.flags || {};  // lcn -> [flag, ...] from the channel-status database
     el.replaceChildren();
     var svg = d3.select(el).append("svg").attr("class", "chmap");
     var cells;
@@ -278,14 +279,15 @@
     cells.attr("data-lcn", function (d) { return d.lcn; })
       .attr("class", function (d) {
         return "cell" + (hot.has(d.lcn) ? " hot" : "") + (dead.has(d.lcn) ? " dead" : "") +
-          (values[d.lcn] === null ? " nodata" : "");
+          (values[d.lcn] === null ? " nodata" : "") + (flags[d.lcn] ? " flagged-channel" : "");
       })
       .attr("fill", function (d) { return values[d.lcn] === null ? "#d9dde1" : scale(values[d.lcn]); })
       .on("click", function (ev, d) { if (opts.onChannel) opts.onChannel(d.lcn); });
     cells.append("title").text(function (d) {
       var p = parts(d.lcn);
       return "crate " + p.crate + " card " + p.card + " channel " + p.channel + " (lcn " + d.lcn + "): " +
-        fmt(values[d.lcn], 5) + " " + (opts.unit || "") + (hot.has(d.lcn) ? " HOT" : "") + (dead.has(d.lcn) ? " DEAD" : "");
+        fmt(values[d.lcn], 5) + " " + (opts.unit || "") + (hot.has(d.lcn) ? " HOT" : "") + (dead.has(d.lcn) ? " DEAD" : "") +
+        (flags[d.lcn] ? " flagged: " + flags[d.lcn].join(", ") : "");
     });
     legend(svg, scale, opts.unit);
     return svg;

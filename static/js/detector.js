@@ -55,7 +55,7 @@
     crumbs();
     if (!map) return;
     MC.channelMap(document.getElementById("map"), {
-      values: map.values, baseline: map.baseline, hot: map.hot, dead: map.dead, unit: map.unit,
+      values: map.values, baseline: map.baseline, hot: map.hot, dead: map.dead, flags: map.flags, unit: map.unit,
       crate: view.crate, card: view.card,
       onCrate: function (c) { select(c, null); },
       onCard: function (c, k) { select(c, k); },

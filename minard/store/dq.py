@@ -158,9 +158,11 @@ def run_data(redis, run: int, now: float | None = None, final: bool = False) -> 
     acct = accounting({k.decode(): int(v) for k, v in acct.items()}, data.events)
     if acct["source_events"] is not None:
         data.integrity["dropped"] = acct["dropped"]
-        # Events in flight are not lost: unaccounted counts once the run is over.
+        # Events in flight are not lost: unaccounted counts once the run is over.  The
+        # source counts every record: orphans and corrupt records are accounted here.
         if final or (end is not None and now - end > UNACCOUNTED_AFTER):
-            data.integrity["unaccounted"] = acct["unaccounted"]
+            seen = data.events + data.integrity["orphans"] + data.integrity.get("corrupt", 0)
+            data.integrity["unaccounted"] = max(0, acct["source_events"] - seen - acct["dropped"])
     if start is not None and end is not None:
         data.cmos, _ = ts.read_values(redis, "cmos", start, max(end, start), now=now)
         data.base, _ = ts.read_values(redis, "base", start, max(end, start), now=now)

@@ -143,3 +143,20 @@ def test_overlay_has_rates_normalized_nhit_and_occupancy_ratio(redis_client):
     assert out["triggers"]["100L"]["run"] > 0 and out["triggers"]["100L"]["reference"] > 0
     assert sum(out["nhit"]["run"]) == pytest.approx(1.0, abs=1e-3)
     assert out["occupancy_ratio"][4321] > 10 and 0.5 < out["occupancy_ratio"][0] < 2
+
+
+def test_dispatcher_accounting_adds_dropped_and_at_the_end_unaccounted_losses(redis_client):
+    from minard.store.runs import add_accounting, get_run
+
+    write_run(redis_client, 9, 5000, 6, T0)
+    summary = get_run(redis_client, 6)
+    records = summary["events"] + summary["orphans"]
+    pipe = redis_client.pipeline()
+    add_accounting(pipe, 6, {"source_events": records + 100 + 5, "dispatched": records + 100,
+                             "dropped:dispatcher_queue": 5})
+    pipe.execute()
+    live = {c["name"]: c for c in store_dq.compute(redis_client, 6, CFG, now=T0 + 10)["checks"]}["integrity"]
+    assert live["detail"]["dropped"] == 5 and "unaccounted" not in live["detail"]  # events may be in flight
+    final = {c["name"]: c for c in store_dq.compute(redis_client, 6, CFG, final=True)["checks"]}["integrity"]
+    assert final["detail"]["unaccounted"] == 100 and final["detail"]["lost"] == 105
+    assert final["status"] == "error"  # 105 of 5105 records: 2 %

@@ -29,6 +29,7 @@ import redis as redis_py
 
 from minard import config, metrics
 from minard import stack as stack_mod
+from minard.store import status
 from minard.store import timeseries as ts
 from minard.testing import free_port, wait_for
 
@@ -114,8 +115,7 @@ class Stack:
 
     def stage_counter(self, stage: str, field: str) -> int:
         """A loss-accounting counter (stats:STAGE), cumulative over process restarts."""
-        raw = self.redis.hget(f"stats:{stage}", field)
-        return int(float(raw)) if raw else 0
+        return status.stats(self.redis).get(stage, {}).get(field, 0)
 
 
 @pytest.fixture(scope="module")

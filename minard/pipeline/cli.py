@@ -30,15 +30,23 @@ cli.add_command(pull_cmd)
 
 @click.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--pools", "per_pool", is_flag=True,
+              help="Per consumer pool instead: {\"pools\": {HOST:PID: heartbeat and counters}}.")
 @click.option("--config", "config_path", default=None, help="Configuration file.")
-def stats_cmd(as_json, config_path):
-    """Print the loss counters of every pipeline stage (stats:<stage> in Redis)."""
+def stats_cmd(as_json, per_pool, config_path):
+    """Print the loss counters of every pipeline stage (stats:<stage> in Redis), or per pool."""
     cfg = config_mod.load(path=config_path)
     client = redis_client(cfg)
     try:
-        data = status.stats(client)
+        data = {"pools": status.pools(client)} if per_pool else status.stats(client)
     except redis_py.RedisError as exc:
         raise click.ClickException(f"Redis {config_mod.redact(cfg['redis_url'])}: {exc}") from None
+    if per_pool and not as_json:
+        for ident, pool in data["pools"].items():
+            state = "alive" if pool["alive"] else "silent"
+            counts = " ".join(f"{stage}:{k}={v}" for stage, c in pool["counters"].items() for k, v in sorted(c.items()))
+            click.echo(f"{ident:<24} {pool.get('component', '')} {state} {counts}".rstrip())
+        return
     if as_json:
         click.echo(json.dumps(data))
         return

@@ -12,8 +12,11 @@ worker managed to write to Redis before it ended.  So:
   what it handed the worker and counts the difference as ``dropped`` and
   ``worker_lost`` of the pool's stage (``stats:<stage>``);
 * once a second :class:`PoolReporter` writes that settlement, the stage's
-  ``received`` counter and the pool's heartbeat in one transaction, keeping
-  them until Redis is back if it is down;
+  ``received`` counter, the heartbeat of the pool's component and the pool's
+  own heartbeat (``status:pool:<host>:<pid>``) in one transaction, keeping
+  them until Redis is back if it is down; every counter is written as an
+  absolute total per writer (:func:`minard.store.status.count`), so a retried
+  transaction never counts twice;
 * :func:`run_pool` runs a pool until SIGTERM/SIGINT and reports a last time.
 
 Key and counter names are listed in ``docs/storage.md``.
@@ -59,7 +62,7 @@ def record_flushed(pipe, key: str, n: int) -> None:
     outside a pool) or without records.
     """
     if key and n:
-        pipe.hincrby(key, str(os.getpid()), n)
+        status.add_total(pipe, key, str(os.getpid()), n)  # a total: a retried flush cannot add twice
         pipe.expire(key, FLUSHED_TTL)
 
 
@@ -113,6 +116,7 @@ class PoolReporter:
         self.redis = redis_client(cfg)
         self.started = time.time()
         self.written_received = 0
+        self.unfolded: list[int] = []  # pids of ended workers whose counters are not folded yet
         self.redis_ok = True
         self.last_status: dict = {}  # the latest pool status, read by the metrics thread
 
@@ -132,6 +136,7 @@ class PoolReporter:
             lost = self.pool.settle(pipe, self.redis) if ended else 0
             status.count(pipe, self.pool.stage, received=received - self.written_received)
             status.beat(pipe, self.component, fields, started=self.started)
+            status.beat_pool(pipe, self.component, fields, started=self.started)
             pipe.execute()
         except redis_py.RedisError as exc:
             if self.redis_ok:
@@ -145,6 +150,18 @@ class PoolReporter:
         self.written_received = received
         del self.pool.ended[:len(ended)]
         self.pool.lost += lost
+        self.unfolded.extend(pid for pid, _ in ended)
+        self.fold_ended()
+
+    def fold_ended(self) -> None:
+        """Fold the counters of ended workers into the pool's ``/ended`` writer (see status.fold)."""
+        pool = status.pool_id()
+        try:
+            while self.unfolded:
+                status.fold(self.redis, f"{pool}/{self.unfolded[0]}", f"{pool}/ended")
+                self.unfolded.pop(0)
+        except redis_py.RedisError as exc:
+            log.info("folding ended workers' counters postponed: %s", exc)
 
 
 #: The supervisord program of each pool (its ``metrics_port_<program>``), by stage.

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from minard.formats import wire
+from minard.store import status
 
 log = logging.getLogger("minard.pipeline.pool")
 
@@ -389,6 +390,8 @@ def worker_main(handler_spec: str, cfg: dict, endpoint: str, wid: int,
     minard_log.setup(cfg.get("log_level", "INFO"))
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager decides when we stop
+    if manager_pid is not None:
+        status.set_pool(manager_pid)  # this worker's counters belong to its pool (status.pools)
     handler = load_handler(handler_spec, cfg)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

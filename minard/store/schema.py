@@ -124,8 +124,12 @@ CHANNELS_HISTORY = _single("channels:history", "list", "every channel flag chang
 
 # --- heartbeats and loss counters (minard/store/status.py) -----------------------
 STATUS = Family("status:{component}", "hash", "Heartbeat of a pipeline component (expires).")
-STATS = Family("stats:{stage}", "hash", "Counters of a pipeline stage: received, processed, dropped, errors.")
+STATS = Family("stats:{stage}", "hash", "Counters of a pipeline stage: received, processed, dropped, errors; "
+                "field <counter>|<writer> = that writer's absolute total (summed by readers).")
 COMPONENTS = _single("pipeline:components", "set", "names of the pipeline components that have written a heartbeat")
+POOL_STATUS = Family("status:pool:{pool}", "hash",
+                     "Heartbeat of one consumer pool (pool = <host>:<manager pid>); kept a day after its last beat.")
+POOLS = _single("pipeline:pools", "zset", "consumer pool <host>:<pid> -> time of its last heartbeat")
 POOL_FLUSHED = Family("pool:{name}:{host}:{pid}:flushed", "hash",
                       "Records each worker of one pool has accounted for in Redis.")
 

@@ -280,12 +280,36 @@ def _pipeline(now: float) -> tuple[list[dict], list[dict]]:
     return procs, stages
 
 
+def _pools(now: float) -> list[dict]:
+    """Consumer pools one by one (``status:pool:<host>:<pid>``): state, workers, own counters.
+
+    Pools on several hosts reading one push are listed separately, each with
+    the records it received and lost (issue 18).
+    """
+    from minard.store import status as pipeline_status
+
+    rows = []
+    for ident, f in pipeline_status.pools(_redis(), now).items():
+        last = float(f["time"]) if f.get("time") else None
+        counters = f.get("counters", {})
+        stage = counters.get("pull") or next(iter(counters.values()), {})
+        rows.append({
+            "pool": ident, "component": f.get("component", ""), "host": f.get("host", ""),
+            "pid": f.get("pid", ""), "state": "up" if f.get("alive") else "down",
+            "age": (now - last) if last else None, "workers": f.get("workers", ""),
+            "received": stage.get("received", 0), "processed": stage.get("processed", 0),
+            "lost": stage.get("dropped", 0) + stage.get("errors", 0), "counters": counters,
+        })
+    return rows
+
+
 @bp.get("/status")
 def status():
     """Every registered program and pipeline process: state, uptime, host, lag, losses."""
     now = time.time()
     procs, stages = _pipeline(now)
-    return render_template("status.html", rows=_status_rows(now), pipeline=procs, stages=stages, now=now)
+    return render_template("status.html", rows=_status_rows(now), pipeline=procs, stages=stages, now=now,
+                           pools=_pools(now))
 
 
 @bp.get("/api/status")
@@ -293,13 +317,14 @@ def status():
      ok={"type": "object", "properties": {
          "programs": {"type": "array", "items": {"type": "object"}},
          "pipeline": {"type": "array", "items": {"type": "object"}},
-         "stages": {"type": "array", "items": {"type": "object"}}, "now": {"type": "number"}}},
+         "stages": {"type": "array", "items": {"type": "object"}}, "now": {"type": "number"},
+         "pools": {"type": "array", "items": {"type": "object"}}}},
      errors=(503,))
 def status_json():
     """The Status page's data."""
     now = time.time()
     procs, stages = _pipeline(now)
-    return jsonify(programs=_status_rows(now), pipeline=procs, stages=stages, now=now)
+    return jsonify(programs=_status_rows(now), pipeline=procs, stages=stages, now=now, pools=_pools(now))
 
 
 # -- logs ------------------------------------------------------------------------------

@@ -68,6 +68,21 @@
     return tr;
   }
 
+  function poolRow(p) {
+    var tr = m.el("tr", "state-" + p.state);
+    tr.dataset.pool = p.pool;
+    tr.appendChild(m.el("td", null, p.pool));
+    tr.appendChild(m.el("td", null, p.component));
+    var st = m.el("td");
+    st.appendChild(m.el("span", "badge state-" + p.state, p.state));
+    tr.appendChild(st);
+    tr.appendChild(m.el("td", null, p.age === null ? "never" : m.duration(p.age) + " ago"));
+    ["workers", "received", "processed", "lost"].forEach(function (k) {
+      tr.appendChild(m.el("td", "num", String(p[k])));
+    });
+    return tr;
+  }
+
   /** Replace a table body's rows, unless there is nothing to show (keep the hint). */
   function fill(id, items, make) {
     var tbody = document.getElementById(id);
@@ -82,6 +97,7 @@
       fill("status-rows", data.programs, row);
       fill("pipeline-rows", data.pipeline, pipelineRow);
       fill("stage-rows", data.stages, stageRow);
+      fill("pool-rows", data.pools, poolRow);
     }).catch(function () {});
   }
 

@@ -353,3 +353,24 @@ def test_status_page_shows_pipeline_heartbeats_and_loss_counters(client, redis_c
     assert proc["state"] == "up" and proc["lag"] == "1.5" and proc["uptime"] >= 120
     stage = next(s for s in data["stages"] if s["stage"] == "pull")
     assert stage["lost"] == 5
+
+
+def test_status_page_lists_consumer_pools_on_two_hosts_separately(client, redis_client):
+    from minard.store import status as pipeline_status
+
+    pipe = redis_client.pipeline()
+    pipeline_status.beat_pool(pipe, "minard_dispatch_pull", {"workers": 3})
+    pipeline_status.count(pipe, "pull", received=70, processed=68, dropped=2)
+    pipe.execute()
+    other = "mon-b<script>:4711"  # a pool on another host (and a name needing escapes)
+    redis_client.hset(f"status:pool:{other}", mapping={"time": time.time(), "host": "mon-b<script>",
+                                                       "pid": 4711, "component": "minard_dispatch_pull",
+                                                       "workers": 1})
+    redis_client.zadd("pipeline:pools", {other: time.time()})
+    redis_client.hset("stats:pull", mapping={f"received|{other}.1": 30, f"processed|{other}/4712.1": 30})
+    html = client.get("/status").get_data(as_text=True)
+    assert f'data-pool="{pipeline_status.pool_id()}"' in html and "<script>:4711" not in html
+    pools = {p["pool"]: p for p in client.get("/api/status").get_json()["pools"]}
+    assert pools[pipeline_status.pool_id()]["received"] == 70 and pools[pipeline_status.pool_id()]["lost"] == 2
+    assert pools[other]["received"] == 30 and pools[other]["processed"] == 30 and pools[other]["lost"] == 0
+    assert pools[other]["state"] == "up" and pools[other]["workers"] == "1"

@@ -13,6 +13,8 @@ import time
 from flask import Blueprint, abort, current_app, render_template
 
 from minard.analysis.aggregate import NAMES
+from minard.store import dq as store_dq
+from minard.store import registry
 from minard.store.runs import get_run, list_runs
 from minard.web import data
 from minard.web.params import ParamError, parse_int
@@ -62,7 +64,9 @@ def nhit():
 def runs():
     """The runs seen by the monitoring, newest first."""
     rows = list_runs(_redis(), 500)
-    return render_template("runs.html", runs=rows, now=time.time())
+    # Data quality and sign-off of each run (docs/dq.md); filters on /dq/runs.
+    dq_status, signed = store_dq.statuses(_redis()), registry.states(_redis())
+    return render_template("runs.html", runs=rows, now=time.time(), dq_status=dq_status, signed=signed)
 
 
 @bp.get("/runs/<run>")

@@ -151,3 +151,10 @@ def test_overlay_and_report_page_render(client, runs):
     assert 'data-check="occupancy_hot" data-status="warning"' in page
     assert client.get("/runs/2").status_code == 200 and "/runs/2/dq" in client.get("/runs/2").get_data(as_text=True)
     assert json.loads(client.get("/api/runs/2/dq/overlay").get_data(as_text=True))["run"] == 2
+
+
+def test_the_runs_page_shows_each_runs_dq_status_and_signoff(client, runs):
+    store_dq.compute(runs, 2, store_dq.load_config({"dq_file": "conf/dq.cfg"}), reference=1)
+    registry.sign(runs, 2, "unsure", "s", "look again", False)
+    page = client.get("/runs").get_data(as_text=True)
+    assert 'data-dq="warning"' in page and 'data-state="unsure"' in page and "/runs/2/dq" in page

@@ -157,4 +157,4 @@ def test_the_runs_page_shows_each_runs_dq_status_and_signoff(client, runs):
     store_dq.compute(runs, 2, store_dq.load_config({"dq_file": "conf/dq.cfg"}), reference=1)
     registry.sign(runs, 2, "unsure", "s", "look again", False)
     page = client.get("/runs").get_data(as_text=True)
-    assert 'data-dq="warning"' in page and 'data-state="unsure"' in page and "/runs/2/dq" in page
+    assert 'data-dq="warning"' in page and 'data-state="unsure"' in page

@@ -254,6 +254,14 @@ def generate_events(seed: int, n_events: int, **options) -> Iterator[bytes]:
             yield buf[offset:offset + length]
 
 
+def check_trigger_scale(scale: dict | None) -> None:
+    """Raise ValueError for a trigger name the simulation does not generate."""
+    for name in scale or {}:
+        if name == "physics" or (name not in KIND_SHARES and name not in PHYSICS_BITS):
+            raise ValueError(f"trigger {name} is not simulated; scalable: "
+                             f"{', '.join(sorted(set(KIND_SHARES) - {'physics'} | set(PHYSICS_BITS)))}")
+
+
 def generate_batches(
     seed: int,
     n_events: int,
@@ -278,10 +286,7 @@ def generate_batches(
     """
     if rate_hz <= 0 or n_events < 0:
         raise ValueError("rate_hz must be > 0 and n_events >= 0")
-    for name in trigger_scale or {}:
-        if name not in KIND_SHARES and name not in PHYSICS_BITS:
-            raise ValueError(f"trigger {name} is not simulated; scalable: "
-                             f"{', '.join(sorted(set(KIND_SHARES) - {'physics'} | set(PHYSICS_BITS)))}")
+    check_trigger_scale(trigger_scale)
     if trigger_scale:
         rate_hz *= kind_shares(trigger_scale)[1]
     faults = faults or Faults()
@@ -435,7 +440,7 @@ def zdab_cmd(out, n_events, seed, run, start_gtid, mean_nhit, rate_hz, subrun_ev
                     corrupt=corrupt)
     scale = parse_trigger_scale(trigger_scale)
     try:
-        generate_batches(0, 0, trigger_scale=scale).close()  # check the names before writing
+        check_trigger_scale(scale)  # before the file is created
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--trigger-scale") from None
     events = generate_events(seed, n_events, run=run, start_gtid=start_gtid, rate_hz=rate_hz,

@@ -169,3 +169,35 @@ def test_zdab_command_writes_a_readable_file(tmp_path):
 def test_zdab_command_rejects_bad_fault_options(tmp_path, args):
     result = CliRunner().invoke(zdab_cmd, [str(tmp_path / "x.zdab"), "--events", "5", *args])
     assert result.exit_code != 0
+
+
+def test_trigger_scale_multiplies_that_trigger_types_rate_per_clock_second():
+    from minard.formats import pmt
+    from minard.simulate.events import DEFAULT_CLOCK10, generate_batches
+
+    def rates(scale):
+        counts, last = {}, 0
+        for buf, offsets, lengths in generate_batches(5, 20000, trigger_scale=scale):
+            b = pmt.decode_buffer(buf, offsets, lengths)
+            for name in ("100L", "20LB", "EXTA"):
+                counts[name] = counts.get(name, 0) + int(((b.trigger >> pmt.TRIGGER_BITS[name]) & 1).sum())
+            pulser = b.trigger == (1 << pmt.TRIGGER_BITS["PULGT"])
+            counts["pulser"] = counts.get("pulser", 0) + int(pulser.sum())
+            last = int(b.clock10[-1])
+        seconds = (last - DEFAULT_CLOCK10) / 1e7
+        return {k: v / seconds for k, v in counts.items()}
+
+    base, scaled = rates(None), rates({"PULGT": 3.0, "20LB": 0.5})
+    assert scaled["pulser"] / base["pulser"] == pytest.approx(3.0, rel=0.12)
+    assert scaled["20LB"] / base["20LB"] == pytest.approx(0.5, rel=0.06)
+    assert scaled["100L"] / base["100L"] == pytest.approx(1.0, rel=0.04)  # the others keep their rate
+
+
+def test_trigger_scale_refuses_unknown_names_and_bad_factors(tmp_path):
+    from click.testing import CliRunner
+
+    from minard.simulate.events import zdab_cmd
+
+    for bad in ("NOPE=2", "PULGT", "PULGT=-1", "PULGT=x", "SOLGT=2"):
+        result = CliRunner().invoke(zdab_cmd, [str(tmp_path / "x.zdab"), "--events", "10", "--trigger-scale", bad])
+        assert result.exit_code == 2, (bad, result.output)

@@ -65,7 +65,7 @@ class Result:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "value": _clean(self.value),
-                "expected": _clean(self.expected), "threshold": self.threshold, "detail": self.detail}
+                "expected": _clean(self.expected), "threshold": _safe(self.threshold), "detail": _safe(self.detail)}
 
 
 def _clean(x):
@@ -74,6 +74,19 @@ def _clean(x):
         return None
     x = float(x) if not isinstance(x, (int, np.integer)) else int(x)
     return x if isinstance(x, int) or math.isfinite(x) else None
+
+
+def _safe(obj):
+    """*obj* with every number JSON-safe (numpy to Python, NaN/inf to None), recursively."""
+    if isinstance(obj, dict):
+        return {str(k): _safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, float, np.integer, np.floating)):
+        return _clean(obj)
+    return obj
 
 
 @dataclass

@@ -146,3 +146,12 @@ def test_worst_orders_the_states():
     assert dq.worst(["good", "too_few"]) == "too_few"
     assert dq.worst(["warning", "too_few", "good"]) == "warning"
     assert dq.worst(["error", "warning"]) == "error" and dq.worst([]) == "good"
+
+
+def test_reports_are_strict_json_even_with_infinite_thresholds_or_empty_runs():
+    import json
+
+    cfg = dq.load_config(text="[trigger_rate]\nerror = 0 inf\n")
+    empty = dq.RunData(run=3, duration=20.0, triggers={"EXTA": 5})
+    for report in (dq.evaluate(empty, make_run(1), cfg), dq.evaluate(make_run(2), empty, cfg)):
+        json.dumps(report, allow_nan=False)

@@ -15,6 +15,8 @@ whether namespaces can be created here, so tests can skip with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
 import shutil
@@ -126,3 +128,45 @@ class Network:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def inside(ns: str):
+    """Run the body with this thread in namespace *ns*; sockets made there stay in it.
+
+    A socket belongs to the namespace it was created in, whichever thread later
+    uses it, so a test can hold connections to several "hosts" at once.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as home, open(f"/var/run/netns/{ns}") as target:
+        if libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+        try:
+            yield
+        finally:
+            libc.setns(home.fileno(), _CLONE_NEWNET)
+
+
+def connection_class(ns: str):
+    """A redis-py Connection class whose sockets are made inside namespace *ns*."""
+    import redis as redis_py
+
+    class NamespacedConnection(redis_py.Connection):
+        """Connects from inside namespace *ns* (see :func:`inside`)."""
+
+        def _connect(self):
+            with inside(ns):
+                return super()._connect()
+
+    return NamespacedConnection
+
+
+def redis_client(ns: str, host: str, port: int, **kwargs):
+    """A redis-py client of *host*:*port* whose connections are made inside namespace *ns*."""
+    import redis as redis_py
+
+    pool = redis_py.ConnectionPool(connection_class=connection_class(ns), host=host, port=port, **kwargs)
+    return redis_py.Redis(connection_pool=pool)

@@ -26,6 +26,10 @@ DEFAULTS: dict[str, object] = {
     "log_level": "INFO",
     # Redis
     "redis_url": "redis://127.0.0.1:6379/0",
+    "redis_sentinels": "",  # Sentinels host:port,host:port...; empty = redis_url directly (issue 18)
+    "redis_master_name": "minard",  # the Sentinels' name of the primary
+    "redis_sentinel_password_file": "",  # file (0600) with the Sentinels' password; empty = none
+    "web_redis_replica": False,  # the website reads dashboard data from a replica (via Sentinel)
     # Dispatcher (event fan-out server)
     "dispatcher_host": "127.0.0.1",
     "dispatcher_port": 7000,

@@ -73,3 +73,17 @@ def client(sentinels: list[tuple[str, int]], master_name: str, options: dict, *,
     if replica:
         return manager.slave_for(master_name, **kwargs)
     return manager.master_for(master_name, **kwargs)
+
+
+def from_config(cfg, options: dict, *, replica: bool = False) -> redis_py.Redis | None:
+    """The client :func:`minard.store.connection.redis` builds when ``redis_sentinels`` is set.
+
+    *options* are the parsed ``redis_url`` merged with the role's keyword
+    arguments; None when ``redis_sentinels`` is empty (connect to ``redis_url``).
+    """
+    sentinels = addresses(str(cfg.get("redis_sentinels") or ""))
+    if not sentinels:
+        return None
+    secret = password(str(cfg.get("redis_sentinel_password_file") or ""))
+    return client(sentinels, str(cfg.get("redis_master_name") or "minard"), options,
+                  sentinel_password=secret, replica=replica)

@@ -102,6 +102,13 @@ def create_app(cfg: dict | None = None) -> Flask:
         HOME_ENDPOINT="ops.status",
     )
     app.extensions["minard_redis"] = redis.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+    from minard.web.data import Cache, Source
+
+    # The web's caches live on the app (no module state): settled Redis data
+    # shared by every request of this worker, and rendered answers of heavy
+    # endpoints reused for RESPONSE_TTL seconds.
+    app.extensions["minard_source"] = Source(app.extensions["minard_redis"], Cache(1024))
+    app.extensions["minard_responses"] = Cache(256)
     app.extensions["minard_keys"] = KeyStore.from_config(cfg)
     app.extensions["minard_registry"] = Registry.from_config(cfg)
     _behind_proxy(app, int(cfg["web_proxy_hops"]))

@@ -29,6 +29,7 @@ from minard.analysis.aggregate import NAMES
 from minard.apidoc import doc, q
 from minard.store import channel_status as channels_store
 from minard.store import status
+from minard.store import timeseries as ts
 from minard.store.runs import get_run, list_runs
 from minard.web import data
 from minard.web.params import (
@@ -47,11 +48,16 @@ from minard.web.params import (
 bp = Blueprint("api", __name__)
 #: Seconds a rendered response of a heavy endpoint is reused for the same URL.
 RESPONSE_TTL = 0.5
-_responses = data.Cache(256)
 
 
 def _redis():
-    return current_app.extensions["minard_redis"]
+    """Redis with the app's cache of settled data (:class:`minard.web.data.Source`)."""
+    return current_app.extensions["minard_source"]
+
+
+def _responses() -> data.Cache:
+    """The app's cache of rendered responses."""
+    return current_app.extensions["minard_responses"]
 
 
 # ------------------------------------------------------------------ errors
@@ -91,13 +97,13 @@ def response_cache(view):
     @wraps(view)
     def wrapper(*args, **kwargs):
         key = (request.endpoint, request.full_path)
-        hit = _responses.get(key)
+        hit = _responses().get(key)
         if hit is not None:
             body, mimetype, headers = hit
             return Response(body, mimetype=mimetype, headers=headers)
         resp = view(*args, **kwargs)
         if isinstance(resp, Response) and resp.status_code == 200:
-            _responses.put(key, (resp.get_data(), resp.mimetype, _download_headers(resp)), RESPONSE_TTL)
+            _responses().put(key, (resp.get_data(), resp.mimetype, _download_headers(resp)), RESPONSE_TTL)
         return resp
 
     return wrapper
@@ -173,6 +179,7 @@ def stream():
         return _stream_csv(view, name)
     redis = _redis()
     out = {"start": start, "stop": stop, "step": view["step"], "now": now, "t": ints(view["t"]),
+           "complete_until": view["complete_until"], "headline": data.headline(redis, now),
            "triggers": view["triggers"],
            "rate": {n: floats(v, 3) for n, v in view["rate"].items()},
            "nhit": {n: floats(v, 2) for n, v in view["nhit"].items()},
@@ -210,6 +217,17 @@ def heartbeat(redis, now: float) -> list[dict]:
                     "state": f.get("state", "gone") if f.get("time") else "gone", "host": f.get("host"),
                     "lag": f.get("lag_seconds")})
     return out
+
+
+@bp.get("/api/banner")
+@response_cache
+def banner_json():
+    """The status banner of every page: run and elapsed time, run state, total rate, data age, alarms."""
+    from minard.web.banner import banner
+
+    _only()
+    history = float(current_app.config["MINARD"].get("alarm_history_days", 30))
+    return json_response(banner(_redis(), time.time(), history))
 
 
 # ------------------------------------------------------------------ detector
@@ -373,24 +391,92 @@ STREAM_COUNTERS = ("records", "events", "orphans", "gtid_gaps", "gtid_missing", 
 LAST_VALUES = ("run", "subrun", "gtid")
 HASH_GROUPS = {"crate": tuple(f"c{i}" for i in range(19)), "trig": data.TRIG_FIELDS,
                "stream": LAST_VALUES + STREAM_COUNTERS}
+#: Names the original minard's stream page asks for, as expressions of this one
+#: (docs/web.md): "<TRIGGER>-nhit"/"-charge" are averages per event,
+#: DISPATCH_ORPHANS orphans per second, heartbeat 1 where data arrived in the step.
+ALIAS_SUFFIXES = {"-nhit": ":nhit", "-charge": ":qhs"}
+ALIASES = {"DISPATCH_ORPHANS": "orphans", "heartbeat": "heartbeat"}
+#: Most values one /metric answer holds on an explicit step grid.
+METRIC_MAX_VALUES = 20000
+
+
+def metric_expr(expr: str) -> str:
+    """The expression of this minard for *expr*, original aliases resolved (ParamError if unknown)."""
+    for suffix, kind in ALIAS_SUFFIXES.items():
+        if expr.endswith(suffix) and expr[: -len(suffix)] in NAMES:
+            return expr[: -len(suffix)] + kind
+    expr = ALIASES.get(expr, expr)
+    trig, _, kind = expr.partition(":")
+    if (trig in NAMES and kind in ("", "nhit", "qhs")) or expr in LAST_VALUES + STREAM_COUNTERS + ("heartbeat",):
+        return expr
+    raise ParamError(f"expr {expr[:40]!r} is not known: use a trigger name (e.g. TOTAL, 100L), "
+                     "TRIGGER:nhit, TRIGGER:qhs (or the original TRIGGER-nhit, TRIGGER-charge), run, subrun, "
+                     "gtid, heartbeat, DISPATCH_ORPHANS or one of " + ", ".join(STREAM_COUNTERS))
+
+
+def _metric_fields(expr: str) -> tuple[str, tuple[str, ...]]:
+    """(group, fields) a /metric expression is computed from."""
+    trig, _, kind = expr.partition(":")
+    if trig in NAMES:
+        return "trig", (trig,) if not kind else (trig, expr)
+    return "stream", ("records",) if expr == "heartbeat" else (expr,)
+
+
+def _metric_reduce(expr: str, rows: dict, seconds, last=None) -> np.ndarray:
+    """Values of *expr* from summed *rows* over steps of *seconds* (``last``: last values)."""
+    trig, _, kind = expr.partition(":")
+    if trig in NAMES:
+        if kind:
+            return data._ratio(np.nan_to_num(rows[expr]), np.nan_to_num(rows[trig]))
+        return rows[trig] / seconds
+    if expr in LAST_VALUES:
+        return last
+    if expr == "heartbeat":
+        return np.where(np.isnan(rows["records"]), 0.0, (rows["records"] > 0).astype(float))
+    return rows[expr] / seconds
 
 
 def _metric_values(expr: str, start: float, stop: float, now: float, step):
-    """(times, values, step) of one /metric expression."""
-    redis = _redis()
-    trig, _, kind = expr.partition(":")
-    if trig in NAMES and kind in ("", "nhit", "qhs"):
-        fields = (trig,) if not kind else (trig, expr)
-        t, rows, level = data.series(redis, "trig", fields, start, stop, now, step)
-        if not kind:
-            return t, rows[trig] / level.step, level.step
-        return t, data._ratio(np.nan_to_num(rows[expr]), np.nan_to_num(rows[trig])), level.step
-    if expr in LAST_VALUES or expr in STREAM_COUNTERS:
-        t, rows, level = data.series(redis, "stream", (expr,), start, stop, now, step)
-        v = rows[expr]
-        return t, (v if expr in LAST_VALUES else v / level.step), level.step
-    raise ParamError(f"expr {expr[:40]!r} is not known: use a trigger name (e.g. TOTAL, 100L), "
-                     "TRIGGER:nhit, TRIGGER:qhs, run, subrun, gtid or one of " + ", ".join(STREAM_COUNTERS))
+    """(times, values, step) of one /metric expression at the stored resolution."""
+    group, fields = _metric_fields(expr)
+    t, rows, level = data.series(_redis(), group, fields, start, stop, now, step)
+    return t, _metric_reduce(expr, rows, level.step, rows.get(expr)), level.step
+
+
+def _metric_grid(expr: str, start: float, stop: float, now: float, step: float):
+    """(times, values) on the grid start, start+step, ... < stop, as the original minard answered.
+
+    Read at the coarsest stored level whose buckets tile the grid exactly
+    (else the finest one at least *step* long), and combined per grid step: counts summed, averages as sum/sum, last values last.
+    """
+    n = math.ceil((stop - start) / step)
+    if n > METRIC_MAX_VALUES:
+        raise ParamError(f"start..stop holds {n} steps of {step:g} s; at most {METRIC_MAX_VALUES} per request")
+    fits = [lv for lv in ts.SCALAR_LEVELS if lv.step <= step and step % lv.step == 0 and start % lv.step == 0
+            and (stop - start) / lv.step <= 20 * METRIC_MAX_VALUES and now - start <= lv.keep]
+    group, fields = _metric_fields(expr)
+    t, rows, level = data.series(_redis(), group, fields, start, stop - 1e-6, now,
+                                 step=fits[-1].step if fits else step, max_points=10**7)
+    grid = np.arange(n, dtype=float) * step + start
+    # the grid step each stored bucket falls in (by its middle); buckets outside are dropped
+    idx = np.floor((t + level.step / 2 - start) / step).astype(np.int64)
+    ok = (idx >= 0) & (idx < n)
+    summed, seen = {}, np.zeros(n)
+    for f in fields:
+        v = rows[f][ok]
+        have = ~np.isnan(v)
+        summed[f] = np.bincount(idx[ok][have], v[have], minlength=n)[:n]
+        seen = np.maximum(seen, np.bincount(idx[ok][have], minlength=n)[:n])
+    for f in fields:
+        summed[f] = np.where(seen > 0, summed[f], np.nan)
+    last = None
+    if expr in LAST_VALUES:
+        last = np.full(n, np.nan)
+        v = rows[expr][ok]
+        have = ~np.isnan(v)
+        last[idx[ok][have]] = v[have]  # later buckets overwrite earlier ones
+    values = _metric_reduce(expr, summed, step, last)
+    return grid, values
 
 
 @bp.get("/metric")
@@ -401,18 +487,28 @@ def _metric_values(expr: str, start: float, stop: float, now: float, step):
      errors=(400,))
 @response_cache
 def metric():
-    """Original minard: one series, ``values`` per step (null where no data)."""
+    """Original minard: one series, ``values`` per step (null where no data).
+
+    With ``step`` the answer has exactly one value per step from ``start``
+    (the original clients' grid); the original names (``TOTAL-nhit``,
+    ``TOTAL-charge``, ``heartbeat``, ...) are accepted as aliases.
+    """
     _only("expr", "start", "stop", "window", "step", "now")
-    expr = request.args.get("expr")
-    if not expr:
+    raw = request.args.get("expr")
+    if not raw:
         raise ParamError("missing parameter expr")
+    expr = metric_expr(raw)
     now = time.time()
     start, stop = time_window(request.args, now)
-    step = parse_duration("step", request.args["step"], 1, 86400) if "step" in request.args else None
-    t, values, used = _metric_values(expr, start, stop, now, step)
-    digits = 0 if expr in LAST_VALUES else 4
-    return json_response({"expr": expr, "start": start, "stop": stop, "step": used,
-                          "t": ints(t), "values": ints(values) if digits == 0 else floats(values, 4)})
+    if "step" in request.args:
+        step = parse_duration("step", request.args["step"], 1, 86400)
+        t, values = _metric_grid(expr, start, stop, now, step)
+        used = step
+    else:
+        t, values, used = _metric_values(expr, start, stop, now, None)
+    integer = expr in LAST_VALUES or expr == "heartbeat"
+    return json_response({"expr": raw, "start": start, "stop": stop, "step": used,
+                          "t": ints(t), "values": ints(values) if integer else floats(values, 4)})
 
 
 @bp.get("/metric_hash")

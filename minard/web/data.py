@@ -15,9 +15,18 @@ and :mod:`minard.store.runs` (docs/storage.md):
 
 **Caching.**  Buckets that ended more than :data:`SETTLE` seconds ago no
 longer change (workers flush once a second), so what is read from them is
-kept in a small per-process cache (:data:`CACHE`); only the last few buckets
-of a live window are read from Redis on every request.  Scalar rows are cached
-in aligned blocks of :data:`BLOCK` buckets, so a sliding window reuses them.
+kept in a small cache owned by the web app (a :class:`Cache` on
+``app.extensions``, reached through :class:`Source`; no module state); only
+the last few buckets of a live window are read from Redis on every request.
+Scalar rows are cached in aligned blocks of :data:`BLOCK` buckets, so a
+sliding window reuses them.  Functions given a plain Redis client read
+everything from Redis.
+
+**Complete buckets.**  A bucket still filling (it ends less than
+:data:`COMPLETE_LAG` seconds before now) would make the newest point of a
+plot and any headline dip; the Stream view stops at the last complete bucket
+and the headline is the mean over the last :data:`HEADLINE_SECONDS` complete
+seconds, stating the interval it covers.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ from minard.store.schema import NHIT_LEVELS
 
 #: Seconds after its end when a bucket is final (flushes happen every second).
 SETTLE = 3.0
+#: Seconds after its end when a bucket holds all its data (workers flush every second).
+COMPLETE_LAG = 2.0
+#: The headline rate is the mean over this many complete seconds.
+HEADLINE_SECONDS = 10
 #: Scalar buckets cached together (aligned on multiples of BLOCK).
 BLOCK = 32
 #: At most this many buckets are summed for one channel map.
@@ -97,16 +110,34 @@ class Cache:
             self.items.clear()
 
 
-CACHE = Cache()
 SETTLED_TTL = 900.0
 
 
-def cached(key, ttl: float, compute):
-    """``compute()`` through :data:`CACHE`."""
-    value = CACHE.get(key)
+class Source:
+    """A Redis client together with the web app's cache of settled data.
+
+    Every function of this module takes a Redis client or a Source; a Source
+    answers the client's methods itself (so pipelines and reads go through
+    unchanged) and adds the :class:`Cache` the app keeps on ``app.extensions``.
+    """
+
+    def __init__(self, redis, cache: Cache | None = None):
+        self.redis = redis
+        self.cache = cache if cache is not None else Cache()
+
+    def __getattr__(self, name):
+        return getattr(self.redis, name)
+
+
+def cached(redis, key, ttl: float, compute):
+    """``compute()`` through the cache of *redis* when it is a :class:`Source`."""
+    cache = getattr(redis, "cache", None) if isinstance(redis, Source) else None
+    if cache is None:
+        return compute()
+    value = cache.get(key)
     if value is None:
         value = compute()
-        CACHE.put(key, value, ttl)
+        cache.put(key, value, ttl)
     return value
 
 
@@ -143,7 +174,7 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
         end = min(b1, block * BLOCK + BLOCK - 1)
         if block * BLOCK + BLOCK - 1 <= settled:
             lo = block * BLOCK
-            rows = cached(("rows", group, fields, step, block), SETTLED_TTL,
+            rows = cached(redis, ("rows", group, fields, step, block), SETTLED_TTL,
                           lambda lo=lo: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
             parts.append(rows[b - block * BLOCK: end - block * BLOCK + 1])
         else:
@@ -152,14 +183,26 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
     return np.vstack(parts) if parts else np.zeros((0, len(fields)))
 
 
+def last_complete(step: int, now: float) -> int:
+    """Index of the newest bucket of *step* seconds that holds all its data at *now*."""
+    return ts.bucket(now - COMPLETE_LAG, step) - 1
+
+
 def series(redis, group: str, fields, start: float, stop: float, now: float,
-           step: float | None = None, levels=ts.SCALAR_LEVELS, max_points: int = ts.MAX_POINTS):
-    """(times, {field: array}, level) of a scalar group over [start, stop]."""
+           step: float | None = None, levels=ts.SCALAR_LEVELS, max_points: int = ts.MAX_POINTS,
+           complete: bool = False):
+    """(times, {field: array}, level) of a scalar group over [start, stop].
+
+    With *complete*, buckets still filling at *now* are left out, so the last
+    point is a whole bucket (see :data:`COMPLETE_LAG`).
+    """
     fields = tuple(fields)
     level = ts.choose_level(start, stop, levels, now=now, step=step, max_points=max_points)
     b0, b1 = ts.bucket(start, level.step), ts.bucket(stop, level.step)
+    if complete:
+        b1 = min(b1, last_complete(level.step, now))
     rows = scalar_rows(redis, group, fields, level.step, b0, b1, now)
-    times = np.arange(b0, b1 + 1, dtype=float) * level.step
+    times = np.arange(b0, max(b0, b1 + 1), dtype=float) * level.step
     return times, {f: rows[:, i] for i, f in enumerate(fields)}, level
 
 
@@ -176,12 +219,13 @@ def stream_view(redis, start: float, stop: float, now: float, step: float | None
     *triggers* limits the series returned (default: TOTAL and every trigger
     with events in the window).  Rates are events per bucket / bucket length.
     """
-    times, trig, level = series(redis, "trig", TRIG_FIELDS, start, stop, now, step)
-    _, stream, _ = series(redis, "stream", STREAM_FIELDS, start, stop, now, level.step)
+    times, trig, level = series(redis, "trig", TRIG_FIELDS, start, stop, now, step, complete=True)
+    _, stream, _ = series(redis, "stream", STREAM_FIELDS, start, stop, now, level.step, complete=True)
     counts = {n: np.nan_to_num(trig[n]) for n in NAMES}
     if triggers is None:
         triggers = [n for n in NAMES if n == "TOTAL" or counts[n].any()]
     out = {"start": start, "stop": stop, "step": level.step, "t": times, "triggers": list(triggers),
+           "complete_until": float(times[-1] + level.step) if len(times) else None,
            "rate": {}, "nhit": {}, "qhs": {}}
     for n in triggers:
         out["rate"][n] = np.where(np.isnan(trig[n]) & np.isnan(stream["events"]), np.nan,
@@ -226,11 +270,22 @@ def latest_state(redis, now: float) -> dict:
             "time": float(times[i])}
 
 
-def recent_rates(redis, now: float, seconds: int = 10) -> dict[str, float]:
+def headline(redis, now: float, seconds: int = HEADLINE_SECONDS) -> dict:
+    """Mean rate (Hz) of every trigger over the last *seconds* complete seconds.
+
+    Returns ``rates`` {name: Hz}, the interval ``start``..``stop`` they cover
+    (Unix seconds) and ``seconds``; a bucket still filling never counts.
+    """
+    end = last_complete(1, now)
+    b0 = end - seconds + 1
+    rows = scalar_rows(redis, "trig", NAMES, 1, b0, end, now)
+    rates = {n: float(np.nansum(rows[:, i]) / seconds) for i, n in enumerate(NAMES)}
+    return {"rates": rates, "start": float(b0), "stop": float(end + 1), "seconds": seconds}
+
+
+def recent_rates(redis, now: float, seconds: int = HEADLINE_SECONDS) -> dict[str, float]:
     """Mean rate (Hz) of every trigger over the last *seconds* complete seconds."""
-    end = math.floor(now) - 2
-    _, rows, _ = series(redis, "trig", NAMES, end - seconds + 1, end, now, step=1)
-    return {n: float(np.nansum(rows[n]) / seconds) for n in NAMES}
+    return headline(redis, now, seconds)["rates"]
 
 
 # ---------------------------------------------------------- per-channel maps
@@ -275,7 +330,7 @@ def channel_sum(redis, quantity: str, step: int, b0: int, b1: int, now: float):
     total = np.zeros(NCHANNELS_TOTAL, np.int64)
     n = np.zeros(NCHANNELS_TOTAL, np.int64)
     if settled >= b0:
-        s, c = cached(("chsum", name, kind, step, b0, settled), SETTLED_TTL,
+        s, c = cached(redis, ("chsum", name, kind, step, b0, settled), SETTLED_TTL,
                       lambda: _read_sum(redis, name, kind, step, b0, settled))
         total += s
         n += c
@@ -324,7 +379,7 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
     """
     span = stop - start
     anchor = math.floor(start / span) * span
-    base = cached(("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
+    base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
                   lambda: _median_of_windows(redis, quantity, anchor, span, now, level))
     with np.errstate(all="ignore"), _quiet():
         crate_median = np.nanmedian(current.reshape(19, -1), axis=1)

@@ -16,7 +16,6 @@ PAGES = {"/stream": "stream.js", "/detector": "detector.js", "/nhit": "nhit.js",
 
 @pytest.fixture
 def client(cfg):
-    data.CACHE.clear()
     return create_app(cfg).test_client()
 
 

@@ -463,7 +463,10 @@ def unshelve(r, alarm_id: int, who: str, now: float | None = None, history_days:
     """End a shelve early: the alarm is active again."""
     now = time.time() if now is None else now
     _existing(r, alarm_id, now)
-    _update(r, alarm_id, {"shelved_until": repr(now), "shelved_by": who}, history_days)
+    # The shelve is removed, not made to expire now: the alarm reads as unacknowledged,
+    # never "(shelve expired)", and who ended it is kept.
+    r.hdel(alarm_key(alarm_id), "shelved_until")
+    _update(r, alarm_id, {"shelved_by": who, "unshelved_by": who, "unshelved_at": repr(now)}, history_days)
     record(r, alarm_id, "unshelved", who, "", now, history_days)
     return _existing(r, alarm_id, now)
 

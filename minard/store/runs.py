@@ -179,7 +179,36 @@ def get_run(redis, run: int) -> dict | None:
 
 def list_runs(redis, limit: int = 100) -> list[dict]:
     """The *limit* most recently started runs, newest first: run, start, end, events."""
-    rows = redis.zrevrange(START_KEY, 0, max(0, limit - 1), withscores=True)
+    return _run_rows(redis, redis.zrevrange(START_KEY, 0, max(0, limit - 1), withscores=True))
+
+
+def find_runs(redis, offset: int = 0, limit: int = 50, numbers: tuple[int, int] | None = None,
+              started: tuple[float, float] | None = None) -> tuple[list[dict], int]:
+    """One page of runs, newest first, and how many match: (rows, total).
+
+    *numbers* keeps runs numbered lo..hi (inclusive), *started* runs that
+    started in [t0, t1) (Unix seconds); without either, every run.
+    """
+    if started is not None:
+        members = redis.zrevrangebyscore(START_KEY, f"({started[1]}", started[0], withscores=True)
+    elif numbers is not None:
+        lo, hi = numbers
+        if hi - lo < 1000:  # a few numbers: ask for each
+            pipe = redis.pipeline(transaction=False)
+            for n in range(hi, lo - 1, -1):
+                pipe.zscore(START_KEY, str(n))
+            members = [(str(n).encode(), t) for n, t in zip(range(hi, lo - 1, -1), pipe.execute()) if t is not None]
+            members.sort(key=lambda m: -m[1])
+        else:
+            members = [(m, t) for m, t in redis.zrevrange(START_KEY, 0, -1, withscores=True) if lo <= int(m) <= hi]
+    else:
+        total = redis.zcard(START_KEY)
+        return _run_rows(redis, redis.zrevrange(START_KEY, offset, offset + limit - 1, withscores=True)), total
+    return _run_rows(redis, members[offset: offset + limit]), len(members)
+
+
+def _run_rows(redis, rows) -> list[dict]:
+    """run, start, end, events and subrun count of (member, start) pairs."""
     if not rows:
         return []
     pipe = redis.pipeline(transaction=False)

@@ -125,6 +125,18 @@ def floats(values, digits: int = 4) -> list:
     return [x if math.isfinite(x) else None for x in rounded]
 
 
+def sigfigs(values, digits: int = 5) -> list:
+    """A float array as a JSON list rounded to *digits* significant figures (small occupancies keep theirs)."""
+    arr = np.asarray(values, dtype=float)
+    if not len(arr):
+        return []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.floor(np.log10(np.abs(arr)))
+        scale = 10.0 ** np.where(np.isfinite(mag), digits - 1 - mag, 0)
+        rounded = (np.round(arr * scale) / scale).tolist()
+    return [x if math.isfinite(x) else None for x in rounded]
+
+
 def ints(values) -> list:
     """An array of (possibly NaN) integers as a JSON list with null for NaN."""
     arr = np.asarray(values, dtype=float)
@@ -253,10 +265,10 @@ def detector():
         return _detector_csv(view, crate, card, name)
     st = view["stats"]
     out = {"quantity": quantity, "unit": view["unit"], "start": start, "stop": stop, "step": view["step"],
-           "now": now, "events": view["events"], "values": floats(view["values"], 5),
-           "baseline": floats(view["baseline"], 5), "hot": view["hot"].tolist(), "dead": view["dead"].tolist(),
-           "crate": {"mean": floats(st["crate_mean"], 5), "max": floats(st["crate_max"], 5)},
-           "card": {"mean": [floats(r, 5) for r in st["card_mean"]], "max": [floats(r, 5) for r in st["card_max"]]},
+           "now": now, "events": view["events"], "values": sigfigs(view["values"]),
+           "baseline": sigfigs(view["baseline"]), "hot": view["hot"].tolist(), "dead": view["dead"].tolist(),
+           "crate": {"mean": sigfigs(st["crate_mean"]), "max": sigfigs(st["crate_max"])},
+           "card": {"mean": [sigfigs(r) for r in st["card_mean"]], "max": [sigfigs(r) for r in st["card_max"]]},
            "selection": {"crate": crate, "card": card},
            "flags": {str(k): sorted(v) for k, v in channels_store.status(_redis()).items()}}
     return json_response(out, name)

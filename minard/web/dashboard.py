@@ -8,14 +8,16 @@ pages render their tables on the server (Jinja escapes everything).
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import UTC, datetime, timedelta
 
-from flask import Blueprint, abort, current_app, render_template
+from flask import Blueprint, abort, current_app, render_template, request
 
 from minard.analysis.aggregate import NAMES
 from minard.store import dq as store_dq
 from minard.store import registry
-from minard.store.runs import get_run, list_runs
+from minard.store.runs import find_runs, get_run
 from minard.web import data
 from minard.web.params import ParamError, parse_int
 
@@ -60,13 +62,58 @@ def nhit():
     return render_template("nhit.html", seconds=NHIT_SECONDS, triggers=NAMES)
 
 
+#: Runs per page of the runs list.
+RUNS_PER_PAGE = 50
+
+
+def run_filter(q: str) -> dict:
+    """find_runs arguments for the runs list's search box (ParamError if it is not one).
+
+    ``3510`` one run, ``3500-3600`` a range of numbers, ``2026-12-05`` runs
+    started that UTC day, ``2026-12`` that month.
+    """
+    q = q.strip()
+    if not q:
+        return {}
+    mt = re.fullmatch(r"(\d{1,10})(?:\s*-\s*(\d{1,10}))?", q)
+    if mt:
+        lo = int(mt.group(1))
+        hi = int(mt.group(2)) if mt.group(2) else lo
+        return {"numbers": (min(lo, hi), max(lo, hi))}
+    mt = re.fullmatch(r"(\d{4})-(\d{2})(?:-(\d{2}))?", q)
+    if mt:
+        y, mo, d = int(mt.group(1)), int(mt.group(2)), mt.group(3)
+        try:
+            t0 = datetime(y, mo, int(d or 1), tzinfo=UTC)
+        except ValueError:
+            raise ParamError(f"{q[:20]!r} is not a date") from None
+        if d:
+            t1 = t0 + timedelta(days=1)
+        else:
+            t1 = datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=UTC)
+        return {"started": (t0.timestamp(), t1.timestamp())}
+    raise ParamError("search by run number (3510), a range (3500-3600) or a UTC date (2026-12-05 or 2026-12)")
+
+
 @bp.get("/runs")
 def runs():
-    """The runs seen by the monitoring, newest first."""
-    rows = list_runs(_redis(), 500)
+    """The runs seen by the monitoring, newest first: search by number or date, 50 per page."""
+    q = request.args.get("q", "")[:40]
+    try:
+        page = parse_int("page", request.args.get("page"), 1, 10**6, 1)
+    except ParamError as exc:
+        abort(400, str(exc))
+    error = None
+    try:
+        where = run_filter(q)
+    except ParamError as exc:
+        error, where = str(exc), None
+    rows, total = ([], 0) if where is None else find_runs(_redis(), (page - 1) * RUNS_PER_PAGE, RUNS_PER_PAGE, **where)
+    pages = max(1, -(-total // RUNS_PER_PAGE))
     # Data quality and sign-off of each run (docs/dq.md); filters on /dq/runs.
     dq_status, signed = store_dq.statuses(_redis()), registry.states(_redis())
-    return render_template("runs.html", runs=rows, now=time.time(), dq_status=dq_status, signed=signed)
+    return render_template("runs.html", runs=rows, now=time.time(), q=q, page=page, pages=pages, total=total,
+                           error=error, per_page=RUNS_PER_PAGE, dq_status=dq_status, signed=signed)
 
 
 @bp.get("/runs/<run>")

@@ -22,6 +22,8 @@ from flask import (
     url_for,
 )
 
+from markupsafe import Markup
+
 from minard.apidoc import doc, q
 from minard.ops import alarmreport, programs
 from minard.ops.keys import valid_name
@@ -62,8 +64,24 @@ def _check(now: float) -> None:
 
 @bp.app_template_filter("when")
 def when(ts: float | None) -> str:
-    """An epoch time as local 'YYYY-MM-DD HH:MM:SS', or '-'."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    """An epoch time as UTC 'YYYY-MM-DD HH:MM:SS' (24-hour), or '-'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
+
+
+@bp.app_template_filter("timetag")
+def timetag(ts: float | None) -> Markup:
+    """A ``<time>`` element in UTC that the page rewrites when the browser shows local time."""
+    if not ts:
+        return Markup("-")
+    t = float(ts)
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    return Markup('<time datetime="{}" data-t="{:.3f}">{}</time>').format(iso, t, when(t))
+
+
+@bp.app_template_global("tz_label")
+def tz_label() -> Markup:
+    """The time-zone label of a table header (UTC; minard.js rewrites it for local time)."""
+    return Markup('<span class="tz-label">UTC</span>')
 
 
 @bp.app_template_filter("duration")
@@ -199,7 +217,7 @@ def shelve(alarm_id: int):
         max_hours=float(_cfg()["alarm_max_shelve_hours"]), history_days=_history()))
     if isinstance(result, tuple):
         return result
-    flash(f"Alarm {alarm_id} shelved until {when(until)}.", "success")
+    flash(f"Alarm {alarm_id} shelved until {when(until)} UTC.", "success")
     return redirect(url_for("ops.alarms_page"), 303)
 
 
@@ -303,13 +321,89 @@ def _pools(now: float) -> list[dict]:
     return rows
 
 
+#: Which program's row shows a stage's counters (stats:STAGE), when no row has the stage's own name.
+STAGE_PROGRAMS = {"dispatcher": "dispatcher", "push": "minard_dispatch_push", "pull": "minard_dispatch_pull",
+                  "redis": "minard_dispatch_pull", "orca_producer": "data_producer",
+                  "cmos": "data_consumer_cmos", "base": "data_consumer_base"}
+#: Loss counters shown in their own columns (the rest are reasons, listed under them).
+STAGE_COUNTERS = ("received", "processed", "dropped", "errors")
+
+
+def _readable(key: str) -> str:
+    """A stored field name as a label: 'lag_seconds' -> 'lag seconds'."""
+    return key.replace("_", " ").replace(":", " ")
+
+
+def _value(v) -> str:
+    """A stored value for display: numbers with at most 3 decimals."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return str(int(f)) if f.is_integer() else f"{f:.3f}".rstrip("0")
+
+
+def _stage_view(stage: str, counters: dict) -> dict:
+    """One stage's counters: the four columns, the other reasons, losses and the processed > received flag."""
+    main = {k: int(counters.get(k, 0)) for k in STAGE_COUNTERS}
+    lost = main["dropped"] + main["errors"]
+    return {"stage": stage, **main, "lost": lost,
+            "other": {_readable(k): _value(v) for k, v in sorted(counters.items()) if k not in STAGE_COUNTERS},
+            "over": main["processed"] > main["received"],
+            "pending": max(0, main["received"] - main["processed"] - lost)}
+
+
+def status_rows(now: float) -> list[dict]:
+    """One row per program: the registry, the pipeline's own heartbeats and stage counters merged.
+
+    A name both registered (programs.cfg) and beating as a pipeline
+    component is one row; its state is up if either heartbeat is current and
+    its heartbeat age is the freshest.  Counters show under the program that
+    owns the stage (:data:`STAGE_PROGRAMS`).
+    """
+    rows: dict[str, dict] = {}
+    for p in _status_rows(now):
+        rows[p["name"]] = {
+            "name": p["name"], "state": p["state"], "reported": p["status"], "uptime": p["uptime"], "age": p["age"],
+            "host": p["reported_host"] or p["host"], "pid": None, "lag": p["metrics"].get("lag"),
+            "description": p["description"], "supervisor": p["supervisor"], "registered": True,
+            "log": url_for("ops.log_page", name=p["name"]),
+            "details": {_readable(k): _value(v) for k, v in p["metrics"].items() if k != "lag"}, "stages": []}
+    procs, stages = _pipeline(now)
+    for c in procs:
+        row = rows.setdefault(c["name"], {
+            "name": c["name"], "state": "unknown", "reported": "", "uptime": None, "age": None, "host": "",
+            "pid": None, "lag": None, "description": "", "supervisor": None, "registered": False, "log": None,
+            "details": {}, "stages": []})
+        if c["state"] == "up" or row["state"] == "unknown":
+            row["state"] = c["state"]
+        row["reported"] = c["reported"] or row["reported"]
+        if c["age"] is not None and (row["age"] is None or c["age"] < row["age"]):
+            row["age"] = c["age"]
+        row["uptime"] = c["uptime"] if c["uptime"] is not None else row["uptime"]
+        row["host"] = c["host"] or row["host"]
+        row["pid"] = c["pid"] or None
+        row["lag"] = c["lag"] if c["lag"] is not None else row["lag"]
+        row["details"].update({_readable(k): _value(v) for k, v in c["other"].items()})
+    for st in stages:
+        owner = st["stage"] if st["stage"] in rows else STAGE_PROGRAMS.get(st["stage"], st["stage"])
+        row = rows.setdefault(owner, {
+            "name": owner, "state": "unknown", "reported": "", "uptime": None, "age": None, "host": "", "pid": None,
+            "lag": None, "description": "", "supervisor": None, "registered": False, "log": None,
+            "details": {}, "stages": []})
+        row["stages"].append(_stage_view(st["stage"], st["counters"]))
+    for row in rows.values():
+        row["lost"] = sum(s["lost"] for s in row["stages"])
+        row["flag"] = any(s["over"] for s in row["stages"])
+        row["lag"] = _value(row["lag"]) if row["lag"] is not None else None
+    return list(rows.values())
+
+
 @bp.get("/status")
 def status():
-    """Every registered program and pipeline process: state, uptime, host, lag, losses."""
+    """One table: every program with state, uptime, heartbeat age, host, lag, losses and a link to its log."""
     now = time.time()
-    procs, stages = _pipeline(now)
-    return render_template("status.html", rows=_status_rows(now), pipeline=procs, stages=stages, now=now,
-                           pools=_pools(now))
+    return render_template("status.html", rows=status_rows(now), now=now, pools=_pools(now))
 
 
 @bp.get("/api/status")
@@ -321,10 +415,11 @@ def status():
          "pools": {"type": "array", "items": {"type": "object"}}}},
      errors=(503,))
 def status_json():
-    """The Status page's data."""
+    """The Status page's data: ``rows`` as shown, plus the registry (``programs``) and pipeline sources."""
     now = time.time()
     procs, stages = _pipeline(now)
-    return jsonify(programs=_status_rows(now), pipeline=procs, stages=stages, now=now, pools=_pools(now))
+    return jsonify(rows=status_rows(now), programs=_status_rows(now), pipeline=procs, stages=stages, now=now,
+                   pools=_pools(now))
 
 
 # -- logs ------------------------------------------------------------------------------
@@ -393,11 +488,26 @@ def _process_table() -> tuple[dict | None, str | None]:
         return None, str(exc)
 
 
+def _process_rows(table: dict) -> list[dict]:
+    """supervisord's processes for the page: no repeated group, no pid/uptime text, log links not paths."""
+    registry = _registry()
+    out = []
+    for p in table["processes"]:
+        name = p["name"] if p["group"] == p["name"] else f"{p['group']}:{p['name']}"
+        program = registry.get(p["name"]) or registry.get(p["group"])
+        out.append({"name": name, "state": p["state"], "pid": p["pid"] or None, "uptime": p["uptime"],
+                    "problem": p.get("spawnerr") or ("exit status " + str(p["exitstatus"])
+                                                     if p.get("exitstatus") and p["state"] in ("EXITED", "FATAL") else ""),
+                    "log": url_for("ops.log_page", name=program.name) if program else None})
+    return out
+
+
 @bp.get("/processes")
 def processes():
     """supervisord's process table, read-only."""
     table, error = _process_table()
-    return render_template("processes.html", table=table, error=error)
+    rows = _process_rows(table) if table else []
+    return render_template("processes.html", table=table, rows=rows, error=error)
 
 
 @bp.get("/api/processes")
@@ -412,4 +522,4 @@ def processes_json():
     table, error = _process_table()
     if table is None:
         return jsonify(error=error, running=False), 503
-    return jsonify(running=True, **table)
+    return jsonify(running=True, state=table["state"], processes=_process_rows(table))

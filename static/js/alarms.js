@@ -88,7 +88,7 @@
     lvl.appendChild(m.el("span", "badge level-" + a.level_name + " priority-" + a.priority, a.priority));
     tr.appendChild(lvl);
     var last = m.el("td", null, m.when(a.last));
-    last.title = "first " + m.when(a.first);
+    last.title = "first " + m.when(a.first) + " " + m.tzLabel();
     tr.appendChild(last);
     tr.appendChild(m.el("td", "num", a.count));
     tr.appendChild(m.el("td", null, a.program));
@@ -136,7 +136,24 @@
     }).catch(function () { /* keep the last list; the indicator shows the server state */ });
   }
 
+  /** "Active only": hide acknowledged and shelved alarms (remembered in the URL, ?active=1). */
+  function activeFilter() {
+    var box = document.getElementById("active-only"), table = document.getElementById("alarm-table");
+    if (!box || !table) return;
+    box.checked = new URLSearchParams(window.location.search).get("active") === "1";
+    var apply = function () {
+      table.classList.toggle("active-only", box.checked);
+      var q = new URLSearchParams(window.location.search);
+      if (box.checked) q.set("active", "1"); else q.delete("active");
+      var s = q.toString();
+      window.history.replaceState(null, "", window.location.pathname + (s ? "?" + s : ""));
+    };
+    box.addEventListener("change", apply);
+    apply();
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    activeFilter();
     refresh();
     setInterval(refresh, 3000);
   });

@@ -8,7 +8,7 @@
   "use strict";
   var m = window.minard, MC = window.MC;
   var REFRESH_MS = 10000;
-  var tw, view = { quantity: "occupancy", crate: null, card: null, lcn: null }, map = null, busy = false;
+  var tw, view = { quantity: "occupancy", crate: null, card: null, lcn: null, pushed: false }, map = null, busy = false;
 
   function intParam(p, k, max) {
     var v = p[k];
@@ -21,7 +21,8 @@
   function saveUrl() {
     var p = Object.assign({ quantity: view.quantity }, tw.urlParams(),
       { crate: view.crate, card: view.card, lcn: view.lcn });
-    MC.setParams(p);
+    MC.setParams(p, tw.takePush() || view.pushed);
+    view.pushed = false;
     var dl = apiParams();
     if (view.crate !== null) dl.crate = view.crate;
     if (view.card !== null) dl.card = view.card;
@@ -47,7 +48,7 @@
   }
 
   function select(crate, card) {
-    view.crate = crate; view.card = card;
+    view.crate = crate; view.card = card; view.pushed = true;
     saveUrl(); draw();
   }
 
@@ -56,7 +57,7 @@
     if (!map) return;
     MC.channelMap(document.getElementById("map"), {
       values: map.values, baseline: map.baseline, hot: map.hot, dead: map.dead, flags: map.flags, unit: map.unit,
-      crate: view.crate, card: view.card,
+      crate: view.crate, card: view.card, readout: document.getElementById("map-readout"), cursor: view.lcn,
       onCrate: function (c) { select(c, null); },
       onCard: function (c, k) { select(c, k); },
       onChannel: openChannel
@@ -70,22 +71,31 @@
     document.body.dataset.mapLoaded = String(Number(document.body.dataset.mapLoaded || 0) + 1);
   }
 
+  /** The crate/card/channel table: headers that match their columns, one precision per column, units. */
   function stats() {
-    var rows, key;
+    var rows, key, cols, unit = map.unit ? " (" + map.unit + ")" : "";
     if (view.crate === null) {
-      key = "Crate";
-      rows = map.crate.mean.map(function (v, c) { return ["crate " + c, MC.fmt(v, 4), MC.fmt(map.crate.max[c], 4)]; });
+      key = "Crate"; cols = ["Mean" + unit, "Max" + unit];
+      var fm = MC.columnFormat(map.crate.mean), fx = MC.columnFormat(map.crate.max);
+      rows = map.crate.mean.map(function (v, c) { return ["crate " + c, fm(v), fx(map.crate.max[c])]; });
     } else if (view.card === null) {
-      key = "Card";
-      rows = map.card.mean[view.crate].map(function (v, k) { return ["card " + k, MC.fmt(v, 4), MC.fmt(map.card.max[view.crate][k], 4)]; });
+      key = "Card"; cols = ["Mean" + unit, "Max" + unit];
+      var means = map.card.mean[view.crate], maxes = map.card.max[view.crate];
+      var gm = MC.columnFormat(means), gx = MC.columnFormat(maxes);
+      rows = means.map(function (v, k) { return ["crate " + view.crate + " \u00b7 card " + k, gm(v), gx(maxes[k])]; });
     } else {
-      key = "Channel";
+      key = "Channel"; cols = ["Value" + unit, "Baseline" + unit];
       var lo = view.crate * 512 + view.card * 32;
+      var vals = map.values.slice(lo, lo + 32), base = map.baseline.slice(lo, lo + 32);
+      var f = MC.columnFormat(vals.concat(base));
       rows = [];
-      for (var i = 0; i < 32; i++) rows.push(["ch " + i, MC.fmt(map.values[lo + i], 4), "base " + MC.fmt(map.baseline[lo + i], 4)]);
+      for (var i = 0; i < 32; i++) rows.push([MC.channelName(lo + i), f(vals[i]), f(base[i])]);
     }
-    document.getElementById("stats-title").textContent = key === "Channel" ? "Channels (value, baseline)" : key + "s (mean, max)";
+    document.getElementById("stats-title").textContent = key === "Channel" ?
+      "Channels of crate " + view.crate + " \u00b7 card " + view.card : key + "s";
     document.getElementById("stats-key").textContent = key;
+    document.getElementById("stats-col1").textContent = cols[0];
+    document.getElementById("stats-col2").textContent = cols[1];
     MC.fillRows(document.getElementById("stats-rows"), rows);
   }
 
@@ -93,11 +103,11 @@
     [["hot", map.hot], ["dead", map.dead]].forEach(function (pair) {
       var ul = document.getElementById(pair[0] + "-list");
       document.getElementById(pair[0] + "-count").textContent = String(pair[1].length);
+      var f = MC.columnFormat(pair[1].map(function (lcn) { return map.values[lcn]; }));
       var frag = document.createDocumentFragment();
       pair[1].slice(0, 50).forEach(function (lcn) {
-        var p = MC.parts(lcn);
         var li = m.el("li");
-        var a = m.el("a", null, p.crate + "/" + p.card + "/" + p.channel + " (" + lcn + "): " + MC.fmt(map.values[lcn], 4));
+        var a = m.el("a", null, MC.channelName(lcn) + ": " + f(map.values[lcn]) + " " + map.unit);
         a.href = "#";
         a.dataset.lcn = lcn;
         a.addEventListener("click", function (e) { e.preventDefault(); openChannel(lcn); });
@@ -127,7 +137,7 @@
   // -- channel history ---------------------------------------------------------------
 
   function openChannel(lcn) {
-    view.lcn = lcn;
+    view.lcn = lcn; view.pushed = true;
     saveUrl();
     loadChannel();
   }
@@ -135,18 +145,17 @@
   function loadChannel() {
     var panel = document.getElementById("channel-panel");
     if (view.lcn === null) { panel.hidden = true; return Promise.resolve(); }
-    var p = MC.parts(view.lcn);
     panel.hidden = false;
-    document.getElementById("channel-title").textContent =
-      "Channel " + p.crate + "/" + p.card + "/" + p.channel + " (lcn " + view.lcn + ")";
+    document.getElementById("channel-title").textContent = MC.channelName(view.lcn) + " (lcn " + view.lcn + ")";
     var q = MC.query(tw.apiParams());
     document.getElementById("channel-csv").href = "/api/channel/" + view.lcn + "?" + q + "&format=csv";
     document.getElementById("channel-json").href = "/api/channel/" + view.lcn + "?" + q + "&download=1";
     return m.getJSON("/api/channel/" + view.lcn + "?" + q).then(function (d) {
       var onZoom = function (a, b) { tw.setFixed(a, b); load(); loadChannel(); };
-      [["occupancy", "#1f77b4"], ["cmos", "#d62728"], ["base", "#2ca02c"]].forEach(function (c) {
+      var onZoomOut = function () { tw.zoomOut(); load(); loadChannel(); };
+      [["occupancy", "#332288", "hits/event"], ["cmos", "#CC6677", "Hz"], ["base", "#117733", "ADC counts"]].forEach(function (c) {
         var chart = MC.timeChart(document.getElementById("chart-" + c[0]),
-          { names: [c[0]], unit: "", colors: [c[1]], height: 160, onZoom: onZoom, sync: "channel" });
+          { names: [c[0]], unit: c[2], colors: [c[1]], height: 160, onZoom: onZoom, onZoomOut: onZoomOut, sync: "channel" });
         chart.setData(d.t, [d[c[0]]]);
       });
       panel.dataset.lcn = String(view.lcn);
@@ -157,20 +166,34 @@
     });
   }
 
-  document.addEventListener("DOMContentLoaded", function () {
+  /** The view (quantity, crate, card, channel) from the URL: at start and after Back/Forward. */
+  function readView() {
     var p = MC.params();
-    tw = new MC.TimeWindow("10m");
-    var q = document.getElementById("quantity");
-    if (["occupancy", "cmos", "base"].indexOf(p.quantity) >= 0) view.quantity = p.quantity;
-    q.value = view.quantity;
+    view.quantity = ["occupancy", "cmos", "base"].indexOf(p.quantity) >= 0 ? p.quantity : "occupancy";
+    document.getElementById("quantity").value = view.quantity;
     view.crate = intParam(p, "crate", 18);
     view.card = view.crate === null ? null : intParam(p, "card", 15);
     view.lcn = intParam(p, "lcn", 9727);
-    q.addEventListener("change", function () { view.quantity = q.value; load(); });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    tw = new MC.TimeWindow("10m");
+    var q = document.getElementById("quantity");
+    readView();
+    q.addEventListener("change", function () { view.quantity = q.value; view.pushed = true; load(); });
     document.getElementById("channel-close").addEventListener("click", function () {
       view.lcn = null; saveUrl(); loadChannel();
     });
-    MC.toolbar(tw, function () { load(); loadChannel(); });
+    MC.toolbar(tw, function (how) {
+      if (how && how.history) readView();
+      load(); loadChannel();
+    });
+    var width = 0;
+    window.addEventListener("resize", function () {
+      var w = document.getElementById("map").clientWidth;
+      if (Math.abs(w - width) > 8) { width = w; draw(); }
+    });
+    document.addEventListener("minard:tz", function () { draw(); loadChannel(); });
     load();
     loadChannel();
     setInterval(function () { if (tw.live) load(); }, REFRESH_MS);

@@ -21,13 +21,90 @@
     return node;
   }
 
-  /** Local date-time of an epoch time in seconds. */
-  function when(ts) {
-    if (!ts) return "-";
+  // -- time zone: UTC by default, local per browser (localStorage "minard.tz") ----------
+  var TZ_KEY = "minard.tz";
+
+  function p2(n) { return (n < 10 ? "0" : "") + n; }
+
+  /** True when this browser shows local time instead of UTC. */
+  function isLocal() {
+    try { return window.localStorage.getItem(TZ_KEY) === "local"; } catch (e) { return false; }
+  }
+
+  /** The label of the time zone shown: "UTC" or "local (UTC+01:00)". */
+  function tzLabel() {
+    if (!isLocal()) return "UTC";
+    var off = -new Date().getTimezoneOffset();
+    var sign = off < 0 ? "-" : "+";
+    off = Math.abs(off);
+    return "local (UTC" + sign + p2(Math.floor(off / 60)) + ":" + p2(off % 60) + ")";
+  }
+
+  /** Calendar fields of an epoch time (seconds) in the zone shown. */
+  function fields(ts) {
     var d = new Date(ts * 1000);
-    function p(n) { return (n < 10 ? "0" : "") + n; }
-    return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + " " +
-      p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds());
+    if (isLocal()) {
+      return { y: d.getFullYear(), mo: d.getMonth() + 1, d: d.getDate(), h: d.getHours(), mi: d.getMinutes(), s: d.getSeconds() };
+    }
+    return { y: d.getUTCFullYear(), mo: d.getUTCMonth() + 1, d: d.getUTCDate(), h: d.getUTCHours(), mi: d.getUTCMinutes(), s: d.getUTCSeconds() };
+  }
+
+  /** "YYYY-MM-DD HH:MM:SS" (24-hour, seconds) of an epoch time in the zone shown; "-" for none. */
+  function when(ts) {
+    if (!ts && ts !== 0) return "-";
+    var f = fields(ts);
+    return f.y + "-" + p2(f.mo) + "-" + p2(f.d) + " " + p2(f.h) + ":" + p2(f.mi) + ":" + p2(f.s);
+  }
+
+  /** "HH:MM:SS" of an epoch time in the zone shown. */
+  function clock(ts) {
+    var f = fields(ts);
+    return p2(f.h) + ":" + p2(f.mi) + ":" + p2(f.s);
+  }
+
+  /**
+   * Epoch seconds of a typed date-time "YYYY-MM-DD[ T]HH:MM[:SS]" read in the
+   * zone shown (an explicit "Z" or "+01:00" wins); NaN if it is not one.
+   */
+  function parseWhen(text) {
+    var mt = /^(\d{4})-(\d\d)-(\d\d)(?:[ T](\d\d):(\d\d)(?::(\d\d(?:\.\d+)?))?)?\s*(Z|[+-]\d\d:?\d\d)?$/.exec(String(text).trim());
+    if (!mt) return NaN;
+    var parts = [+mt[1], +mt[2] - 1, +mt[3], +(mt[4] || 0), +(mt[5] || 0), +(mt[6] || 0)];
+    var t;
+    if (mt[7]) {
+      t = Date.UTC.apply(null, parts) / 1000;
+      if (mt[7] !== "Z") {
+        var o = /([+-])(\d\d):?(\d\d)/.exec(mt[7]);
+        t -= (o[1] === "-" ? -1 : 1) * (+o[2] * 3600 + +o[3] * 60);
+      }
+    } else if (isLocal()) {
+      t = new Date(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]).getTime() / 1000;
+    } else {
+      t = Date.UTC.apply(null, parts) / 1000;
+    }
+    return isFinite(t) ? t : NaN;
+  }
+
+  /** Rewrite every server-rendered <time data-t> and every .tz-label for the zone shown. */
+  function renderTimes(root) {
+    (root || document).querySelectorAll("time[data-t]").forEach(function (node) {
+      var t = parseFloat(node.dataset.t);
+      if (isFinite(t)) node.textContent = when(t);
+    });
+    (root || document).querySelectorAll(".tz-label").forEach(function (node) { node.textContent = tzLabel(); });
+    var btn = document.getElementById("tz-toggle");
+    if (btn) {
+      btn.textContent = isLocal() ? "Local time" : "UTC";
+      btn.title = "Times are shown in " + tzLabel() + "; click for " + (isLocal() ? "UTC" : "this browser's local time");
+      btn.setAttribute("aria-pressed", isLocal() ? "true" : "false");
+    }
+  }
+
+  /** Switch this browser between UTC and local time; pages redraw on "minard:tz". */
+  function setLocal(local) {
+    try { window.localStorage.setItem(TZ_KEY, local ? "local" : "utc"); } catch (e) { /* private mode */ }
+    renderTimes();
+    document.dispatchEvent(new CustomEvent("minard:tz", { detail: { local: local } }));
   }
 
   /** Seconds as "3 d 04:05:06" or "04:05:06". */
@@ -138,6 +215,50 @@
     }).catch(function () { /* server away: try again at the next poll */ });
   }
 
+  // -- the status banner (every page) ---------------------------------------------
+  var BANNER_MS = 2000;
+
+  function setBanner(id, text, cls) {
+    var node = document.getElementById(id);
+    if (!node) return null;
+    var value = node.querySelector(".b-value");
+    (value || node).textContent = String(text);
+    if (cls !== undefined) node.dataset.level = cls;
+    return node;
+  }
+
+  /** Fill the banner from /api/banner (text only). */
+  function renderBanner(b) {
+    var runNode = setBanner("b-run", b.run === null ? "none" : b.run + (b.subrun !== null ? " \u00b7 subrun " + b.subrun : ""));
+    if (runNode && b.run !== null) runNode.href = "/runs/" + encodeURIComponent(b.run);
+    setBanner("b-elapsed", b.elapsed === null ? "-" : duration(b.elapsed));
+    setBanner("b-state", b.state, b.state === "running" ? "ok" : b.state === "stalled" ? "amber" : "red");
+    var rate = setBanner("b-rate", b.rate === null ? "-" : formatRate(b.rate) + " Hz");
+    if (rate) rate.title = "TOTAL, mean over " + b.rate_seconds + " complete seconds " + clock(b.rate_start) +
+      "\u2013" + clock(b.rate_stop) + " " + tzLabel();
+    var age = setBanner("b-age", b.data_age === null ? "no data" : duration(b.data_age) + " ago", b.data_class);
+    if (age) age.title = "Time since the last data reached the monitoring (amber after " + b.amber_seconds +
+      " s, red after " + b.red_seconds + " s)";
+    var a = b.alarms || {};
+    setBanner("b-alarms", a.active ? a.active + " active, worst " + a.worst : "none active",
+      !a.active ? "ok" : (a.worst_level >= 40 ? "red" : "amber"));
+    var box = document.getElementById("status-banner");
+    if (box) box.dataset.loaded = String(Number(box.dataset.loaded || 0) + 1);
+  }
+
+  /** A rate with 4 significant figures and no exponent below 1e6. */
+  function formatRate(v) {
+    if (v >= 1000) return Math.round(v).toString();
+    return (+v.toPrecision(4)).toString();
+  }
+
+  function pollBanner() {
+    if (!document.getElementById("status-banner")) return;
+    getJSON("/api/banner").then(renderBanner).catch(function () {
+      setBanner("b-state", "site not answering", "red");
+    });
+  }
+
   function onGesture() {
     bell.gesture = true;
     audio();
@@ -150,15 +271,23 @@
     if (btn) btn.addEventListener("click", function () { setMuted(!bell.muted); });
     document.addEventListener("click", onGesture, { once: true, capture: true });
     document.addEventListener("keydown", onGesture, { once: true, capture: true });
+    var tz = document.getElementById("tz-toggle");
+    if (tz) tz.addEventListener("click", function () { setLocal(!isLocal()); });
+    renderTimes();
     render();
     poll();
     setInterval(poll, POLL_MS);
+    pollBanner();
+    setInterval(pollBanner, BANNER_MS);
     setInterval(ring, RING_MS);
   });
 
   window.addEventListener("storage", function (e) {
     if (e.key === MUTE_KEY) { bell.muted = e.newValue === "1"; render(); }
+    if (e.key === TZ_KEY) { setLocal(e.newValue === "local"); }
   });
 
-  window.minard = { el: el, when: when, duration: duration, getJSON: getJSON, csrf: csrf, bell: bell, poll: poll };
+  window.minard = { el: el, when: when, clock: clock, duration: duration, getJSON: getJSON, csrf: csrf, bell: bell,
+    poll: poll, isLocal: isLocal, tzLabel: tzLabel, fields: fields, parseWhen: parseWhen, setLocal: setLocal,
+    renderTimes: renderTimes };
 })();

@@ -13,7 +13,7 @@
     }
     el.replaceChildren();
     var plot = new uPlot({
-      width: Math.max(300, el.clientWidth || 700), height: 300,
+      width: Math.max(260, el.clientWidth || 700), height: 300,
       series: [{ label: "nhit" }, { label: "events", stroke: "#1f77b4", fill: "rgba(31,119,180,0.15)",
         paths: uPlot.paths.stepped({ align: 1 }) }],
       scales: { x: { time: false } }, axes: [{ label: "nhit" }, { label: "events", size: 70 }]
@@ -27,9 +27,9 @@
     Object.keys(run.channel_hits).forEach(function (k) { values[+k] = run.channel_hits[k] / run.events; });
     MC.channelMap(el, {
       values: values, hot: [], dead: [], unit: "hits/event", crate: null, card: null,
+      readout: document.getElementById("run-readout"),
       onChannel: function (lcn) {
-        var p = MC.parts(lcn);
-        document.getElementById("run-channel").textContent = "Channel " + p.crate + "/" + p.card + "/" + p.channel +
+        document.getElementById("run-channel").textContent = MC.channelName(lcn) +
           " (lcn " + lcn + "): " + (run.channel_hits[String(lcn)] || 0) + " hits, " + MC.fmt(values[lcn], 5) + " per event";
       }
     });
@@ -42,6 +42,11 @@
     m.getJSON("/api/runs/" + encodeURIComponent(run)).then(function (d) {
       nhitChart(document.getElementById("chart-run-nhit"), d.nhit_histogram);
       occupancyMap(document.getElementById("run-map"), d);
+      var width = document.getElementById("run-map").clientWidth;
+      window.addEventListener("resize", function () {
+        var w = document.getElementById("run-map").clientWidth;
+        if (Math.abs(w - width) > 8) { width = w; occupancyMap(document.getElementById("run-map"), d); }
+      });
       document.body.dataset.runLoaded = String(d.run);
     }).catch(function (err) {
       document.getElementById("run-channel").textContent = "Could not load the run: " + err.message;

@@ -2,8 +2,10 @@
  *
  * The view (window, triggers, log scale) lives in the URL.  A live view asks
  * the API every second for the buckets since its last one (same resolution)
- * and merges them, so new data shows within about a second of reaching Redis;
- * every 30 s it reloads the whole window to pick up new trigger types.
+ * and merges them; the API returns complete buckets only, so the newest point
+ * never dips.  The headline rate is the API's mean over the last complete
+ * seconds, labelled with the interval it covers.  Every 30 s the whole window
+ * is reloaded to pick up new trigger types.
  */
 (function () {
   "use strict";
@@ -25,7 +27,7 @@
     var hidden = Object.keys(state.hidden).filter(function (k) { return state.hidden[k]; });
     if (hidden.length) p.hide = hidden.join(",");
     if (state.log) p.log = "1";
-    MC.setParams(p);
+    MC.setParams(p, tw.takePush());
     MC.setDownloads("/api/stream", apiParams());
     var link = document.getElementById("permalink");
     if (link) link.href = window.location.pathname + window.location.search;
@@ -37,23 +39,18 @@
     state.names = names.slice();
     var marks = function () { return state.data ? state.data.boundaries : []; };
     var onZoom = function (a, b) { tw.setFixed(a, b); reload(); };
+    var onZoomOut = function () { tw.zoomOut(); reload(); };
     [["rate", "chart-rate", "Hz", state.log], ["nhit", "chart-nhit", "nhit", false], ["qhs", "chart-qhs", "QHS", false]]
       .forEach(function (c) {
         var el = document.getElementById(c[1]);
         state.charts[c[0]] = MC.timeChart(el, { names: names, unit: c[2], log: c[3], marks: marks, onZoom: onZoom,
-          colors: names.map(colorOf) });
+          onZoomOut: onZoomOut, styles: names.map(MC.style) });
         names.forEach(function (n, i) {
           if (state.hidden[n]) state.charts[c[0]].plot.setSeries(i + 1, { show: false });
         });
       });
     watchLegend();
   }
-
-  function colorOf(name) {
-    return name === "TOTAL" ? "#000000" : MC.color(allNames().indexOf(name));
-  }
-
-  function allNames() { return state.allNames || []; }
 
   /** Legend clicks hide/show a trigger in all charts and go into the URL (?hide=). */
   function watchLegend() {
@@ -88,7 +85,13 @@
     return -1;
   }
 
+  /** "12:00:00–12:00:10 UTC" of an interval. */
+  function interval(a, b) { return m.clock(a) + "\u2013" + m.clock(b) + " " + m.tzLabel(); }
+
   function table(d) {
+    var last = d.t.length ? d.t[d.t.length - 1] : null;
+    setText("table-interval", last === null ? "no complete bucket in this window" :
+      interval(last, last + d.step) + " (" + MC.durationLabel(d.step) + " bucket)");
     var rows = d.triggers.map(function (n) {
       var i = lastIndex(d.rate[n]);
       return [n, i < 0 ? "-" : MC.fmt(d.rate[n][i]), i < 0 ? "-" : MC.fmt(d.nhit[n][i], 1), i < 0 ? "-" : MC.fmt(d.qhs[n][i], 0)];
@@ -101,8 +104,9 @@
     setText("cur-run", st.run === null || st.run === undefined ? "-" : st.run);
     setText("cur-subrun", st.subrun === null || st.subrun === undefined ? "-" : st.subrun);
     setText("cur-gtid", st.gtid === null || st.gtid === undefined ? "-" : st.gtid + " (0x" + st.gtid.toString(16) + ")");
-    var i = d.rate.TOTAL ? lastIndex(d.rate.TOTAL) : -1;
-    setText("cur-rate", i < 0 ? "-" : MC.fmt(d.rate.TOTAL[i]) + " Hz");
+    var h = d.headline;
+    setText("cur-rate", h ? MC.fmt(h.rates.TOTAL, 1) + " Hz" : "-");
+    setText("cur-rate-note", h ? "mean of " + interval(h.start, h.stop) : "");
     setText("cur-age", st.time ? m.duration(d.now - st.time) + " ago" : "none in the last minute");
     setText("cur-dispatcher", d.dispatcher || "-");
     heartbeats(d.heartbeat || []);
@@ -126,7 +130,7 @@
   /** Merge a poll's buckets into the data (replacing buckets it repeats) and drop old ones. */
   function merge(upd) {
     var d = state.data;
-    if (!upd.t.length) { d.latest = upd.latest; d.heartbeat = upd.heartbeat; d.now = upd.now; return; }
+    if (!upd.t.length) { d.latest = upd.latest; d.heartbeat = upd.heartbeat; d.now = upd.now; d.headline = upd.headline; return; }
     var first = upd.t[0], keep = 0;
     while (keep < d.t.length && d.t[keep] < first) keep++;
     var cutoff = upd.now - tw.span();
@@ -145,6 +149,7 @@
       seen[id] = true; return true;
     });
     d.latest = upd.latest; d.heartbeat = upd.heartbeat; d.now = upd.now; d.dispatcher = upd.dispatcher;
+    d.headline = upd.headline; d.complete_until = upd.complete_until;
   }
 
   function reload() {
@@ -185,13 +190,11 @@
     tw = new MC.TimeWindow("10m");
     state.log = p.log === "1";
     (p.hide || "").split(",").forEach(function (n) { if (n) state.hidden[n] = true; });
-    state.allNames = ["100L", "100M", "100H", "20", "20LB", "ESUML", "ESUMH", "OWLN", "OWLEL", "OWLEH", "PULGT",
-      "PRESCL", "PED", "PONG", "SYNC", "EXTA", "EXT2", "EXT3", "EXT4", "EXT5", "EXT6", "EXT7", "EXT8", "SRAW",
-      "NCD", "SOFGT", "MISS", "TOTAL"];
     var log = document.getElementById("log-scale");
     log.checked = state.log;
     log.addEventListener("change", function () { state.log = log.checked; state.names = []; saveUrl(); render(); });
     MC.toolbar(tw, reload);
+    document.addEventListener("minard:tz", function () { state.names = []; render(); });
     reload();
     state.timer = setInterval(poll, POLL_MS);
     window.addEventListener("resize", function () {

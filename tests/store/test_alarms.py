@@ -95,7 +95,16 @@ def test_shelved_alarm_is_silent_groups_repeats_and_rings_again_after_expiry(red
 def test_unshelve_makes_the_alarm_active_at_once(redis_client):
     i = alarms.raise_alarm(redis_client, 40, "x", now=T0)
     alarms.shelve(redis_client, i, "alice", T0 + 600, now=T0)
-    assert alarms.unshelve(redis_client, i, "bob", now=T0 + 10)["state"] == "unacknowledged"
+    a = alarms.unshelve(redis_client, i, "bob", now=T0 + 10)
+    assert a["state"] == "unacknowledged" and not a["shelve_expired"]  # reads "unacknowledged", not "active (shelve expired)"
+    assert alarms.get(redis_client, i, now=T0 + 700)["shelve_expired"] is False
+
+
+def test_a_shelve_that_runs_out_reads_expired(redis_client):
+    i = alarms.raise_alarm(redis_client, 40, "x", now=T0)
+    alarms.shelve(redis_client, i, "alice", T0 + 600, now=T0)
+    a = alarms.get(redis_client, i, now=T0 + 601)
+    assert a["state"] == "unacknowledged" and a["shelve_expired"]
 
 
 def test_history_is_kept_for_the_configured_days_then_trimmed(redis_client):

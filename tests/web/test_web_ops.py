@@ -109,7 +109,9 @@ def test_status_page_shows_state_uptime_host_and_metrics(client, redis_client, o
     html = client.get("/status").get_data(as_text=True)
     assert "DAQ &lt;b&gt;main&lt;/b&gt;" in html and "<b>main</b>" not in html
     assert 'class="badge state-up">up<' in html and 'class="badge state-unknown">unknown<' in html
-    assert "taking data" in html and "lag=0.5" in html and "lost=2" in html
+    assert "taking data" in html and "lost</dt><dd>2<" in html  # readable fields, not key=value dumps
+    shown = {r["name"]: r for r in client.get("/api/status").get_json()["rows"]}
+    assert shown["daq"]["lag"] == "0.5" and shown["daq"]["log"] == "/logs/daq" and shown["daq"]["state"] == "up"
     rows = {p["name"]: p for p in client.get("/api/status").get_json()["programs"]}
     assert rows["daq"]["state"] == "up" and rows["daq"]["uptime"] >= 3 and rows["daq"]["host"] == "buffer1"
 
@@ -347,12 +349,17 @@ def test_status_page_shows_pipeline_heartbeats_and_loss_counters(client, redis_c
     pipeline_status.count(pipe, "pull", received=100, processed=95, dropped=5, skipped=7)
     pipe.execute()
     html = client.get("/status").get_data(as_text=True)
-    assert 'data-name="pull"' in html and "queue=7" in html and "dropped=5" in html
+    assert 'data-name="pull"' in html and "queue</dt><dd>7<" in html and "5 dropped" in html
+    assert html.count('data-name="pull"') == 1  # one row per program
+    assert "processed &gt; received" not in html
     data = client.get("/api/status").get_json()
     proc = next(p for p in data["pipeline"] if p["name"] == "pull")
     assert proc["state"] == "up" and proc["lag"] == "1.5" and proc["uptime"] >= 120
     stage = next(s for s in data["stages"] if s["stage"] == "pull")
     assert stage["lost"] == 5
+    row = next(r for r in data["rows"] if r["name"] == "pull")
+    assert row["lost"] == 5 and row["lag"] == "1.5" and not row["flag"]
+    assert row["stages"][0]["other"] == {"skipped": "7"}
 
 
 def test_status_page_lists_consumer_pools_on_two_hosts_separately(client, redis_client):
@@ -374,3 +381,20 @@ def test_status_page_lists_consumer_pools_on_two_hosts_separately(client, redis_
     assert pools[pipeline_status.pool_id()]["received"] == 70 and pools[pipeline_status.pool_id()]["lost"] == 2
     assert pools[other]["received"] == 30 and pools[other]["processed"] == 30 and pools[other]["lost"] == 0
     assert pools[other]["state"] == "up" and pools[other]["workers"] == "1"
+
+
+def test_status_flags_a_stage_that_processed_more_than_it_received(client, redis_client, ops_cfg):
+    """The counters must not silently read processed > received with nothing lost."""
+    from minard.store import status as pipeline_status
+
+    reg = programs.Registry.from_config(ops_cfg)
+    programs.record_heartbeat(redis_client, reg.get("daq"), "ok", "buffer1", now=time.time())
+    pipe = redis_client.pipeline()
+    pipeline_status.beat(pipe, "daq", {"lag_seconds": 0.1}, started=time.time() - 50)
+    pipeline_status.count(pipe, "daq", received=100, processed=130)
+    pipe.execute()
+    html = client.get("/status").get_data(as_text=True)
+    assert html.count('data-name="daq"') == 1  # registered program and pipeline heartbeat: one row
+    assert 'class="state-up flagged"' in html and "processed &gt; received" in html
+    row = next(r for r in client.get("/api/status").get_json()["rows"] if r["name"] == "daq")
+    assert row["flag"] and row["stages"][0]["over"] and row["log"] == "/logs/daq"

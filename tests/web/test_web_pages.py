@@ -69,7 +69,9 @@ def test_run_page_shows_the_per_trigger_counts_and_subruns(client, runs, redis_c
     html = client.get("/runs/2000").get_data(as_text=True)
     assert f'<span class="stat-value" id="run-events">{summary["events"]}</span>' in html
     assert f'data-trigger="100L"><td>100L</td><td class="num">{summary["triggers"]["100L"]}</td>' in html
-    assert '<span class="stat-value" id="run-subruns">0, 1, 2</span>' in html
+    # subruns shown consistently: the count (as in the runs list) and the list
+    assert '<span class="stat-value" id="run-subruns">3</span>' in html
+    assert '<span class="stat-note" id="run-subrun-list">0, 1, 2</span>' in html
     assert "/api/runs/2000?format=csv&amp;part=channels" in html
 
 
@@ -85,3 +87,36 @@ def test_page_scripts_never_insert_data_as_html():
         js = (ROOT / "static" / "js" / f"{name}.js").read_text()
         assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js, name
         assert ".html(" not in js, name  # d3 selection.html
+
+
+def test_runs_list_searches_by_number_range_and_date_and_pages(client, redis_client):
+    from datetime import UTC, datetime
+
+    day = datetime(2026, 3, 14, tzinfo=UTC).timestamp()
+    redis_client.zadd("runs:start", {str(n): day - 86400 + n * 60 for n in range(1, 121)})  # 120 runs
+    redis_client.zadd("runs:start", {"500": day + 3600})
+    html = client.get("/runs").get_data(as_text=True)
+    assert 'id="runs-count">121 runs<' in html and "page 1 of 3" in html
+    assert html.count("<tr data-run=") == 50 and 'data-run="500"' in html  # newest first
+    page3 = client.get("/runs?page=3").get_data(as_text=True)
+    assert page3.count("<tr data-run=") == 21 and 'data-run="1"' in page3
+    one = client.get("/runs?q=77").get_data(as_text=True)
+    assert one.count("<tr data-run=") == 1 and 'data-run="77"' in one
+    rng = client.get("/runs?q=10-19").get_data(as_text=True)
+    assert rng.count("<tr data-run=") == 10
+    date = client.get("/runs?q=2026-03-14").get_data(as_text=True)
+    assert date.count("<tr data-run=") == 1 and 'data-run="500"' in date
+    bad = client.get("/runs?q=%3Cscript%3E")
+    assert bad.status_code == 200 and "search by run number" in bad.get_data(as_text=True)
+    assert "<script>" not in bad.get_data(as_text=True).split("<body", 1)[1].replace('<script src=', '')
+    assert client.get("/runs?page=0").status_code == 400
+
+
+def test_every_page_has_the_status_banner_and_utc_labels(client, runs):
+    for path in ("/stream", "/detector", "/nhit", "/runs", "/runs/2000", "/alarms", "/status", "/logs", "/login"):
+        html = client.get(path).get_data(as_text=True)
+        assert 'id="status-banner"' in html and 'id="tz-toggle"' in html, path
+    runs_html = client.get("/runs").get_data(as_text=True)
+    assert 'Start (<span class="tz-label">UTC</span>)' in runs_html
+    assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ" data-t="[\d.]+">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d</time>',
+                     runs_html)

@@ -325,7 +325,7 @@
         draw: function (u) {
           var marks = (getMarks() || []).filter(function (mk) { return mk.t >= u.scales.x.min && mk.t <= u.scales.x.max; });
           var dpr = devicePixelRatio, ctx = u.ctx, top = u.bbox.top, bottom = u.bbox.top + u.bbox.height;
-          var rows = [-1e9, -1e9, -1e9], hidden = 0;
+          var rows = [-1e9, -1e9, -1e9], hidden = 0, boxes = [];
           placed = [];
           ctx.save();
           ctx.font = Math.round(11 * dpr) + "px sans-serif";
@@ -336,7 +336,7 @@
             ctx.lineWidth = (run ? 2 : 1) * dpr;
             ctx.setLineDash(run ? [] : [4 * dpr, 3 * dpr]);
             ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, bottom); ctx.stroke();
-            placed.push({ x: x / dpr, mk: mk });
+            placed.push({ x: u.valToPos(mk.t, "x"), mk: mk });  // CSS px in the plotting area, like cursor.left
             var text = run ? "run " + mk.run : "sub " + mk.subrun;
             var w = ctx.measureText(text).width, lx = x + 3 * dpr;
             if (lx + w > u.bbox.left + u.bbox.width) lx = x - 3 * dpr - w;
@@ -345,6 +345,7 @@
                 ctx.fillStyle = ctx.strokeStyle;
                 ctx.fillText(text, lx, top + (12 + 12 * r) * dpr);
                 rows[r] = lx + w;
+                boxes.push([r, Math.round(lx / dpr), Math.round((lx + w) / dpr)]);
                 return;
               }
             }
@@ -356,6 +357,7 @@
           }
           u.root.dataset.marks = String(marks.length);
           u.root.dataset.hiddenLabels = String(hidden);
+          u.root.dataset.labelBoxes = JSON.stringify(boxes);  // [row, left, right] in CSS px, for tests
           ctx.restore();
         },
         setCursor: function (u) {
@@ -408,6 +410,7 @@
     };
     var plot = new uPlot(cfg, [[]].concat(opts.names.map(function () { return []; })), el);
     el.dataset.points = "0";
+    el.uplot = plot;  // the page's tests read ticks and series styles from it
     return {
       plot: plot,
       setData: function (t, arrays) {
@@ -520,7 +523,11 @@
       ev.preventDefault();
       if (next !== null && inView(next)) show(next, true);
     };
-    el.onfocus = function () { if (state.lcn === null) show(opts.cursor !== null && opts.cursor !== undefined && layout.contains(opts.cursor) ? opts.cursor : layout.first, true); };
+    el.onfocus = function () {
+      var start = state.lcn !== null ? state.lcn :
+        (opts.cursor !== null && opts.cursor !== undefined && layout.contains(opts.cursor) ? opts.cursor : layout.first);
+      show(start, true);
+    };
     return svg;
   }
 

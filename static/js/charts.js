@@ -473,7 +473,7 @@
       .attr("fill", function (d) { return values[d.lcn] === null ? "#d9dde1" : scale(values[d.lcn]); });
     legend(svg, scale, opts.unit, width);
     var cursor = svg.append("rect").attr("class", "kbd-cursor").attr("visibility", "hidden");
-    var state = { lcn: null };
+    var state = { lcn: null, hover: null };  // keyboard cursor, channel last hovered
 
     function describe(lcn) {
       var base = opts.baseline ? opts.baseline[lcn] : null;
@@ -484,7 +484,7 @@
     }
 
     function show(lcn, keyboard) {
-      state.lcn = lcn;
+      if (keyboard) state.lcn = lcn;
       if (opts.readout) opts.readout.textContent = describe(lcn);
       var node = svg.select("rect.cell[data-lcn='" + lcn + "']").node();
       if (keyboard && node) {
@@ -499,7 +499,9 @@
 
     svg.on("mouseover", function (ev) {
       var lcn = ev.target.dataset ? ev.target.dataset.lcn : undefined;
-      if (lcn !== undefined) show(+lcn, false);
+      if (lcn === undefined) return;
+      state.hover = +lcn;
+      if (document.activeElement !== el) show(+lcn, false);  // the keyboard cursor owns the readout while focused
     });
     svg.on("click", function (ev) {
       var lcn = ev.target.dataset ? ev.target.dataset.lcn : undefined;
@@ -524,7 +526,7 @@
       if (next !== null && inView(next)) show(next, true);
     };
     el.onfocus = function () {
-      var start = state.lcn !== null ? state.lcn :
+      var start = state.lcn !== null ? state.lcn : state.hover !== null ? state.hover :
         (opts.cursor !== null && opts.cursor !== undefined && layout.contains(opts.cursor) ? opts.cursor : layout.first);
       show(start, true);
     };

@@ -21,6 +21,7 @@ import time
 from functools import wraps
 
 import numpy as np
+import orjson
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -116,36 +117,38 @@ def _download_headers(resp: Response) -> dict:
 
 # ------------------------------------------------------------------ encoding
 
-def floats(values, digits: int = 4) -> list:
-    """A float array as a JSON list: rounded, NaN as null."""
+def floats(values, digits: int = 4) -> np.ndarray:
+    """A float array for a JSON answer: rounded to *digits* decimals, NaN (written null).
+
+    Arrays go to :func:`json_response` as numpy arrays: orjson writes them
+    natively (NaN and infinities as null), ten times faster than a list.
+    """
     arr = np.asarray(values, dtype=float)
-    if not len(arr):
-        return []
-    rounded = np.round(arr, digits).tolist()
-    return [x if math.isfinite(x) else None for x in rounded]
+    with np.errstate(invalid="ignore"):
+        return np.ascontiguousarray(np.round(arr, digits))
 
 
-def sigfigs(values, digits: int = 5) -> list:
-    """A float array as a JSON list rounded to *digits* significant figures (small occupancies keep theirs)."""
+def sigfigs(values, digits: int = 5) -> np.ndarray:
+    """A float array rounded to *digits* significant figures (small occupancies keep theirs)."""
     arr = np.asarray(values, dtype=float)
-    if not len(arr):
-        return []
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         mag = np.floor(np.log10(np.abs(arr)))
         scale = 10.0 ** np.where(np.isfinite(mag), digits - 1 - mag, 0)
-        rounded = (np.round(arr * scale) / scale).tolist()
-    return [x if math.isfinite(x) else None for x in rounded]
+        return np.ascontiguousarray(np.round(arr * scale) / scale)
 
 
-def ints(values) -> list:
-    """An array of (possibly NaN) integers as a JSON list with null for NaN."""
+def ints(values):
+    """An array of (possibly NaN) integers: int64 when complete, else a list with null for NaN."""
     arr = np.asarray(values, dtype=float)
-    return [int(x) if math.isfinite(x) else None for x in arr.tolist()]
+    ok = np.isfinite(arr)
+    if ok.all():
+        return np.ascontiguousarray(arr.astype(np.int64))
+    return [int(x) if f else None for x, f in zip(arr.tolist(), ok.tolist())]
 
 
 def json_response(obj, filename: str | None = None) -> Response:
-    """Compact JSON; with *filename*, offered as a download."""
-    body = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    """Compact JSON (orjson; numpy arrays written natively, NaN as null); with *filename*, a download."""
+    body = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
     resp = Response(body, mimetype="application/json")
     if filename and request.args.get("download") == "1":
         resp.headers["Content-Disposition"] = f'attachment; filename="{filename}.json"'
@@ -571,7 +574,7 @@ def query():
     ok = np.flatnonzero(~np.isnan(values))
     vals = floats(values[ok], 5)
     return json_response({"name": name, "start": start, "stop": stop, "step": level.step,
-                          "values": {str(i): v for i, v in zip(ok.tolist(), vals)}})
+                          "values": {str(i): v for i, v in zip(ok.tolist(), vals.tolist())}})
 
 
 # ------------------------------------------------------------------ health, metrics, openapi

@@ -360,11 +360,13 @@ def test_headline_and_newest_point_leave_out_the_bucket_still_filling(client, re
     """A second still filling (a few events so far) must not pull the rate down."""
     now = time.time()
     full = int(now) - 40
-    sample.write_seconds(redis_client, full, 39, rate=1000, run=42, orca=False)  # complete seconds
+    # whole seconds up to a few seconds ahead (writing takes a while on a loaded machine) ...
+    sample.write_seconds(redis_client, full, 45, rate=1000, run=42, orca=False)
     pipe = redis_client.pipeline()
-    ts.add(pipe, "trig", int(now), {"TOTAL": 3})  # the current second: only 3 events so far
-    ts.add(pipe, "trig", int(now) - 1, {"TOTAL": 5})
+    ts.add(pipe, "trig", full + 45, {"TOTAL": 3})  # ... then seconds still filling: only a few events so far
+    ts.add(pipe, "trig", full + 46, {"TOTAL": 5})
     pipe.execute()
+    assert time.time() < full + 45  # the filling seconds are still ahead
     d = get(client, "/api/stream?window=10m&triggers=TOTAL").get_json()
     assert d["t"][-1] + d["step"] == d["complete_until"] <= time.time() - 2
     assert d["rate"]["TOTAL"][-1] > 800  # the newest point is a whole second

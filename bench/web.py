@@ -8,15 +8,18 @@ with N concurrent clients (threads, one HTTP connection per request):
 
 * ``occupancy``  the Detector page's map query (/api/detector, 10 min window,
   with its rolling baseline);
-* ``rate-1d``    the Stream page's 1-day rate plot query (/api/stream?window=1d);
+* ``rate-1d``    the Stream page's rate plot query (/api/stream; 1 day for the
+  same view, 10 min to 1 day for distinct windows);
 * ``page``       the Stream page's HTML;
 * ``static``     a static file of the same size as the occupancy answer, served
   by the same gunicorn in the same run (the reference).
 
 Each query is run twice: every client asking for the *same* live view (many
 screens showing one view, as in a control room) and every request asking for
-a *distinct* fixed window (no response reuse).  Prints p50/p95 per target and
-the ratio of API p95 to static p95.  Goal: API p95 < 50 ms and <= 3x static.
+a *distinct* fixed window anywhere in the day of data (no response reuse).
+Prints p50/p95 per target and the ratio of API p95 to static p95 (goal: API
+p95 < 50 ms and <= 3x static), then where the time of one request goes
+(Redis round trips, JSON encoding, the rest) measured in one process.
 
     .venv/bin/python bench/web.py            # a day of data, 20 clients
     .venv/bin/python bench/web.py --quick    # 2 hours of data, fewer requests
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -118,19 +122,64 @@ def fill(url: str, days: float) -> float:
     return dt
 
 
-def targets(now: int, n: int, static_path: str) -> dict[str, dict[str, list[str]]]:
-    """For each target, the 'same' and 'distinct' request lists."""
-    def distinct(fmt):
-        return [fmt.format(start=now - 660 - 7 * i, stop=now - 60 - 7 * i) for i in range(n)]
+def targets(now: int, n: int, static_path: str, days: float) -> dict[str, dict[str, list[str]]]:
+    """For each target, the 'same' and 'distinct' request lists.
+
+    Distinct: every request a different window anywhere in the data (seeded):
+    10-minute maps, and rate plots from 10 minutes to a day long.
+    """
+    rng = random.Random(15)
+    span_data = int(days * 86400)
+
+    def occupancy(i):
+        stop = now - 60 - rng.randrange(0, max(60, span_data - 4200))
+        return f"/api/detector?quantity=occupancy&start={stop - 600}&stop={stop}"
+
+    def rate(i):
+        span = rng.choice((600, 3600, 6 * 3600, 86400))
+        stop = now - rng.randrange(0, max(60, span_data - span))
+        return f"/api/stream?start={stop - span}&stop={stop}"
 
     return {
         "occupancy": {"same": ["/api/detector?quantity=occupancy&window=10m"] * n,
-                      "distinct": distinct("/api/detector?quantity=occupancy&start={start}&stop={stop}")},
-        "rate-1d": {"same": ["/api/stream?window=1d"] * n,
-                    "distinct": distinct("/api/stream?window=1d&stop={stop}")},
+                      "distinct": [occupancy(i) for i in range(n)]},
+        "rate-1d": {"same": ["/api/stream?window=1d"] * n, "distinct": [rate(i) for i in range(n)]},
         "page": {"same": ["/stream"] * n, "distinct": [f"/stream?window=1h&stop={now - i}" for i in range(n)]},
         "static": {"same": [static_path] * n, "distinct": [f"{static_path}?v={i}" for i in range(n)]},
     }
+
+
+def where_time_goes(url: str, paths: dict[str, list[str]], count: int = 60) -> None:
+    """In one process (Flask test client, no HTTP): CPU and wall ms per request split into
+    Redis round trips, JSON encoding and the rest (reading cached data, numpy), for the
+    distinct windows of each target after one pass to warm the caches."""
+    import cProfile
+    import pstats
+
+    from minard import config
+    from minard.web import create_app
+
+    app = create_app(config.load({"redis_url": url, "var_dir": tempfile.mkdtemp(prefix="minard-bench-web-")}, env={}))
+    client = app.test_client()
+    print(f"\nwhere the time goes (one process, {count} distinct windows after a warm-up pass, ms per request):")
+    print(f"{'target':<11} {'wall':>7} {'cpu':>7} {'redis':>7} {'encode':>7} {'other':>7}")
+    for name in ("occupancy", "rate-1d"):
+        urls = paths[name]["distinct"][:count]
+        for u in urls:
+            client.get(u)
+        prof = cProfile.Profile()
+        w0, c0 = time.perf_counter(), time.process_time()
+        prof.enable()
+        for u in urls:
+            client.get(u)
+        prof.disable()
+        wall, cpu = (time.perf_counter() - w0) * 1000 / count, (time.process_time() - c0) * 1000 / count
+        stats = pstats.Stats(prof).stats
+        def cum(pred):
+            return sum(v[3] for k, v in stats.items() if pred(k)) * 1000 / count
+        redis_ms = cum(lambda k: k[2] == "execute" and "redis" in k[0] and "client.py" in k[0])
+        encode_ms = cum(lambda k: k[2] == "json_response")
+        print(f"{name:<11} {wall:7.1f} {cpu:7.1f} {redis_ms:7.1f} {encode_ms:7.1f} {wall - redis_ms - encode_ms:7.1f}")
 
 
 def main(argv=None) -> int:
@@ -159,13 +208,15 @@ def main(argv=None) -> int:
             print(f"gunicorn: {args.workers} sync workers; {args.clients} concurrent clients;"
                   f" {args.requests} requests per target and mode; occupancy answer {size / 1024:.0f} KiB")
             results = {}
-            for name, modes in targets(now, args.requests, static_path).items():
+            plan = targets(now, args.requests, static_path, args.days)
+            for name, modes in plan.items():
                 for mode, paths in modes.items():
                     t0 = time.perf_counter()
                     lat = load(port, paths, args.clients)
                     wall = time.perf_counter() - t0
                     results[(name, mode)] = (pct(lat, 50) * 1000, pct(lat, 95) * 1000, len(lat) / wall)
             report(results)
+            where_time_goes(server.url, plan)
         finally:
             for p in procs:
                 stop_pid(p)

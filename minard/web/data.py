@@ -177,11 +177,17 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
     while b <= b1:
         block = b // BLOCK
         end = min(b1, block * BLOCK + BLOCK - 1)
-        if block * BLOCK + BLOCK - 1 <= settled:
-            lo = block * BLOCK
+        lo = block * BLOCK
+        if lo + BLOCK - 1 <= settled:
             rows = cached(redis, ("rows", group, fields, step, block), SETTLED_TTL,
                           lambda lo=lo: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
-            parts.append(rows[b - block * BLOCK: end - block * BLOCK + 1])
+            parts.append(rows[b - lo: end - lo + 1])
+        elif settled >= b:
+            # the block's settled head is cached until the next bucket settles; only its tail is read
+            head = cached(redis, ("rows", group, fields, step, block, settled), SETTLED_TTL,
+                          lambda lo=lo: _read_rows(redis, group, fields, step, lo, settled))
+            parts.append(head[b - lo:])
+            parts.append(_read_rows(redis, group, fields, step, settled + 1, end))
         else:
             parts.append(_read_rows(redis, group, fields, step, b, end))
         b = end + 1

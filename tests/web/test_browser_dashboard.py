@@ -224,7 +224,7 @@ def test_detector_drill_down_from_crate_to_card_to_channel_history(stack, page):
     shot(page, "detector-card")
     page.click("#map rect.cell[data-lcn='1669']")
     page.wait_for_function("() => document.body.dataset.channelLoaded === '1669'")
-    assert page.locator("#channel-title").text_content() == "Channel 3/4/5 (lcn 1669)"
+    assert page.locator("#channel-title").text_content() == "crate 3 \u00b7 card 4 \u00b7 ch 5 (lcn 1669)"
     for q in ("occupancy", "cmos", "base"):
         assert int(page.locator(f"#chart-{q}").get_attribute("data-points")) > 10
     assert "crate=3" in page.url and "card=4" in page.url and "lcn=1669" in page.url
@@ -269,11 +269,12 @@ def test_runs_pages_show_the_replayed_run(stack, page):
     page.wait_for_url(f"**/runs/{REPLAY_RUN}")
     loaded(page, "runLoaded")
     assert page.locator("#run-events").text_content() == str(REPLAY_EVENTS)
-    assert page.locator("#run-subruns").text_content() == "0, 1, 2"
+    assert page.locator("#run-subruns").text_content() == "3"
+    assert page.locator("#run-subrun-list").text_content() == "0, 1, 2"
     assert int(page.locator("#chart-run-nhit").get_attribute("data-points")) > 10
     assert page.locator("#run-map rect.cell").count() == 9728
     page.click("#run-map rect.cell[data-lcn='1669']")
     hits = get_run(stack["redis"], REPLAY_RUN)["channel_hits"]["1669"]
     assert hits > REPLAY_EVENTS  # the hot channel: one hit per event plus random ones
-    assert f"lcn 1669): {hits} hits" in page.locator("#run-channel").text_content()
+    assert f"crate 3 \u00b7 card 4 \u00b7 ch 5 (lcn 1669): {hits} hits" in page.locator("#run-channel").text_content()
     shot(page, "run", docs=True)

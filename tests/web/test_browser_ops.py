@@ -167,4 +167,4 @@ def test_screenshots_of_every_operations_page(site, page, redis_client):
             assert "supervisord is not running" in page.locator("#supervisor-down").text_content()
         if name == "status":
             assert page.locator("#status-rows tr[data-name=pinger] .badge").text_content() == "down"
-            assert page.locator("#stage-rows tr[data-stage=pull] td.num").text_content() == "10"
+            assert page.locator("#status-rows .stage[data-stage=pull] .lost").text_content() == "10 lost"

@@ -177,7 +177,7 @@ def _stamp(t: float) -> str:
 @doc('Stream page: rates, average nhit and charge per trigger type, run/subrun/GTID, boundaries, heartbeats',
      params=['start', 'stop', 'window', 'step', 'triggers', 'format', 'download'],
      ok='Stream',
-     ok_description='Series on a common time axis `t` (bucket start times); `rate` in Hz, `nhit` and `qhs` averages per event; null where no data. `boundaries` are run (exact, from the run summaries) and subrun starts.',
+     ok_description='Series on a common time axis `t` (bucket start times); `rate` in Hz, `nhit` and `qhs` averages per event; null where no data. `boundaries` are run (exact, from the run summaries) and subrun starts. Only complete buckets are returned (`complete_until` is the end of the last one); `headline` is the mean rate per trigger over the last complete seconds with the interval it covers (`rates`, `start`, `stop`, `seconds`).',
      csv=True,
      errors=(400,))
 @response_cache
@@ -235,6 +235,13 @@ def heartbeat(redis, now: float) -> list[dict]:
 
 
 @bp.get("/api/banner")
+@doc("The status banner of every page: run and elapsed time, run state, total rate, data age, active alarms",
+     ok_description="`run`, `subrun`, `gtid`, `run_start`, `elapsed` (s); `state` is `running`, `stalled` or `no data` "
+                    "from the data age; `rate` (Hz, TOTAL) is the mean over `rate_start`..`rate_stop` (the last "
+                    "`rate_seconds` complete seconds); `data_age` (s) with `data_class` `ok`, `amber` (past "
+                    "`amber_seconds`) or `red` (past `red_seconds`); `alarms` has `active` (unacknowledged), "
+                    "`worst` and `worst_level`.",
+     errors=(400, 503))
 @response_cache
 def banner_json():
     """The status banner of every page: run and elapsed time, run state, total rate, data age, alarms."""
@@ -496,9 +503,9 @@ def _metric_grid(expr: str, start: float, stop: float, now: float, step: float):
 
 @bp.get("/metric")
 @doc('Original minard: one series per step',
-     params=[q('expr', 'string', 'A trigger name (rate in Hz, e.g. TOTAL, 100L), TRIGGER:nhit or TRIGGER:qhs (averages per event), run, subrun, gtid (last value), or a stream counter per second: records, events, orphans, gtid_gaps, gtid_missing, corrupt, hits', required=True), 'start', 'stop', 'window', 'step', q('now', 'string', 'accepted and ignored (original minard)')],
+     params=[q('expr', 'string', 'A trigger name (rate in Hz, e.g. TOTAL, 100L), TRIGGER:nhit or TRIGGER:qhs (averages per event), run, subrun, gtid (last value), or a stream counter per second: records, events, orphans, gtid_gaps, gtid_missing, corrupt, hits. The original minard\'s names are aliases: TRIGGER-nhit (= TRIGGER:nhit), TRIGGER-charge (= TRIGGER:qhs), DISPATCH_ORPHANS (= orphans), heartbeat (1 where data arrived in the step, else 0)', required=True), 'start', 'stop', 'window', 'step', q('now', 'string', 'accepted and ignored (original minard)')],
      ok={'type': 'object', 'properties': {'values': {'type': 'array', 'items': {'type': 'number', 'nullable': True}}}},
-     ok_description='`values` per step (null where no data), `t` the step start times, `step` the resolution used',
+     ok_description='`values` per step (null where no data), `t` the step start times, `step` the resolution used. With `step`, exactly one value per step from `start` to `stop` (the original clients\' grid), combined from the stored buckets.',
      errors=(400,))
 @response_cache
 def metric():

@@ -20,6 +20,8 @@ from minard.store import alarms
 from minard.store.runs import list_runs
 from minard.web import data
 
+#: Alarm states (ISA-18.2, minard.store.alarms) the banner counts: active and not acknowledged.
+UNACKNOWLEDGED = ("unacknowledged", "rtn_unacknowledged")
 #: Data older than this (seconds) turns the banner's data age amber ...
 AMBER_SECONDS = 10.0
 #: ... and this red.
@@ -50,7 +52,7 @@ def banner(redis, now: float, history_days: float = 30) -> dict:
     age = max(0.0, now - last_data) if last_data is not None else None
     start = redis.zscore("runs:start", str(run)) if run is not None else None
     head = data.headline(redis, now)
-    active = [a for a in alarms.list_alarms(redis, now, 500, history_days) if a["state"] == "active"]
+    active = [a for a in alarms.list_alarms(redis, now, 500, history_days) if a["state"] in UNACKNOWLEDGED]
     worst = max(active, key=lambda a: a["level"]) if active else None
     return {
         "now": now, "run": run, "subrun": latest["subrun"], "gtid": latest["gtid"],

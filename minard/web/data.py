@@ -186,8 +186,9 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
             # the block's settled head is cached until the next bucket settles; only its tail is read
             head = cached(redis, ("rows", group, fields, step, block, settled), SETTLED_TTL,
                           lambda lo=lo: _read_rows(redis, group, fields, step, lo, settled))
-            parts.append(head[b - lo:])
-            parts.append(_read_rows(redis, group, fields, step, settled + 1, end))
+            parts.append(head[b - lo: min(end, settled) - lo + 1])
+            if end > settled:
+                parts.append(_read_rows(redis, group, fields, step, settled + 1, end))
         else:
             parts.append(_read_rows(redis, group, fields, step, b, end))
         b = end + 1

@@ -419,3 +419,18 @@ def test_original_minard_stream_page_queries_are_answered(client, filled):
     assert got["TOTAL-nhit", 10][0] == pytest.approx(np.nansum(got["TOTAL-nhit", 1][:10] * w) / np.nansum(w), abs=0.01)
     assert 25 < np.nanmean(got["TOTAL-nhit", 1]) < 60 and np.nanmean(got["TOTAL-charge", 1]) > 100
     assert get(client, "/metric?expr=NOPE-nhit&window=10m", 400).get_json()["error"].startswith("expr 'NOPE-nhit'")
+
+
+def test_rows_read_through_the_cache_match_redis_for_any_window(app, redis_client):
+    """Blocks fully settled, partly settled (cached head, read tail) and unsettled give Redis's rows."""
+    now = time.time()
+    pipe = redis_client.pipeline()
+    for t in range(int(now) - 200, int(now) + 1):
+        ts.add(pipe, "trig", t, {"TOTAL": t % 97}, levels=ts.SCALAR_LEVELS[:1])
+    pipe.execute()
+    src = app.extensions["minard_source"]
+    for b0, b1 in ((int(now) - 200, int(now)), (int(now) - 40, int(now) - 5), (int(now) - 10, int(now) - 2),
+                   (int(now) - 3, int(now)), (int(now) - 70, int(now) - 33)):
+        for _ in range(2):  # the second pass reads through the cache
+            rows = data.scalar_rows(src, "trig", ("TOTAL",), 1, b0, b1, now)
+            assert rows[:, 0].tolist() == [float(t % 97) for t in range(b0, b1 + 1)], (b0, b1)

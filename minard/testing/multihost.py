@@ -34,6 +34,7 @@ from minard.testing import free_port, netns, redis_server_binary, wait_for
 from minard.testing.redis_ha import RedisHA
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "multihost-test-password"
 
 
@@ -129,6 +130,30 @@ class MultiHostStack:
             proc = self.net.popen(self.hosts[host], cmd, env=self.env(name), stdout=log, stderr=log)
         self.procs[name] = proc
         return proc
+
+    def start_web(self, **settings) -> str:
+        """gunicorn minard:app on a sixth host ``front``; returns its base URL.
+
+        *settings* are extra configuration keys (e.g. ``web_redis_replica=True``).
+        """
+        host = self.net.add_host("front")
+        self.hosts["front"] = host
+        port = free_port()
+        (self.dir / "web").mkdir(exist_ok=True)
+        env = self.env("web", **settings)
+        with open(self.dir / "web.log", "ab") as log:
+            self.procs["web"] = self.net.popen(host, [BIN / "gunicorn", "-b", f"{host.address}:{port}", "-w", "2",
+                                                      "--timeout", "30", "minard:app"],
+                                               env=env, stdout=log, stderr=log, cwd=str(ROOT))
+        wait_for(lambda: self._port_open("front", port), 30, "gunicorn on the front host")
+        return f"http://{host.address}:{port}"
+
+    def chromium(self, directory: Path) -> Path:
+        """An executable that runs Chromium inside the front host's namespace (for Playwright)."""
+        wrapper = Path(directory) / "chromium-front"
+        wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {self.hosts['front'].ns} /usr/bin/chromium \"$@\"\n")
+        wrapper.chmod(0o700)
+        return wrapper
 
     def replay(self, path, *args: str, wait: bool = True, timeout: float = 120) -> subprocess.Popen:
         """Replay *path* from the source host into the dispatcher (``--speed max`` by default)."""

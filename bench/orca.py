@@ -148,8 +148,8 @@ def family(key: str) -> tuple[str, int | None]:
     parts = key.split(":")
     if parts[0] == "ch" and len(parts) >= 4:
         return f"ch:*:{':'.join(parts[3:])}", int(parts[1])
-    if key.startswith("orca:cmos:state:"):
-        return "orca:cmos:state:<crate>", None
+    if key.startswith("orca:{cmos}:state:"):
+        return "orca:{cmos}:state:<crate>", None
     if key.startswith("pool:"):
         return "pool:orca:<stream>:...:flushed", None
     return key, None

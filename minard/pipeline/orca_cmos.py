@@ -3,7 +3,7 @@
 Rates = Δcount/Δt per channel with :class:`minard.formats.orca.CmosRateState`
 (masked channels, bit-31 flags, resets, Δt outside (0, ``cmos_max_dt``] give
 no rate).  The state is SHARED through Redis, one key per crate
-(``orca:cmos:state:<crate>``), read and written in an optimistic
+(``orca:{cmos}:state:<crate>``), read and written in an optimistic
 ``WATCH``/``MULTI`` transaction per batch: any number of workers, and a
 restarted consumer, continue from the same baselines, and a batch whose
 crates changed meanwhile is simply recomputed.  Readings older than the

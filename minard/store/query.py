@@ -1,8 +1,8 @@
 """``minard query cmos|base|occupancy [--json]``: the latest per-channel values.
 
 * ``cmos`` / ``base``: each channel's value at its most recent reading, from
-  the latest maps the ORCA consumers keep (``orca:cmos:latest``,
-  ``orca:base:latest``; see docs/storage.md).  A channel whose latest reading
+  the latest maps the ORCA consumers keep (``orca:{cmos}:latest``,
+  ``orca:{base}:latest``; see docs/storage.md).  A channel whose latest reading
   gave no value (masked, flagged, busy, counter reset, no baseline yet, slot
   not polled) is NaN there and left out.  ``--max-age`` also leaves out
   readings that arrived longer ago than that.

@@ -37,10 +37,11 @@ class Family:
 
     @property
     def pattern(self) -> str:
-        """A ``SCAN``/ACL glob matching every key of the family."""
-        import re
+        """A ``SCAN``/ACL glob matching every key of the family (hash tags kept literally)."""
+        import string
 
-        return re.sub(r"\{[^}]*\}", "*", self.template)
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        return self.template.format(**{name: "*" for name in fields})
 
 
 HOUR, DAY = 3600, 86400
@@ -134,17 +135,20 @@ POOL_FLUSHED = Family("pool:{name}:{host}:{pid}:flushed", "hash",
                       "Records each worker of one pool has accounted for in Redis.")
 
 # --- ORCA stream (minard/pipeline/orca_cmos.py, orca_base.py) ----------------------
-ORCA_CMOS_STATE = Family("orca:cmos:state:{crate}", "string",
+#: Redis Cluster hash tags (docs/storage.md, "Redis Cluster"): the keys of one WATCH/MULTI
+#: transaction share a tag, so they share a hash slot.  ``{cmos}``: the per-crate CMOS
+#: states and the CMOS latest map, written together under WATCH by every CMOS worker.
+ORCA_CMOS_STATE = Family("orca:{{cmos}}:state:{crate}", "string",
                          "CMOS rate state of one crate: last valid count and its time per channel.")
 #: Latest value per channel of an ORCA stream (``cmos`` or ``base``):
-#: big-endian float64 per channel, NaN = no valid value.
-ORCA_LATEST_KEY = "orca:{stream}:latest"
+#: big-endian float64 per channel, NaN = no valid value.  Hash tag ``{<stream>}``.
+ORCA_LATEST_KEY = "orca:{{{stream}}}:latest"
 #: Arrival time (Unix s) of each channel's latest value: big-endian float64.
-ORCA_LATEST_TIME_KEY = "orca:{stream}:latest_t"
+ORCA_LATEST_TIME_KEY = "orca:{{{stream}}}:latest_t"
 ORCA_LATEST = Family(ORCA_LATEST_KEY, "string", "Latest value per channel of an ORCA stream.")
 ORCA_LATEST_TIME = Family(ORCA_LATEST_TIME_KEY, "string", "Arrival time of each channel's latest value.")
-ORCA_BASE_BUSY = _single("orca:base:busy", "string", "uint8 per channel: busy flag at the latest base-current reading")
-ORCA_BASE_CRATE_TIME = _single("orca:base:crate_time", "hash", "crate -> ORCA time (µs) of the reading in the base latest map")
+ORCA_BASE_BUSY = _single("orca:{base}:busy", "string", "uint8 per channel: busy flag at the latest base-current reading")
+ORCA_BASE_CRATE_TIME = _single("orca:{base}:crate_time", "hash", "crate -> ORCA time (µs) of the reading in the base latest map")
 
 # --- dispatcher (minard/dispatcher/server.py) ------------------------------------
 DISPATCHER_SCALERS = Family("dispatcher:scalers:{run}", "hash", "Scaler sums of one run (SCALERREC).")

@@ -32,7 +32,7 @@ from minard.pipeline.orca_cmos import CMOS_STATE_KEY, CmosHandler, card_rounds
 from minard.pipeline.orca_consumer import stream_for
 from minard.pipeline.orca_replay import OrcaReplay
 from minard.simulate.orca import OrcaSimulator
-from minard.store import channels
+from minard.store import channels, schema
 from minard.store import timeseries as ts
 from minard.store.channels import ChannelWriter
 from minard.store.query import latest_values
@@ -266,7 +266,7 @@ def test_rates_and_currents_are_recovered_from_a_stream_with_non_default_ids_gar
     assert np.array_equal(n, want_n)
     want_mean = as_array({k: np.mean(v) for k, v in values.items()})
     np.testing.assert_allclose(mean[want_n > 0], want_mean[want_n > 0], rtol=0, atol=1e-9)
-    flags = np.frombuffer(stack.redis.get("orca:base:busy"), np.uint8)
+    flags = np.frombuffer(stack.redis.get(schema.ORCA_BASE_BUSY), np.uint8)
     want_busy = np.array([busy.get(i, False) for i in range(len(flags))])
     assert flags.astype(bool).tolist() == want_busy.tolist() and want_busy.any()
     busy_n, _ = ts.read_counts(stack.redis, "base_busy", time.time() - 600, time.time() + 10)

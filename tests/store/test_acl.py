@@ -85,7 +85,7 @@ def test_every_key_family_of_the_schema_has_a_writer_and_the_dashboard_writes_no
     assert not orphans, f"no role may write {orphans}: add them to minard/store/acl.py"
     pipeline_families = ("SCALAR", "CHANNEL", "RUN", "RUN_PART", "STATUS", "STATS", "POOL_FLUSHED", "ORCA_CMOS_STATE",
                          "ORCA_LATEST", "ORCA_LATEST_TIME", "DISPATCHER_SCALERS", "runs:start", "runs:end",
-                         "pipeline:components", "orca:base:busy")
+                         "pipeline:components", "orca:{base}:busy")
     assert not [n for n in pipeline_families if "dashboard" in acl.writers(keys[n])]
     assert acl.writers(sessions.SESSION_KEY.format(digest="ab")) == ["dashboard"]
 

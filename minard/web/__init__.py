@@ -22,6 +22,7 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
+import redis as redis_py
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
@@ -167,6 +168,17 @@ def _site(app: Flask) -> None:
         if request.path.startswith("/api/"):
             return jsonify(error=message), exc.code
         return render_template("error.html", code=exc.code, title=exc.name, message=message), exc.code
+
+    @app.errorhandler(redis_py.RedisError)
+    def redis_unavailable(exc: Exception):
+        """503 while Redis cannot answer (e.g. during a Sentinel failover): the page says so."""
+        app.logger.warning("Redis unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
+        message = "The database is not reachable right now (it may be switching over); try again in a few seconds."
+        if request.path.startswith("/api/"):
+            resp = jsonify(error=message)
+        else:
+            resp = render_template("error.html", code=503, title="Service unavailable", message=message)
+        return resp, 503, {"Retry-After": "5"}
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception):

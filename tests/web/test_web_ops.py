@@ -398,3 +398,19 @@ def test_status_flags_a_stage_that_processed_more_than_it_received(client, redis
     assert 'class="state-up flagged"' in html and "processed &gt; received" in html
     row = next(r for r in client.get("/api/status").get_json()["rows"] if r["name"] == "daq")
     assert row["flag"] and row["stages"][0]["over"] and row["log"] == "/logs/daq"
+
+
+def test_pages_answer_503_not_500_while_redis_is_unreachable(client, ops_cfg):
+    import redis as redis_py
+
+    from minard.testing import free_port
+
+    app = client.application
+    saved = app.extensions["minard_redis"]
+    app.extensions["minard_redis"] = redis_py.Redis(port=free_port(), socket_connect_timeout=0.2)
+    try:
+        resp = client.get("/status")
+    finally:
+        app.extensions["minard_redis"] = saved
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    assert "switching over" in resp.get_data(as_text=True)

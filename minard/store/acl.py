@@ -42,9 +42,11 @@ PIPELINE_WRITES = (schema.SCALAR.pattern, schema.CHANNEL.pattern, schema.RUN.pat
 #: What the website legitimately writes: its sessions, login limits and
 #: counters; alarm acknowledgements and shelves (and the heartbeat alarms its
 #: reads raise lazily); run sign-offs (run registry), channel flags, DQ
-#: reference runs, the shift roster and handover notes.
+#: reference runs, the shift roster and handover notes; its shared cache of
+#: decoded settled blocks (``webcache:``).
 DASHBOARD_WRITES = (sessions.WEB_PREFIX + "*", schema.ALARM.pattern, _ALARMS, schema.OPS_HEARTBEAT.pattern,
-                    "registry:*", "channels:*", "dq:reference*", "minard:roster*", "minard:shift:*")
+                    "registry:*", "channels:*", "dq:reference*", "minard:roster*", "minard:shift:*",
+                    schema.WEB_BLOCK.pattern)
 
 #: The log server, pinger, monitors and alarm notifier: program heartbeats and
 #: metrics, alarms, notifications, roster and escalation state, the burst

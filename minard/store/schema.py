@@ -154,6 +154,12 @@ ORCA_BASE_CRATE_TIME = _single("orca:{base}:crate_time", "hash", "crate -> ORCA 
 DISPATCHER_SCALERS = Family("dispatcher:scalers:{run}", "hash", "Scaler sums of one run (SCALERREC).")
 DISPATCHER_SCALER_RUNS = _single("dispatcher:scaler_runs", "zset", "runs that have scaler records")
 
+# --- the website's shared cache (minard/web/data.py) ------------------------------
+WEB_BLOCK = Family("webcache:rows:{step}:{block}:{group}:{fields}", "string",
+                   "Settled scalar rows of one block of buckets, decoded once for every web worker: float64 "
+                   "array (buckets x fields, NaN where absent); fields is a digest of the field list. Expires "
+                   "after a day.")
+
 # --- alarms (minard/store/alarms.py) ---------------------------------------------
 ALARM = Family("minard:alarm:{id}", "hash", "One alarm: level, message, source, states and their times.")
 ALARM_PREFIX = "minard:alarm:"  # ALARM without its id, for the Lua script that raises alarms

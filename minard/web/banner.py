@@ -16,7 +16,7 @@ shift crew sees the state of the detector from whatever page they are on
 
 from __future__ import annotations
 
-from minard.store import alarms
+from minard.store import alarms, schema
 from minard.store.runs import list_runs
 from minard.web import data
 
@@ -50,7 +50,7 @@ def banner(redis, now: float, history_days: float = 30) -> dict:
     if last_data is None and newest and newest[0]["end"]:
         last_data = float(newest[0]["end"])
     age = max(0.0, now - last_data) if last_data is not None else None
-    start = redis.zscore("runs:start", str(run)) if run is not None else None
+    start = redis.zscore(schema.RUNS_START, str(run)) if run is not None else None
     head = data.headline(redis, now)
     active = [a for a in alarms.list_alarms(redis, now, 500, history_days) if a["state"] in UNACKNOWLEDGED]
     worst = max(active, key=lambda a: a["level"]) if active else None

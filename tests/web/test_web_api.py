@@ -434,3 +434,23 @@ def test_rows_read_through_the_cache_match_redis_for_any_window(app, redis_clien
         for _ in range(2):  # the second pass reads through the cache
             rows = data.scalar_rows(src, "trig", ("TOTAL",), 1, b0, b1, now)
             assert rows[:, 0].tolist() == [float(t % 97) for t in range(b0, b1 + 1)], (b0, b1)
+
+
+def test_settled_blocks_are_shared_by_every_worker_through_redis(cfg, redis_client):
+    """A second app (another gunicorn worker) reads a settled block from the shared cache, not the rows."""
+    from minard.store import schema
+
+    t0 = (int(time.time()) - 400) // 32 * 32
+    pipe = redis_client.pipeline()
+    for t in range(t0, t0 + 64):
+        ts.add(pipe, "trig", t, {"TOTAL": t % 13}, levels=ts.SCALAR_LEVELS[:1])
+    pipe.execute()
+    first = create_app(cfg).extensions["minard_source"]
+    rows = data.scalar_rows(first, "trig", ("TOTAL",), 1, t0, t0 + 63, time.time())
+    keys = sorted(k.decode() for k in redis_client.scan_iter(schema.WEB_BLOCK.pattern))
+    assert len(keys) == 2 and all(redis_client.ttl(k) > 80000 for k in keys)
+    for t in range(t0, t0 + 64):  # the stored rows change under the cache: only the shared copy can answer
+        redis_client.hset(ts.scalar_key(1, t, "trig"), "TOTAL", 999)
+    second = create_app(cfg).extensions["minard_source"]
+    again = data.scalar_rows(second, "trig", ("TOTAL",), 1, t0, t0 + 63, time.time())
+    assert again.tolist() == rows.tolist() == [[float(t % 13)] for t in range(t0, t0 + 64)]

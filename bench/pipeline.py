@@ -21,6 +21,9 @@ Parts, all in the same run, on a throwaway redis-server:
    **latency**: seconds from a record leaving the source to its aggregate in
    Redis (goal <= 2 s), for single records at different phases of the
    workers' once-a-second flush.
+   **zero loss**: offered rates (nhit 40, 2 workers, the ZMQ link with CURVE as
+   deployed); **cost of encryption**: the same offered rate with CURVE and over
+   plain TCP (``zmq_insecure``), interleaved, CPU per event as a ratio.
 4. **storage**: MEMORY USAGE of every key family at full detector occupancy,
    extrapolated to bytes/day and the steady-state total (docs/storage.md).
 
@@ -245,7 +248,7 @@ def rss_tree_mb(pid: int) -> float:
 class Stack:
     """dispatcher, minard_dispatch pull and push as real processes."""
 
-    def __init__(self, redis_url: str, workdir: Path, workers: int):
+    def __init__(self, redis_url: str, workdir: Path, workers: int, insecure: bool = False):
         self.redis = redis_py.Redis.from_url(redis_url)
         self.port = free_port()
         self.dir = workdir
@@ -254,7 +257,7 @@ class Stack:
                     "var_dir": str(workdir), "dispatcher_port": self.port,
                     "dispatcher_accounting_dir": str(workdir / "acct"), "dispatch_workers": workers,
                     "dispatch_max_total_workers": max(4, workers), "log_level": "WARNING",
-                    "dispatcher_analyzer_queue": 200000}
+                    "dispatcher_analyzer_queue": 200000, "zmq_insecure": insecure}
         self.env = {**os.environ, **{f"MINARD_{k.upper()}": str(v) for k, v in settings.items()}}
         self.dispatcher = DispatcherProcess(self.port, workdir / "dispatcher.log", log_level="WARNING",
                                             redis_url=redis_url, dispatcher_analyzer_queue=200000)
@@ -320,11 +323,12 @@ def _processed(stack: Stack) -> int:
 
 
 def bench_end_to_end(redis_url: str, path: Path, nhit: float, workers: int, seconds: float,
-                     workdir: Path, rate: float | None = None) -> dict:
-    """Sustained events/s through the whole chain with a looping replay (at *rate*, or flat out)."""
+                     workdir: Path, rate: float | None = None, insecure: bool = False) -> dict:
+    """Sustained events/s through the whole chain with a looping replay (at *rate*, or flat out);
+    the ZMQ link with CURVE unless *insecure*."""
     client = redis_py.Redis.from_url(redis_url)
     client.flushall()
-    stack = Stack(redis_url, workdir, workers).start()
+    stack = Stack(redis_url, workdir, workers, insecure).start()
     mem0 = client.info("memory")["used_memory"]
     rss = 0.0
     try:
@@ -548,7 +552,32 @@ def zero_loss_search(redis_url: str, workdir: Path, rates: list[float], seconds:
         if lost or r["events_s"] < 0.97 * rate:
             break
         best = rate
-    print(f"highest offered rate carried with zero loss: {best:,.0f} events/s")
+    print(f"highest offered rate carried with zero loss: {best:,.0f} events/s (ZMQ link with CURVE)")
+
+
+def encryption_cost(redis_url: str, workdir: Path, rate: float, seconds: float, rounds: int = 2) -> None:
+    """The cost of CURVE on the push -> pull link: the same offered rate with CURVE and over
+    plain TCP (``zmq_insecure``), interleaved; CPU per event of the two ZMQ ends and in total."""
+    print(f"\n== Cost of encryption: CURVE vs plain TCP at {rate:,.0f} events/s offered (nhit 40, 2 workers,"
+          f" {rounds} interleaved rounds, best of each) ==")
+    path = workdir / "nhit40.zdab"
+    best: dict[str, dict] = {}
+    for k in range(rounds):
+        for name, insecure in (("curve", False), ("plain", True)):
+            say(f"encryption cost: {name}, round {k + 1}")
+            sub = workdir / f"e2e-{name}-{k}"
+            sub.mkdir()
+            r = bench_end_to_end(redis_url, path, 40, 2, seconds, sub, rate=rate, insecure=insecure)
+            r["ends_us"] = r["cpu_us"]["push"] + r["cpu_us"]["pull manager"]
+            r["total_us"] = sum(r["cpu_us"].values())
+            if name not in best or r["total_us"] < best[name]["total_us"]:
+                best[name] = r
+    for name, r in best.items():
+        print(f"{name:<6} carried {r['events_s']:>9,.0f} events/s, lost {sum(r['lost'].values())};"
+              f" CPU per event: push + pull manager {r['ends_us']:.2f} us, total {r['total_us']:.2f} us")
+    c, p = best["curve"], best["plain"]
+    print(f"CURVE / plain: CPU per event at the ZMQ ends {c['ends_us'] / p['ends_us']:.2f}x,"
+          f" total {c['total_us'] / p['total_us']:.2f}x; carried {c['events_s'] / p['events_s']:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -606,6 +635,7 @@ def main(argv=None) -> int:
                     print("    CPU per event: " + ", ".join(f"{k} {v:.2f} us" for k, v in r["cpu_us"].items())
                           + f" (total {sum(r['cpu_us'].values()):.1f} us; {os.cpu_count()} CPUs)")
             zero_loss_search(server.url, workdir, [float(r) for r in args.rates.split(",")], seconds)
+            encryption_cost(server.url, workdir, 200_000, seconds)
 
         say("burst of 10^4 events")
         sub = workdir / "burst"

@@ -47,6 +47,9 @@ DEFAULTS: dict[str, object] = {
     "zmq_base": "tcp://127.0.0.1:5558",
     "zmq_hwm": 200,  # messages per socket queue; a dispatch batch is ~0.5 MB at nhit 40
     "zmq_max_frame": 64 * 1024 * 1024,
+    "zmq_insecure": False,  # plain TCP on the ZMQ links (no CURVE); warned at start
+    "zmq_keys_dir": "",  # CURVE keys (minard keys zmq); default var_dir/zmq_keys
+    "zmq_backlog_records": 100_000,  # producer: records kept while no consumer takes them
     # ORCA data stream
     "orca_host": "127.0.0.1",
     "orca_port": 44666,

@@ -51,6 +51,7 @@ import click
 
 from minard import config as config_mod
 from minard.config import ROOT
+from minard.pipeline import curve
 
 TEMPLATES = ROOT / "conf" / "templates"
 #: The bundled recorded run, beside the checkout (if present).
@@ -455,6 +456,7 @@ def stack_config(cfg, lay: Layout, password: str) -> config_mod.Config:
         "dispatcher_host": "127.0.0.1",
         "orca_host": "127.0.0.1",
         "redis_acl_file": str(lay.redis_acl),
+        "zmq_keys_dir": str(cfg.get("zmq_keys_dir") or lay.secrets / "zmq"),
     })
     out.update(metrics_ports(cfg))
     if cfg["nginx_tls"]:
@@ -609,6 +611,8 @@ def prepare(cfg, lay: Layout, stack_id: str, echo=click.echo) -> config_mod.Conf
     write_private(lay.supervisord_conf, supervisord_text(cfg, lay, stack_id, sup_password))
     ensure_data(cfg, lay, echo)
     ensure_tokens(scfg, lay, known=ensure_dispatcher_credentials(scfg, lay))
+    if not curve.insecure(scfg):
+        curve.ensure_keys(curve.keys_dir(scfg))  # the producers' and consumers' CURVE keys, 0600
     return scfg
 
 

@@ -107,6 +107,9 @@ def cfg(redis_url, tmp_path, dispatcher_credentials):
 def zmq_context():
     ctx = zmq.Context()
     yield ctx
+    from minard.pipeline import curve
+
+    curve.stop_authenticator(ctx)  # a test that made a CURVE server started one
     ctx.destroy(linger=0)
 
 

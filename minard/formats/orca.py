@@ -494,6 +494,7 @@ class OrcaStreamParser:
         self._skip_blank = False
         self._order_unsure = False
         self._closed = False
+        self._quiet = False  # release(): a record ending the buffer needs no follower
         self._rebuild()
 
     # -- public --------------------------------------------------------------
@@ -505,6 +506,28 @@ class OrcaStreamParser:
         self.stats.bytes += len(data)
         self._buf += data
         return self._run(final=False)
+
+    def release(self) -> list[Record]:
+        """The stream went quiet: return the complete record held for the look-ahead.
+
+        With look-ahead a record waits for the 13 bytes after it; when no more
+        bytes come (ORCA has nothing to send), the reader calls this after a
+        short pause so that the last reading is handed on instead of waiting
+        for the next one.  A record that ends exactly where the bytes end is
+        returned; a partial one keeps waiting.
+        """
+        if self._closed:
+            return []
+        self._quiet = True
+        try:
+            return self._run(final=False)
+        finally:
+            self._quiet = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a record or skipped."""
+        return len(self._buf) - self._pos
 
     def close(self) -> list[Record]:
         """Signal the end of the stream: return the last records and report
@@ -656,7 +679,7 @@ class OrcaStreamParser:
     def _check_follower(self, p: int, end: int, final: bool):
         """Look-ahead: True if the record at *p* may be returned, else the
         step result (_NEED, or None after dropping a truncated record)."""
-        if final and end == len(self._buf):
+        if (final or self._quiet) and end == len(self._buf):
             return True
         nxt = self._classify(end, final)
         if nxt is None:

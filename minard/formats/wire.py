@@ -12,6 +12,12 @@ Records are passed through untouched, so the consumer can decode the payload in
 one vectorized pass using the offsets that ``lengths`` give.  Anything that does
 not follow this layout raises :class:`WireError` (with a ``reason``) and the
 consumer counts and drops the message; it never evaluates what it received.
+
+The meta fields the consumers read are typed (:data:`META_FIELDS`): a value of
+the wrong type, NaN, infinite, negative or out of range is rejected with the
+reason ``bad_meta_<field>``; ``count``, when present, must equal the number of
+records (``count_mismatch``); a message without records is ``empty``.  Unknown
+meta fields are ignored (producers may add some).
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def decode(frames: Sequence[bytes], max_payload: int = MAX_PAYLOAD) -> Batch:
     if len(lengths_raw) % 4 or len(lengths_raw) // 4 > MAX_RECORDS:
         raise WireError("bad_lengths", f"lengths frame of {len(lengths_raw)} bytes")
     try:
-        meta = json.loads(meta_raw)
+        meta = json.loads(meta_raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError("bad_meta", str(exc)) from None
     if not isinstance(meta, dict):
@@ -115,4 +121,37 @@ def decode(frames: Sequence[bytes], max_payload: int = MAX_PAYLOAD) -> Batch:
     lengths = np.frombuffer(lengths_raw, dtype=">u4").astype(np.int64)
     if int(lengths.sum()) != len(payload):
         raise WireError("bad_lengths", f"lengths sum to {int(lengths.sum())}, payload is {len(payload)}")
+    _check_meta(meta, len(lengths))
     return Batch(kind.decode(), meta, payload, lengths)
+
+
+def _no_constant(name: str):
+    """JSON's non-standard NaN and Infinity are not numbers here."""
+    raise WireError("bad_meta", f"{name} in meta")
+
+
+def _int_in(lo: int, hi: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+#: Meta field -> check of its value (absent is fine; None only where the check allows).
+META_FIELDS = {
+    "sent": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e11,
+    "seq": _int_in(0, 2**63 - 1),
+    "count": _int_in(0, MAX_RECORDS),
+    "prev_gtid": lambda v: v is None or _int_in(0, (1 << 24) - 1)(v),
+    "byteorder": lambda v: v in ("little", "big"),
+    "data_id": lambda v: v is None or _int_in(0, 2**32 - 1)(v),
+    "producer": lambda v: isinstance(v, str) and len(v) <= 256,
+}
+
+
+def _check_meta(meta: dict, nrecords: int) -> None:
+    """Raise WireError for a typed meta field with a bad value, a wrong count or no records."""
+    for name, ok in META_FIELDS.items():
+        if name in meta and not ok(meta[name]):
+            raise WireError(f"bad_meta_{name}", repr(meta[name])[:64])
+    if "count" in meta and meta["count"] != nrecords:
+        raise WireError("count_mismatch", f"meta count {meta['count']}, {nrecords} records")
+    if not nrecords:
+        raise WireError("empty", "no records")

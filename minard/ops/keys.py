@@ -16,6 +16,7 @@ as the key file changes, so a revocation takes effect on the next request.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import hmac
 import json
 import logging
@@ -262,7 +263,25 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-@click.group("keys")
+#: Subcommands that live with their concept and are imported only when run (as the
+#: table of :mod:`minard.cli`): the ZMQ keys belong to the data plane.
+LAZY_COMMANDS = {"zmq": "minard.pipeline.curve:zmq_keys_cmd"}
+
+
+class _KeysGroup(click.Group):
+    """The ``keys`` group, with the subcommands of :data:`LAZY_COMMANDS` imported on use."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, _, attr = LAZY_COMMANDS[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group("keys", cls=_KeysGroup)
 @click.option("-c", "--config", "config_file", default=None, help="Configuration file (default conf/minard.conf).")
 @click.pass_context
 def keys_cli(ctx, config_file):
@@ -313,3 +332,4 @@ def revoke_cmd(config_file, name):
     if not _store(config_file).revoke(name):
         raise click.ClickException(f"{name} has no active credentials")
     click.echo(f"revoked {name}")
+

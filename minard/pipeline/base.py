@@ -3,8 +3,9 @@
 * :class:`Producer` — a process that reads an upstream (the dispatcher, ORCA)
   and PUSHes wire batches (:mod:`minard.formats.wire`) on one or more bound
   ZMQ sockets: the sockets with an explicit SNDHWM and a monitor counting
-  connected consumers, sends that never block (a batch refused at the
-  high-water mark is counted as ``dropped``/``hwm``), the heartbeat and the
+  connected consumers, sends that never block (a batch ZMQ refuses waits in
+  a bounded backlog until a consumer takes it; beyond the bound it is counted
+  as ``dropped``), CURVE security (:mod:`minard.pipeline.curve`), the heartbeat and the
   stage counters through :class:`minard.store.status.Reporter` once a second,
   SIGTERM/SIGINT that hand on what is pending and beat a last time, and the
   run loop that reconnects to the upstream until stopped.  Subclasses
@@ -27,13 +28,14 @@ import os
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import redis as redis_py
 import zmq
 
 from minard import metrics
 from minard.formats import wire
+from minard.pipeline import curve
 from minard.pipeline.consumer import record_flushed, redis_client
 from minard.pipeline.sockets import peers_changed
 from minard.store import status
@@ -67,6 +69,7 @@ class Producer:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, int(cfg["zmq_hwm"]))
             sock.setsockopt(zmq.LINGER, 2000)
+            curve.secure_server(sock, cfg, self.ctx)
             sock.bind(str(endpoint))
             self.socks[name] = sock
             self.monitors[name] = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -79,6 +82,9 @@ class Producer:
         self.totals = Counter()  # since start, for the heartbeat
         self.deltas: dict[str, Counter] = {self.stage: Counter()}  # stage counters not yet in Redis
         self.next_beat = 0.0
+        self.backlogs: dict[str, deque] = {name: deque() for name in endpoints}  # (frames, n) ZMQ refused
+        self.backlog_records = 0
+        self.backlog_limit = int(cfg.get("zmq_backlog_records", 100_000))
         self.reporter = status.Reporter(self.redis, self.component, self.started)
 
     # -------------------------------------------------------- lifecycle
@@ -99,6 +105,7 @@ class Producer:
                     break
         finally:
             self.send_pending()
+            self.drain_backlogs()
             self.beat(final=True)
             self.close()
 
@@ -110,12 +117,22 @@ class Producer:
         """Send every pending record (subclasses)."""
         raise NotImplementedError
 
+    def drain_backlogs(self, seconds: float = 2.0) -> None:
+        """At shutdown: give connected consumers *seconds* to take the backlogs; count the rest."""
+        end = time.monotonic() + seconds
+        while self.backlog_records and time.monotonic() < end:
+            self.send_backlogs()
+            if self.backlog_records:
+                time.sleep(0.02)
+        self.drop_backlogs()
+
     def close(self) -> None:
         """Close the monitors and sockets (pending messages linger up to 2 s)."""
         for name, sock in self.socks.items():
             sock.disable_monitor()
             self.monitors[name].close(0)
             sock.close()
+        curve.stop_authenticator(self.ctx)
 
     # -------------------------------------------------------- sending
     def batch_due(self, seconds: float) -> bool:
@@ -123,28 +140,36 @@ class Producer:
         return self.first_pending is not None and time.monotonic() - self.first_pending >= seconds
 
     def push(self, name: str, frames: list, n: int) -> bool:
-        """PUSH one wire message of *n* records on socket *name* without blocking.
+        """Hand one wire message of *n* records to socket *name* without blocking.
 
-        A message refused at the high-water mark (or with no consumer) is
-        counted as ``dropped`` and ``hwm`` (and ``dropped_<name>`` when the
-        producer has several sockets); returns whether it was sent.
+        A message ZMQ refuses (no consumer connected yet, or the high-water
+        mark reached) waits in the socket's backlog, behind older ones, until a
+        consumer takes it (:meth:`send_backlogs`, every loop turn); the backlogs
+        hold at most ``zmq_backlog_records`` records, and a message beyond that
+        is dropped and counted (``dropped``, ``hwm``, ``backlog_full``, and
+        ``dropped_<name>`` when the producer has several sockets).  Returns
+        False only for a dropped message.
         """
         self.seq += 1
+        if not self.backlogs[name] and self._try_send(name, frames, n):
+            return True
+        if self.backlog_records + n > self.backlog_limit:
+            self._drop(name, n, "backlog_full")
+            return False
+        self.backlogs[name].append((frames, n))
+        self.backlog_records += n
+        self.totals["backlogged"] += n
+        self.send_backlogs()
+        return True
+
+    def _try_send(self, name: str, frames: list, n: int) -> bool:
+        """One non-blocking send; count it when ZMQ took it."""
         try:
             # Copied into ZMQ: a zero-copy send is released by pyzmq's garbage-collector
             # thread, which needs the GIL, and under load the released batches piled up
             # (GBs of RSS); the copy costs ~0.1 us per event.
             self.socks[name].send_multipart(frames, zmq.NOBLOCK, copy=True)
         except zmq.Again:
-            counts = {"dropped": n, "hwm": n}
-            if len(self.socks) > 1:
-                counts[f"dropped_{name}"] = n
-            self.deltas[self.stage].update(counts)
-            self.totals["dropped"] += n
-            if self.totals["dropped"] == n or self.totals["drop_batches"] % 100 == 0:
-                log.warning("ZMQ %s: no consumer or high-water mark reached; dropped a batch of %d"
-                            " records (%d dropped so far)", name, n, self.totals["dropped"])
-            self.totals["drop_batches"] += 1
             return False
         self.deltas[self.stage]["processed"] += n
         self.totals["sent"] += n
@@ -154,6 +179,31 @@ class Producer:
             self.totals[name] += n
         return True
 
+    def _drop(self, name: str, n: int, reason: str) -> None:
+        """Count *n* records that will never be sent, under *reason*."""
+        counts = {"dropped": n, "hwm": n, reason: n}
+        if len(self.socks) > 1:
+            counts[f"dropped_{name}"] = n
+        self.deltas[self.stage].update(counts)
+        self.totals["dropped"] += n
+        if self.totals["dropped"] == n or self.totals["drop_batches"] % 100 == 0:
+            log.warning("ZMQ %s: %s; dropped a batch of %d records (%d dropped so far)",
+                        name, reason, n, self.totals["dropped"])
+        self.totals["drop_batches"] += 1
+
+    def send_backlogs(self) -> None:
+        """Send what waits in the backlogs, oldest first, while ZMQ takes it."""
+        for name, queue in self.backlogs.items():
+            while queue and self._try_send(name, *queue[0]):
+                self.backlog_records -= queue.popleft()[1]
+
+    def drop_backlogs(self, reason: str = "backlog_at_exit") -> None:
+        """Count what is still in the backlogs as dropped (at shutdown) and forget it."""
+        for name, queue in self.backlogs.items():
+            while queue:
+                self._drop(name, queue.popleft()[1], reason)
+        self.backlog_records = 0
+
     # -------------------------------------------------------- reporting
     def count_peers(self) -> dict[str, int]:
         """Consumers connected to each PUSH socket (from the socket monitors)."""
@@ -161,8 +211,14 @@ class Producer:
             self.peers[name] += peers_changed(monitor)
         return dict(self.peers)
 
+    def wait_limit(self, wait: float) -> float:
+        """*wait* shortened to 20 ms while records wait in a backlog."""
+        return min(wait, 0.02) if self.backlog_records else wait
+
     def maybe_beat(self) -> None:
-        """Beat if a second has passed since the last beat."""
+        """Send what waits in the backlogs; beat if a second has passed since the last beat."""
+        if self.backlog_records:
+            self.send_backlogs()
         if time.monotonic() >= self.next_beat:
             self.beat()
 
@@ -173,7 +229,8 @@ class Producer:
     def beat(self, final: bool = False) -> None:
         """Heartbeat and counters to Redis; counters are kept while Redis is down."""
         self.next_beat = time.monotonic() + 1.0
-        fields = {"hwm": int(self.cfg["zmq_hwm"]), **self.heartbeat_fields(final), **self.totals}
+        fields = {"hwm": int(self.cfg["zmq_hwm"]), "backlog_records": self.backlog_records,
+                  **self.heartbeat_fields(final), **self.totals}
         if final:
             fields["state"] = "stopped"
         self.reporter.write(fields, self.deltas)
@@ -210,8 +267,9 @@ class Handler:
         try:
             return wire.decode(frames, self.max_payload)
         except wire.WireError as exc:
-            self.counts.update({"errors": n, f"wire_{exc.reason}": n})
-            log.warning("bad batch of %d records: %s", n, exc)
+            self.counts.update({"errors": n, f"wire_{exc.reason}": n, "bad_batches": 1})
+            if self.counts["bad_batches"] <= 10 or self.counts["bad_batches"] % 1000 == 0:
+                log.warning("bad batch of %d records: %s", n, exc)
             self.rejected(n)
             return None
 
@@ -283,6 +341,15 @@ class Handler:
         self.counts.clear()
         self.unaccounted = 0
         return True
+
+    def drain_backlogs(self, seconds: float = 2.0) -> None:
+        """At shutdown: give connected consumers *seconds* to take the backlogs; count the rest."""
+        end = time.monotonic() + seconds
+        while self.backlog_records and time.monotonic() < end:
+            self.send_backlogs()
+            if self.backlog_records:
+                time.sleep(0.02)
+        self.drop_backlogs()
 
     def close(self) -> None:
         """Final flush, retried for a few seconds (*close_option*) if Redis is down."""

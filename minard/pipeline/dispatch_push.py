@@ -189,7 +189,7 @@ class Pusher(Producer):
             wait = self.next_beat - now
             if self.first_pending is not None:
                 wait = min(wait, self.first_pending + self.batch_seconds - now)
-            ready, _, _ = select.select([client.sock], [], [], max(0.0, min(wait, 1.0)))
+            ready, _, _ = select.select([client.sock], [], [], max(0.0, self.wait_limit(min(wait, 1.0))))
             if ready:
                 n = client.sock.recv_into(decoder.writable(1 << 20))  # straight into the decoder
                 if not n:

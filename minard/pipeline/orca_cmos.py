@@ -26,7 +26,7 @@ from minard.formats import orca
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL
 from minard.pipeline.orca_consumer import OrcaHandler
 from minard.store import schema
-from minard.store.channels import ChannelWriter, write_latest
+from minard.store.channels import ChannelWriter, write_latest_valid
 
 log = logging.getLogger("minard.pipeline.orca_cmos")
 
@@ -126,6 +126,10 @@ class CmosHandler(OrcaHandler):
         Returns ``(lcn, rate, stale records)``.  On a conflict (another worker
         changed one of these crates meanwhile) everything is recomputed from
         the new state, so the result is as if the batches had run in turn.
+        The latest map is updated in the same transaction, only where a
+        reading gave a rate: a reading without one (flagged, masked, reset,
+        a new baseline after a flagged reading) keeps the channel's last valid
+        rate and its time, so ``minard query cmos`` shows it with its age.
         """
         keys = [CMOS_STATE_KEY.format(crate=c) for c in crates]
         rounds = card_rounds(dec)
@@ -138,8 +142,8 @@ class CmosHandler(OrcaHandler):
                     pipe.multi()
                     for crate, key in zip(crates, keys):
                         pipe.set(key, self.crate_state(state, crate), ex=self.ttl)
-                    for values, cards in latest:
-                        write_latest(pipe, "cmos", values, t, cards, self.ttl)
+                    for values, _ in latest:  # in the crates' transaction: in reading order
+                        write_latest_valid(pipe, "cmos", values, t, self.ttl)
                     pipe.execute()
                     return lcn, rate, stale
                 except redis_py.WatchError:

@@ -47,6 +47,9 @@ log = logging.getLogger("minard.pipeline.orca_producer")
 
 PRODUCER_COMPONENT = "data_producer"
 STREAMS = ("cmos", "base")
+#: Seconds without bytes after which a record held for the parser's look-ahead
+#: is handed on (ORCA went quiet: its last reading must not wait for the next).
+QUIET_SECONDS = 0.02
 
 
 def _hex(value: int | None) -> str:
@@ -116,18 +119,26 @@ class OrcaProducer(Producer):
         self.parser_seen = Counter()
         self.ids = orca.XL3Ids(None, None)  # until this connection's header arrives
         self.connected = True
+        last_bytes, quiet_check = time.monotonic(), False  # release once per quiet spell
         try:
             while self.running:
-                timeout = max(0.0, min(0.2, self.next_beat - time.monotonic()))
+                timeout = max(0.0, self.wait_limit(min(0.2, self.next_beat - time.monotonic())))
                 if self.first_pending is not None:
                     timeout = min(timeout, max(0.0, self.first_pending + self.batch_seconds - time.monotonic()))
+                if quiet_check:
+                    timeout = min(timeout, max(0.0, last_bytes + QUIET_SECONDS - time.monotonic()))
                 ready, _, _ = select.select([sock], [], [], timeout)
                 if ready:
                     data = sock.recv(1 << 16)
                     if not data:
                         log.warning("ORCA %s:%d closed the connection; reconnecting", *self.address)
                         break
+                    last_bytes = time.monotonic()
                     self.on_records(self.parser.feed(data))
+                    quiet_check = self.parser.buffered > 0
+                elif quiet_check and time.monotonic() - last_bytes >= QUIET_SECONDS:
+                    quiet_check = False
+                    self.on_records(self.parser.release())
                 if self.batch_due(self.batch_seconds):
                     self.send_pending()
                 self.maybe_beat()

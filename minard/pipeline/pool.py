@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from minard.formats import wire
+from minard.pipeline import curve
 from minard.store import status
 
 log = logging.getLogger("minard.pipeline.pool")
@@ -172,6 +173,7 @@ class Pool:
         # The manager's own queue (queue_limit) is the buffer; a long ZMQ receive
         # queue on top of it held up to ~1 GB of batches in the manager.
         self.front.setsockopt(zmq.RCVHWM, FRONT_HWM)
+        curve.secure_client(self.front, self.cfg)
         self.front.connect(self.spec.upstream)
         self.back = self._ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
@@ -351,8 +353,8 @@ class Pool:
         """Counters, queue depth and lag, for the heartbeat and the site."""
         lag = 0.0
         if self.queue:
-            try:
-                lag = max(0.0, time.time() - float(wire.decode(self.queue[0]).meta.get("sent", 0)))
+            try:  # decode checks the meta: sent is a finite positive number if present
+                lag = max(0.0, time.time() - float(wire.decode(self.queue[0]).meta.get("sent", time.time())))
             except wire.WireError:
                 lag = 0.0
         return {
@@ -371,6 +373,21 @@ def _runtime_dir(cfg: dict) -> str:
 
 
 # ---------------------------------------------------------------- worker side
+
+def _process(handler, frames, n: int) -> None:
+    """Run the handler on one message; an exception costs the message, never the worker.
+
+    Handlers count bad input by reason themselves; anything they did not
+    foresee is logged and its *n* records counted as ``errors``/``handler_error``.
+    """
+    try:
+        handler.process(frames)
+    except Exception:  # noqa: BLE001 - no input may kill a worker
+        log.exception("handler failed on a message of %d records (counted as errors)", n)
+        counts = getattr(handler, "counts", None)
+        if counts is not None:
+            counts.update(errors=n, handler_error=n)
+
 
 def load_handler(spec: str, cfg: dict):
     """Build a handler from ``module:callable`` (a fixed name from our code, never input)."""
@@ -408,8 +425,8 @@ def worker_main(handler_spec: str, cfg: dict, endpoint: str, wid: int,
                 kind, *frames = sock.recv_multipart()
                 if kind == STOP:
                     break
-                handler.process(frames)
                 n = _record_count(frames)  # every record handed over is accounted for
+                _process(handler, frames, n)
                 done += n
                 sock.send_multipart([DONE, str(n).encode()])
                 if trx_limit and done >= trx_limit:

@@ -266,3 +266,26 @@ def write_latest(pipe, stream: str, values: np.ndarray, t: float, cards: np.ndar
         pipe.setrange(tkey, lo * 8, stamp[lo:hi].tobytes())
     pipe.expire(key, ttl)
     pipe.expire(tkey, ttl)
+
+
+
+def write_latest_valid(pipe, stream: str, values: np.ndarray, t: float, ttl: int) -> None:
+    """SETRANGE the latest map of *stream* where *values* (float64 per channel) is finite.
+
+    Channels without a value keep their stored value and time (the CMOS map
+    holds each channel's last valid rate and when it arrived); one SETRANGE per
+    run of consecutive channels with a value, stamped *t*.
+    """
+    idx = np.flatnonzero(np.isfinite(values))
+    if not len(idx):
+        return
+    key, tkey = ORCA_LATEST_KEY.format(stream=stream), ORCA_LATEST_TIME_KEY.format(stream=stream)
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    firsts, lasts = idx[np.r_[0, breaks + 1]], idx[np.r_[breaks, len(idx) - 1]]
+    stamp = np.full(len(values), t, dtype=">f8").tobytes()
+    blob = values.astype(">f8").tobytes()
+    for lo, hi in zip(firsts.tolist(), (lasts + 1).tolist()):
+        pipe.setrange(key, lo * 8, blob[lo * 8:hi * 8])
+        pipe.setrange(tkey, lo * 8, stamp[lo * 8:hi * 8])
+    pipe.expire(key, ttl)
+    pipe.expire(tkey, ttl)

@@ -2,10 +2,12 @@
 
 * ``cmos`` / ``base``: each channel's value at its most recent reading, from
   the latest maps the ORCA consumers keep (``orca:{cmos}:latest``,
-  ``orca:{base}:latest``; see docs/storage.md).  A channel whose latest reading
-  gave no value (masked, flagged, busy, counter reset, no baseline yet, slot
-  not polled) is NaN there and left out.  ``--max-age`` also leaves out
-  readings that arrived longer ago than that.
+  ``orca:{base}:latest``; see docs/storage.md).  CMOS: each channel's last
+  valid rate and its time (a reading that gives no rate — flagged, masked,
+  counter reset, a new baseline after a flagged reading — keeps it); base:
+  the value at the crate's latest reading (NaN, left out, when that reading
+  gave none: masked, busy, slot not polled).  ``--max-age`` leaves out values
+  that arrived longer ago than that; ``--with-age`` shows each value's age.
 * ``occupancy``: hits / events of the dispatch stream over the latest
   interval: the newest bucket of the finest per-channel level (10 s) that has
   events (``ts:10:<b>:occ`` field ``events`` and ``ch:10:<b>:hits``), looking
@@ -13,8 +15,9 @@
   value when there were events (0.0 for a silent channel).
 
 With ``--json`` the output is ONE JSON object ``{"<lcn>": value, ...}`` keyed
-by channel index ``crate*512 + card*32 + channel``; without it, one line per
-channel (lcn, crate, card, channel, value).
+by channel index ``crate*512 + card*32 + channel`` (with ``--with-age``:
+``{"<lcn>": {"value": v, "age_seconds": s}}``); without it, one line per
+channel (lcn, crate, card, channel, value[, age in seconds]).
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ def _f8(raw: bytes | None) -> np.ndarray:
 
 
 def latest_values(redis, stream: str, now: float | None = None, max_age: float = 0.0) -> np.ndarray:
-    """Per-channel value of *stream* ("cmos" or "base") at its latest reading; NaN = none.
+    """Per-channel latest value of *stream* ("cmos" or "base"); NaN = none (see the module)."""
+    return latest_with_age(redis, stream, now, max_age)[0]
+
+
+def latest_with_age(redis, stream: str, now: float | None = None,
+                    max_age: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, ages in seconds)`` of *stream*'s latest map; NaN where there is no value.
 
     Bytes of a map never written (absent cards) read as zeros, so the
     arrival-time map decides: a channel with time 0 has never been written.
@@ -57,11 +66,12 @@ def latest_values(redis, stream: str, now: float | None = None, max_age: float =
     pipe.get(LATEST_TIME_KEY.format(stream=stream))
     raw, raw_t = pipe.execute()
     values, times = _f8(raw), _f8(raw_t)
+    now = time.time() if now is None else now
     ok = np.nan_to_num(times, nan=0.0) > 0
     if max_age > 0:
-        now = time.time() if now is None else now
         ok &= times >= now - max_age
-    return np.where(ok, values, np.nan)
+    values = np.where(ok, values, np.nan)
+    return values, np.where(ok & np.isfinite(values), np.maximum(now - times, 0.0), np.nan)
 
 
 def latest_occupancy(redis, now: float | None = None, lookback: float = OCCUPANCY_LOOKBACK):
@@ -93,8 +103,9 @@ def as_mapping(values: np.ndarray) -> dict[str, float]:
 @click.option("--max-age", type=float, default=None,
               help="cmos/base: leave out readings older than this many seconds [any age]; "
                    f"occupancy: look back at most this far for an interval with events [{OCCUPANCY_LOOKBACK:g}].")
+@click.option("--with-age", is_flag=True, help="cmos/base: also each value's age in seconds (staleness).")
 @click.option("--config", "config_path", default=None, help="Configuration file.")
-def query_cmd(name, as_json, max_age, config_path):
+def query_cmd(name, as_json, max_age, with_age, config_path):
     """Print the latest per-channel values of NAME (cmos, base or occupancy) from Redis."""
     cfg = config_mod.load(path=config_path)
     client = redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=2.0, socket_timeout=10.0)
@@ -102,15 +113,19 @@ def query_cmd(name, as_json, max_age, config_path):
         if name == "occupancy":
             values, _ = latest_occupancy(client, lookback=max_age or OCCUPANCY_LOOKBACK)
         else:
-            values = latest_values(client, name, max_age=max_age or 0.0)
+            values, ages = latest_with_age(client, name, max_age=max_age or 0.0)
     except redis_py.RedisError as exc:
         raise click.ClickException(f"Redis {config_mod.redact(cfg['redis_url'])}: {exc}") from None
     finally:
         client.close()
     mapping = as_mapping(values)
+    age = as_mapping(ages) if with_age and name != "occupancy" else None
     if as_json:
+        if age is not None:
+            mapping = {k: {"value": v, "age_seconds": round(age.get(k, 0.0), 3)} for k, v in mapping.items()}
         click.echo(json.dumps(mapping))
         return
     for key, value in mapping.items():
         lcn = int(key)
-        click.echo(f"{lcn:5d} {lcn // 512:2d} {lcn // 32 % 16:2d} {lcn % 32:2d} {value:.6g}")
+        tail = f" {age.get(key, 0.0):.1f}" if age is not None else ""
+        click.echo(f"{lcn:5d} {lcn // 512:2d} {lcn // 32 % 16:2d} {lcn % 32:2d} {value:.6g}{tail}")

@@ -8,15 +8,18 @@ import pytest
 import zmq
 
 from minard.formats import wire
+from minard.pipeline import curve
 from minard.pipeline.pool import Pool, PoolManager, PoolSpec
 from minard.testing import wait_for
 
 HANDLER = "pool_handlers:Counting"
 
 
-def _push(ctx, endpoint):
+def _push(ctx, cfg):
+    """A producer's PUSH socket: a CURVE server with the test's keys (as every producer's)."""
     sock = ctx.socket(zmq.PUSH)
-    sock.bind(endpoint)
+    curve.secure_server(sock, cfg, ctx)
+    sock.bind(cfg["zmq_dispatch"])
     return sock
 
 
@@ -38,7 +41,7 @@ def spec(cfg):
 
 
 def test_every_record_is_processed_exactly_once_by_several_workers(cfg, spec, zmq_context, redis_client, tmp_path):
-    push = _push(zmq_context, cfg["zmq_dispatch"])
+    push = _push(zmq_context, cfg)
     pool = Pool(spec, cfg, event_log=tmp_path / "pool.log")
     thread = _run_pool(pool, 8)
     _send(push, 200)
@@ -55,7 +58,7 @@ def test_every_record_is_processed_exactly_once_by_several_workers(cfg, spec, zm
 def test_worker_is_recycled_after_trx_limit_and_loses_nothing(cfg, spec, zmq_context, redis_client, tmp_path):
     spec.trx_limit = 100
     spec.max_workers = 1
-    push = _push(zmq_context, cfg["zmq_dispatch"])
+    push = _push(zmq_context, cfg)
     pool = Pool(spec, cfg, event_log=tmp_path / "pool.log")
     thread = _run_pool(pool, 30)
     _send(push, 50)
@@ -71,7 +74,7 @@ def test_worker_is_recycled_after_trx_limit_and_loses_nothing(cfg, spec, zmq_con
 def test_idle_worker_is_stopped_and_started_again_when_data_arrives(cfg, spec, zmq_context, redis_client):
     spec.idle_timeout = 0.5
     spec.max_workers = 1
-    push = _push(zmq_context, cfg["zmq_dispatch"])
+    push = _push(zmq_context, cfg)
     pool = Pool(spec, cfg)
     thread = _run_pool(pool, 30)
     _send(push, 3)
@@ -88,7 +91,7 @@ def test_idle_worker_is_stopped_and_started_again_when_data_arrives(cfg, spec, z
 def test_killed_worker_is_restarted_and_its_batch_is_counted_lost(cfg, spec, zmq_context, redis_client):
     cfg["test_delay"] = 0.2
     spec.max_workers = 1
-    push = _push(zmq_context, cfg["zmq_dispatch"])
+    push = _push(zmq_context, cfg)
     pool = Pool(spec, cfg)
     thread = _run_pool(pool, 60)
     _send(push, 20)
@@ -132,9 +135,9 @@ def test_workers_exit_when_their_manager_is_killed(cfg, spec, zmq_context, redis
         "import sys; sys.path.insert(0, %r)\n"
         "from minard.pipeline.pool import Pool, PoolSpec\n"
         "spec = PoolSpec(name='t', handler=%r, upstream=%r, max_workers=1, flush_period=0.2)\n"
-        "Pool(spec, {'redis_url': %r}).run()\n"
-    ) % (str(tmp_path.parent), HANDLER, cfg["zmq_dispatch"], cfg["redis_url"])
-    push = _push(zmq_context, cfg["zmq_dispatch"])
+        "Pool(spec, {'redis_url': %r, 'var_dir': %r}).run()\n"
+    ) % (str(tmp_path.parent), HANDLER, cfg["zmq_dispatch"], cfg["redis_url"], cfg["var_dir"])
+    push = _push(zmq_context, cfg)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     manager = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:

@@ -98,3 +98,32 @@ def test_query_without_json_prints_one_line_per_channel(cfg, redis_url, sim):
     lcn, crate, card, channel, value = lines[0].split()
     assert int(crate) == int(lcn) // 512 and int(card) == int(lcn) // 32 % 16 and int(channel) == int(lcn) % 32
     assert float(value) == pytest.approx(sim.true_rates[int(lcn)], rel=1e-5)
+
+
+def test_a_baseline_only_reading_after_a_flagged_one_keeps_the_last_valid_rate_and_its_age(cfg, redis_url):
+    """The measured failure: a channel vanished from ``minard query cmos`` when its last
+    reading only set a new baseline after a bit-31-flagged reading."""
+    cmos_id, t0 = 9 << 18, 1_700_000_000_000_000
+    handler = CmosHandler(cfg)
+    now = time.time()
+
+    def reading(k, counts, sent):
+        rec = orca.encode_cmos(cmos_id, 2, 1, 0xFFFFFFFF, counts.reshape(1, 32),
+                               orca.format_timestamp_us(t0 + k * 1_000_000))
+        handler.process(wire.encode("cmos", [rec], {"byteorder": "little", "sent": sent}))
+        assert handler.flush(time.time())
+
+    counts = np.arange(32, dtype=np.int64) * 1000 + 5000
+    reading(0, counts, now - 30)  # baseline
+    reading(1, counts + 250, now - 20)  # a rate of 250 Hz on every channel
+    flagged = counts + 500
+    flagged[7] |= 1 << 31
+    reading(2, flagged, now - 10)  # channel 7 flagged: no rate, no baseline
+    reading(3, counts + 750, now)  # channel 7: a new baseline only, still no rate
+    lcn = 2 * 512 + 7
+    values = json.loads(query(redis_url, "cmos", "--json", "--with-age"))
+    assert values[str(lcn)]["value"] == pytest.approx(250.0)
+    assert values[str(lcn)]["age_seconds"] == pytest.approx(20.0, abs=5.0)  # from the reading that gave it
+    assert values[str(lcn + 1)]["value"] == pytest.approx(250.0)
+    assert values[str(lcn + 1)]["age_seconds"] < 5.0
+    assert str(lcn) in json.loads(query(redis_url, "cmos", "--json"))  # the plain form keeps it too

@@ -16,8 +16,8 @@ as the key file changes, so a revocation takes effect on the next request.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import hmac
+import importlib
 import json
 import logging
 import os

@@ -382,7 +382,7 @@ def _process(handler, frames, n: int) -> None:
     """
     try:
         handler.process(frames)
-    except Exception:  # noqa: BLE001 - no input may kill a worker
+    except Exception:  # no input may kill a worker
         log.exception("handler failed on a message of %d records (counted as errors)", n)
         counts = getattr(handler, "counts", None)
         if counts is not None:

@@ -229,9 +229,12 @@ def test_generated_bad_batches_are_counted_and_a_good_batch_is_processed_after_t
     wait_for(lambda: stored(redis_client, run) == 3, 30, f"run {run} after {len(batch)} bad messages")
     assert pull.proc.poll() is None
     assert pull.beat("minard_dispatch_pull").get("workers_crashed", "0") == "0"
-    s = stats(redis_client)["pull"]
-    wait_for(lambda: (lambda s: s["received"] == s.get("processed", 0) + s.get("errors", 0))(
-        stats(redis_client)["pull"]), 10, f"pull counters balance: {s}")
+
+    def balanced():
+        s = stats(redis_client)["pull"]
+        return s["received"] == s.get("processed", 0) + s.get("errors", 0)
+
+    wait_for(balanced, 10, "pull counters balance")
 
 
 # ------------------------------------------------------------------ start order

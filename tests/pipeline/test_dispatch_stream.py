@@ -544,7 +544,9 @@ def test_kill_9_mid_run_every_lost_event_is_counted_or_unaccounted_exactly(
         if now["events"] != got["events"]:
             got, stable_since = now, time.monotonic()
     lost = n - got["events"]  # the file's own count minus what reached Redis
-    assert lost > 0, "the kill lost nothing: the test did not test anything"
+    # A killed pool manager may lose nothing: the push keeps what ZMQ refuses in its
+    # backlog until the restarted pool connects (then nothing is counted either).
+    assert lost > 0 or kill is _kill_pull_manager, "the kill lost nothing: the test did not test anything"
     assert got["source_events"] == n  # the dispatcher saw every event of the file
     assert got["dropped"] + got["unaccounted"] == lost
     assert got["dispatched"] <= n - got["dropped_by"].get("no_analyzer", 0)

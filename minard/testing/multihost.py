@@ -72,6 +72,8 @@ class MultiHostStack:
                   "zmq_dispatch": f"tcp://{self.address('push')}:{self.zmq_port}",
                   "dispatcher_port": self.dispatcher_port, "dispatcher_host": self.address("source"),
                   "var_dir": str(self.dir / name / "var"),
+                  # the ZMQ CURVE keys, distributed to every host as in production (docs/security.md)
+                  "zmq_keys_dir": str(self.dir / "zmq_keys"),
                   "dispatcher_accounting_dir": str(self.dir / "dispatcher"),
                   "dispatch_event_log": str(self.dir / name / "pool.log"), "dispatch_close_retry": 3,
                   **self.settings, **extra}

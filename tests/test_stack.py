@@ -264,7 +264,7 @@ def test_chromium_shows_live_data_status_and_processes_through_nginx(stack, page
             break
         page.wait_for_timeout(1000)
     assert set(REGISTERED) <= set(up), f"not up on /status: {set(REGISTERED) - set(up)}"
-    assert page.locator("#stage-rows tr[data-stage=push]").count() == 1
+    assert page.locator("#status-rows .stage[data-stage=push]").count() == 1
     page.goto(stack.url + "/processes")
     assert page.locator("#supervisor-state").text_content() == "RUNNING"
     text = page.locator("#process-table").text_content()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minard.formats import pmt
-from minard.formats.detector import NCHANNELS_TOTAL
+from minard.formats.detector import NCHANNELS_TOTAL, NCRATES
 from minard.simulate.events import generate_batches
 
 
@@ -56,7 +56,7 @@ def struct_loop(buf: bytes, offsets, lengths, progress: bool):
             h0, h1, h2 = hit.unpack_from(buf, pos)
             pos += 12
             crate = h0 >> 21 & 0x1F
-            if crate > 18:
+            if crate >= NCRATES:  # crates 0-19 (ZDAB_FORMAT.md section 6)
                 continue
             card = h0 >> 26 & 0xF
             channel = h0 >> 16 & 0x1F

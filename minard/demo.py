@@ -19,6 +19,7 @@ import numpy as np
 
 from minard import config
 from minard.formats import orca, pmt, zdab
+from minard.formats.detector import NCHANNELS_TOTAL
 from minard.simulate import events as sim_events
 from minard.simulate import orca as sim_orca
 
@@ -29,7 +30,7 @@ def summarize_zdab(path: Path, chunk: int = 20000) -> dict:
     """Decode every event of a ZDAB file in batches and summarise them."""
     totals = {"events": 0, "hits": 0, "orphans": 0, "errors": 0}
     triggers = np.zeros(len(pmt.TRIGGER_NAMES), np.int64)
-    channels = np.zeros(9728, np.int64)
+    channels = np.zeros(NCHANNELS_TOTAL, np.int64)
     runs: Counter = Counter()
     nhit_max, gtids = 0, []
     start = time.perf_counter()
@@ -74,7 +75,7 @@ def summarize_orca(path: Path) -> dict:
     order = cmos[0].byteorder if cmos else "little"
     # update() handles repeated readings of a channel in order; the last rate wins.
     lcn, rate = orca.CmosRateState().update(orca.decode_cmos(cmos, order))
-    rates = np.full(9728, np.nan)
+    rates = np.full(NCHANNELS_TOTAL, np.nan)
     rates[lcn] = rate
     currents = orca.decode_base(base, order)
     good = ~currents.masked & ~currents.busy

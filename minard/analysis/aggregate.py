@@ -240,7 +240,7 @@ class Events:
 
     @cached_property
     def channel_counts(self) -> np.ndarray:
-        """Hits per channel (9728, int64): the costliest sum, done once per batch."""
+        """Hits per channel (10240, int64): the costliest sum, done once per batch."""
         return np.bincount(self.lcn, minlength=NCHANNELS_TOTAL)
 
     @cached_property

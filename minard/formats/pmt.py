@@ -342,7 +342,7 @@ class EventBatch:
     """Decoded events and hits as numpy arrays (one row per event / per hit).
 
     Per event, stored: ``run, subrun, gtid, nhit, trigger`` (27-bit word,
-    §5), ``orphan``, ``bad_hits`` (hits dropped for crate > 18),
+    §5), ``orphan``, ``bad_hits`` (hits dropped for crate > 19),
     ``gtid_mismatch`` (hits whose GTID differs from the MTC GTID; always 0 for
     orphans, whose MTC GTID is zero) and ``valid_index`` (index in the input
     of each decoded record); computed from ``header`` on first use:
@@ -484,7 +484,7 @@ class EventBatch:
         return int(self.gtid_mismatch.sum())
 
     def channel_counts(self) -> np.ndarray:
-        """Hits per channel (length 9728, indexed by lcn)."""
+        """Hits per channel (length 10240, indexed by lcn)."""
         return np.bincount(self.lcn, minlength=NCHANNELS_TOTAL)
 
     def trigger_counts(self) -> np.ndarray:
@@ -781,10 +781,11 @@ def decode_buffer(buf, offsets, lengths) -> EventBatch:
     Words after the hits and sub-fields are ignored; a length that is not a
     whole number of words loses its partial last word.
 
-    **Hits with crate > 18** are *dropped and counted* in ``bad_hits`` rather
+    **Hits with crate > 19** are *dropped and counted* in ``bad_hits`` rather
     than rejecting the event: one corrupt hit word must not hide an otherwise
     good event (its trigger, GTID and other hits), and such a hit cannot be
-    mapped to one of the 9728 channels.
+    mapped to one of the 10240 channels (crates 0-19: SNO+ data uses crate
+    19, ZDAB_FORMAT.md section 6, H0).
     """
     data = _as_bytes_buffer(buf)
     offsets = np.asarray(offsets, np.int64).reshape(-1)
@@ -904,7 +905,7 @@ def _fill_hits(batch: EventBatch, words: np.ndarray, starts, ends, counts) -> No
     rows = _SCRATCH.get("rows", np.uint32, (HIT_WORDS, total))
     np.copyto(rows, raw.T)  # big-endian (N, 3) -> native (3, N)
     lcn, qhs, hit_gtid = _hit_fields(total, *rows)
-    if int(lcn.max()) >= NCHANNELS_TOTAL:  # a crate above 18
+    if int(lcn.max()) >= NCHANNELS_TOTAL:  # a crate above 19
         bad = lcn >= NCHANNELS_TOTAL
         nev = len(batch.gtid)
         batch.bad_hits = np.bincount(np.repeat(np.arange(nev), counts)[bad], minlength=nev).astype(np.int32)

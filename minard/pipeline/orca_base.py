@@ -24,7 +24,7 @@ from minard.store.channels import ChannelWriter, write_latest
 log = logging.getLogger("minard.pipeline.orca_base")
 
 CRATE_CHANNELS = NCARDS * NCHANNELS  # 512
-BUSY_KEY = schema.ORCA_BASE_BUSY  # 9728 uint8: busy flag at the latest reading
+BUSY_KEY = schema.ORCA_BASE_BUSY  # one uint8 per channel (10240): busy flag at the latest reading
 BASE_CRATE_TIME_KEY = schema.ORCA_BASE_CRATE_TIME  # hash crate -> record time (µs) of the latest map
 BUSY_SERIES = "base_busy"  # per-channel count series: busy readings per bucket
 

@@ -1,4 +1,4 @@
-"""Seeded synthetic PMT events for a 9728-channel detector (``minard simulate zdab``).
+"""Seeded synthetic PMT events for the 10240-channel detector (crates 0-19) (``minard simulate zdab``).
 
 The same arguments always give the same bytes.  Events are generated in
 batches with numpy (one ``pmt.encode_batch`` per batch), so a million events

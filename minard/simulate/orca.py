@@ -31,7 +31,9 @@ import click
 import numpy as np
 
 from minard.formats import orca
-from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL, NCRATES
+from minard.formats.detector import NCARDS, NCHANNELS
+from minard.formats.detector import NCHANNELS_XL3 as NCHANNELS_TOTAL  # the ORCA stream: XL3 crates 0-18
+from minard.formats.detector import NCRATES_XL3 as NCRATES
 
 #: Default absent-slot layout: crate 5 has an empty slot 7 (a gap, two CMOS
 #: records), crate 11 has 8 cards spread over both halves (one CMOS record).

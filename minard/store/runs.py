@@ -7,7 +7,7 @@ combine exactly (see docs/storage.md):
 * ``run:<run>`` hash: ``events``, ``orphans``, ``hits`` and ``trig:<NAME>``
   (HINCRBY);
 * ``run:<run>:nhit`` hash: NPmtHit value -> events (HINCRBY, nonzero only);
-* ``run:<run>:channels`` string: 9728 big-endian uint32 hit counts, index
+* ``run:<run>:channels`` string: 10240 big-endian uint32 hit counts, index
   ``crate*512 + card*32 + channel`` (added by :class:`minard.store.channels.ChannelWriter`,
   as the per-channel time series);
 * ``run:<run>:subruns`` set of sub-run numbers;

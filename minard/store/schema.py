@@ -66,7 +66,7 @@ SCALAR_LEVELS = (
     Level(3600, 400 * DAY),
     Level(6 * HOUR, 800 * DAY),
 )
-#: Per-channel series (each bucket is a 9728-entry array, so fewer levels).
+#: Per-channel series (each bucket is a 10240-entry array, so fewer levels).
 CHANNEL_LEVELS = (
     Level(10, 2 * HOUR),
     Level(300, 2 * DAY),

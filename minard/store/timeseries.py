@@ -10,7 +10,7 @@ any window from a minute to a year is read in at most ``MAX_POINTS`` buckets:
   HSET.
 
 * **Per-channel series** (occupancy, CMOS rate, base current): one binary
-  string per (resolution, bucket, name) holding an array over the 9728
+  string per (resolution, bucket, name) holding an array over the 10240
   channels, key ``ch:<step>:<bucket>:<name>``.  Counts are big-endian uint32,
   saturating; averaged values keep a fixed-point int64 sum (``<name>:sum``)
   and a uint32 count (``<name>:n``).  They are written by the one
@@ -159,7 +159,7 @@ def _array(raw: bytes | None, dtype: str) -> np.ndarray:
 
 def read_counts(redis, name: str, start: float, stop: float, levels=CHANNEL_LEVELS,
                 now: float | None = None) -> tuple[np.ndarray, Level]:
-    """Per-channel counts summed over [start, stop] (9728-entry int64 array)."""
+    """Per-channel counts summed over [start, stop] (10240-entry int64 array)."""
     level = choose_level(start, stop, levels, now=now)
     pipe = redis.pipeline(transaction=False)
     for b in bucket_range(start, stop, level.step):
@@ -220,7 +220,7 @@ def channel_history(redis, name: str, lcn: int, start: float, stop: float, kind:
 
 
 def crate_card_stats(values: np.ndarray) -> dict[str, np.ndarray]:
-    """Crate and card mean/max of a 9728-entry per-channel array, ignoring NaN."""
+    """Crate and card mean/max of a 10240-entry per-channel array, ignoring NaN."""
     v = np.asarray(values, dtype=float).reshape(NCRATES, NCARDS, NCHANNELS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN crates/cards give NaN

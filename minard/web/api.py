@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 from minard import metrics as metrics_mod
 from minard.analysis.aggregate import NAMES
 from minard.apidoc import doc, q
+from minard.formats.detector import NCRATES
 from minard.store import channel_status as channels_store
 from minard.store import status
 from minard.store import timeseries as ts
@@ -258,7 +259,7 @@ def banner_json():
 @doc('Detector page: per-channel occupancy, CMOS rate or base current with rolling baseline, hot/dead channels and crate/card mean and max',
      params=[q('quantity', 'string', enum=['occupancy', 'cmos', 'base'], default='occupancy'), 'start', 'stop', 'window', q('crate', 'integer', 'CSV only: just this crate (0-18)', minimum=0, maximum=18), q('card', 'integer', 'CSV only: just this card (0-15) of crate', minimum=0, maximum=15), 'format', 'download'],
      ok='Detector',
-     ok_description='`values` and `baseline` have 9728 entries indexed by lcn = crate*512 + card*32 + channel (null = no data); `hot` and `dead` list lcns.',
+     ok_description='`values` and `baseline` have 10240 entries indexed by lcn = crate*512 + card*32 + channel (null = no data); `hot` and `dead` list lcns.',
      csv=True,
      errors=(400,))
 @response_cache
@@ -411,7 +412,7 @@ def run(run: str):
 #: run/subrun/gtid (last value) and stream counters (per second).
 STREAM_COUNTERS = ("records", "events", "orphans", "gtid_gaps", "gtid_missing", "corrupt", "hits")
 LAST_VALUES = ("run", "subrun", "gtid")
-HASH_GROUPS = {"crate": tuple(f"c{i}" for i in range(19)), "trig": data.TRIG_FIELDS,
+HASH_GROUPS = {"crate": tuple(f"c{i}" for i in range(NCRATES)), "trig": data.TRIG_FIELDS,
                "stream": LAST_VALUES + STREAM_COUNTERS}
 #: Names the original minard's stream page asks for, as expressions of this one
 #: (docs/web.md): "<TRIGGER>-nhit"/"-charge" are averages per event,

@@ -52,7 +52,7 @@ def stream():
 
 @bp.get("/detector")
 def detector():
-    """The 19 x 16 x 32 channel map with drill-down and channel history."""
+    """The 20 x 16 x 32 channel map with drill-down and channel history."""
     return render_template("detector.html", windows=WINDOWS, quantities=data.CHANNEL_SOURCES)
 
 

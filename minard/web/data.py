@@ -40,7 +40,7 @@ from collections import OrderedDict
 import numpy as np
 
 from minard.analysis.aggregate import NAMES, NHIT_BIN
-from minard.formats.detector import NCHANNELS_TOTAL
+from minard.formats.detector import NCHANNELS_TOTAL, NCRATES
 from minard.formats.pmt import TRIGGER_NAMES
 from minard.store import schema
 from minard.store import timeseries as ts
@@ -451,10 +451,10 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
     base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
                   lambda: _median_of_windows(redis, quantity, anchor, span, now, level))
     with np.errstate(all="ignore"), _quiet():
-        crate_median = np.nanmedian(current.reshape(19, -1), axis=1)
+        crate_median = np.nanmedian(current.reshape(NCRATES, -1), axis=1)
     base = base.copy()
     missing = np.isnan(base)
-    base[missing] = np.repeat(crate_median, NCHANNELS_TOTAL // 19)[missing]
+    base[missing] = np.repeat(crate_median, NCHANNELS_TOTAL // NCRATES)[missing]
     return base
 
 

@@ -161,7 +161,7 @@ def lcn_parts(lcn: int) -> dict[str, int]:
 
 
 def crate_card(args) -> tuple[int | None, int | None]:
-    """Optional ``crate`` (0..18) and ``card`` (0..15, needs crate) selection."""
+    """Optional ``crate`` (0..19) and ``card`` (0..15, needs crate) selection."""
     crate = parse_int("crate", args.get("crate"), 0, NCRATES - 1, -1)
     card = parse_int("card", args.get("card"), 0, NCARDS - 1, -1)
     if card >= 0 and crate < 0:

@@ -8,7 +8,7 @@
  * - uPlot time charts in UTC or the browser's local time (minard.js), 24-hour
  *   ticks and readouts with seconds, run/subrun boundaries whose labels never
  *   overlap, one colour-blind-safe style per trigger type;
- * - the d3 channel map (19 crates x 16 cards x 32 channels) at the element's
+ * - the d3 channel map (20 crates x 16 cards x 32 channels) at the element's
  *   width, with drill-down, hover readout and keyboard navigation.
  *
  * Data is always written with textContent / SVG attributes, never as HTML.
@@ -17,7 +17,7 @@
   "use strict";
 
   var m = window.minard;
-  var NCRATES = 19, NCARDS = 16, NCHANNELS = 32;
+  var NCRATES = 20, NCARDS = 16, NCHANNELS = 32;
   /**
    * Series styles: Paul Tol's colour-blind-safe "muted" palette (9 colours)
    * times three dash patterns gives the 27 trigger types one distinct style
@@ -442,7 +442,7 @@
 
   /**
    * Draw the channel map into *el* at the element's full width (an SVG is
-   * created in it; redraw on resize).  opts: values (9728), baseline, hot,
+   * created in it; redraw on resize).  opts: values (10240), baseline, hot,
    * dead (arrays of lcn), crate/card (null = overview), onCrate(c),
    * onCard(c, k), onChannel(lcn), unit, readout (element for the hover
    * readout), cursor (lcn the keyboard cursor starts on).
@@ -540,7 +540,7 @@
     return c * 512 + k * 32 + ch;
   }
 
-  /** All 19 crates: as many crate panels per row as keep cells at least 5 px wide. */
+  /** All 20 crates: as many crate panels per row as keep cells at least 5 px wide. */
   function overview(svg, values, opts, width) {
     var gx = 12, gy = 26, per = 2;
     [10, 7, 5, 4, 3].some(function (p) {

@@ -40,7 +40,7 @@
   }
 
   function ratioMap(el, ratio) {
-    var values = ratio || new Array(9728).fill(null);
+    var values = ratio || new Array(10240).fill(null);
     MC.channelMap(el, { values: values, hot: [], dead: [], unit: "run/reference", crate: null, card: null,
       onChannel: function (lcn) {
         var p = MC.parts(lcn);

@@ -23,7 +23,7 @@
   }
 
   function occupancyMap(el, run) {
-    var values = new Array(9728).fill(run.events ? 0 : null);
+    var values = new Array(10240).fill(run.events ? 0 : null);
     Object.keys(run.channel_hits).forEach(function (k) { values[+k] = run.channel_hits[k] / run.events; });
     MC.channelMap(el, {
       values: values, hot: [], dead: [], unit: "hits/event", crate: null, card: null,

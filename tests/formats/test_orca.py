@@ -326,7 +326,7 @@ def test_cmos_fields_and_timestamp_in_both_byte_orders():
         assert not batch.errors
         assert batch.timestamp[0] == pytest.approx(t, abs=1e-6) and batch.time_us[0] == 1_700_000_012_340_000
         assert batch.error_flags.tolist() == [5] and batch.delay.tolist() == [9]
-        assert batch.lcn.min() == 18 * 512 + 8 * 32 and batch.lcn.max() == orca.NCHANNELS_TOTAL - 1
+        assert batch.lcn.min() == 18 * 512 + 8 * 32 and batch.lcn.max() == 19 * 512 - 1  # the last channel of XL3 crate 18
         assert rec[-24:-1] == b"2023-11-14T22:13:32.34Z"  # text is never swapped
 
 

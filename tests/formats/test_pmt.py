@@ -199,7 +199,7 @@ def test_decode_buffer_accepts_numpy_and_memoryview_buffers():
 def test_empty_inputs_give_an_empty_batch():
     for batch in (pmt.decode_events([]), pmt.decode_buffer(b"", [], [])):
         assert len(batch) == 0 and batch.n_hits == 0 and batch.errors == []
-        assert batch.channel_counts().shape == (9728,)
+        assert batch.channel_counts().shape == (10240,)
 
 
 def test_records_with_no_hits_decode():
@@ -233,29 +233,32 @@ def test_hit_gtid_mismatches_are_counted_per_event_and_per_hit():
     assert pmt.decode_event(record)["gtid_mismatch"] == 2
 
 
-def test_hits_on_crates_above_18_are_dropped_and_counted():
+def test_crate_19_hits_are_kept_and_only_crates_above_19_are_dropped_and_counted():
+    # ZDAB_FORMAT.md section 6, H0: real SNO+ data uses crates 0-18 plus 19.
     hits = random_hits(np.random.default_rng(3), 6)
-    hits["crate"] = np.array([0, 19, 18, 31, 5, 19])
+    hits["crate"] = np.array([0, 19, 18, 31, 5, 20])
     record = pmt.encode_event(run=1, evnum=0, gtid=5, trigger_word=1, hits=hits)
     batch = pmt.decode_events([make_event(0, 2), record])
-    assert list(batch.nhit) == [2, 6] and list(batch.bad_hits) == [0, 3]
-    assert list(batch.hit_counts) == [2, 3] and batch.n_hits == 5
-    assert batch.crate[2:].tolist() == [0, 18, 5] and batch.lcn.max() <= 9727
-    assert batch.hit_event.tolist() == [0, 0, 1, 1, 1]
-    assert pmt.decode_event(record)["bad_hits"] == 3
+    assert list(batch.nhit) == [2, 6] and list(batch.bad_hits) == [0, 2]
+    assert list(batch.hit_counts) == [2, 4] and batch.n_hits == 6
+    assert batch.crate[2:].tolist() == [0, 19, 18, 5] and batch.lcn.max() <= 10239
+    assert batch.hit_event.tolist() == [0, 0, 1, 1, 1, 1]
+    assert 19 * 512 + hits["card"][1] * 32 + hits["channel"][1] in batch.lcn.tolist()
+    assert batch.channel_counts().shape == (10240,)
+    assert pmt.decode_event(record)["bad_hits"] == 2
 
 
 def test_hit_fields_read_on_demand_belong_to_the_kept_hits():
     hits = random_hits(np.random.default_rng(4), 7)
-    hits["crate"] = np.array([0, 19, 18, 31, 5, 19, 2])
+    hits["crate"] = np.array([0, 19, 18, 31, 5, 20, 2])
     record = pmt.encode_event(run=1, evnum=9, gtid=5, trigger_word=1, hits=hits, clock10=12345, clock50=678)
     batch = pmt.decode_events([make_event(0, 2), record])
-    kept = np.concatenate(([True, True], hits["crate"] <= 18))
+    kept = np.concatenate(([True, True], hits["crate"] <= 19))
     first = random_hits(np.random.default_rng(0), 2)  # make_event(0, 2)'s hits
     for name in ("cell", "qhs", "qhl", "qlx", "tac", "flags"):
         want = np.concatenate((first[name], hits[name]))[kept]
         assert getattr(batch, name).tolist() == want.tolist(), name
-    assert batch.hit_words.shape == (batch.n_hits, 3) == (6, 3)
+    assert batch.hit_words.shape == (batch.n_hits, 3) == (7, 3)
     assert batch.evnum.tolist() == [0, 9] and batch.clock10[1] == 12345 and batch.clock50[1] == 678
 
 

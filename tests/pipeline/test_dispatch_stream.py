@@ -354,11 +354,11 @@ def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redi
 
     rng = np.random.default_rng(2)
     writer = ChannelWriter(redis_client)
-    total = np.zeros(9728, np.int64)
+    total = np.zeros(10240, np.int64)
     for k in range(6):
-        counts = rng.integers(0, 50, 9728) if k % 2 else np.zeros(9728, np.int64)
+        counts = rng.integers(0, 50, 10240) if k % 2 else np.zeros(10240, np.int64)
         if not k % 2:
-            counts[rng.integers(0, 9728, 40)] = 3  # sparse: BITFIELD path
+            counts[rng.integers(0, 10240, 40)] = 3  # sparse: BITFIELD path
         total += counts
         pipe = redis_client.pipeline(transaction=True)
         writer.add_array("ch:10:1:hits", counts, 100)
@@ -367,7 +367,7 @@ def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redi
     got, _ = ts.read_counts(redis_client, "hits", 10, 19)
     assert np.array_equal(got, total)
     assert 0 < redis_client.ttl("ch:10:1:hits") <= 100
-    big = np.full(9728, 0xFFFFFFF0, np.int64)
+    big = np.full(10240, 0xFFFFFFF0, np.int64)
     for _ in range(2):
         pipe = redis_client.pipeline()
         writer.add_array("sat", big, 100)
@@ -414,7 +414,7 @@ def test_count_writer_adds_one_array_to_every_level_and_keeps_a_longer_stored_ta
     writer = ChannelWriter(redis_client)
     t = 1_700_000_000
     keys = [ts.channel_key(level.step, ts.bucket(t, level.step), "hits") for level in ts.CHANNEL_LEVELS]
-    redis_client.set(keys[-1], np.full(9728, 5, ">u4").tobytes())  # an existing array, longer than the adds
+    redis_client.set(keys[-1], np.full(10240, 5, ">u4").tobytes())  # an existing array, longer than the adds
     dense = np.random.default_rng(3).integers(0, 9, 9000)
     for counts in (dense, dense):
         pipe = redis_client.pipeline(transaction=True)
@@ -425,7 +425,7 @@ def test_count_writer_adds_one_array_to_every_level_and_keeps_a_longer_stored_ta
     for level, key in zip(ts.CHANNEL_LEVELS, keys):
         want = 2 * dense[:end]
         if key == keys[-1]:
-            want = np.full(9728, 5, np.int64)
+            want = np.full(10240, 5, np.int64)
             want[:end] += 2 * dense[:end]
         assert np.array_equal(np.frombuffer(redis_client.get(key), ">u4"), want), key
         assert 0 < redis_client.ttl(key) <= level.keep + level.step

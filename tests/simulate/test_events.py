@@ -41,7 +41,7 @@ def test_events_and_batches_give_the_same_records():
 
 def test_every_record_decodes_and_hit_gtids_match(batch):
     assert len(batch) == 20_000 and not batch.errors
-    assert batch.n_gtid_mismatch == 0 and np.all(batch.lcn < 9728)
+    assert batch.n_gtid_mismatch == 0 and np.all(batch.lcn < 10240)
 
 
 def test_nhit_has_the_requested_mean_and_a_long_tail(batch):

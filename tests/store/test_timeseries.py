@@ -51,7 +51,7 @@ def test_every_key_expires_after_its_retention(redis_client):
 def test_concurrent_writers_combine_exactly(redis_url):
     """Several workers adding counts at once lose nothing and double nothing."""
     rng = np.random.default_rng(1)
-    per_worker = [rng.integers(0, 9728, size=(20, 300)) for _ in range(4)]
+    per_worker = [rng.integers(0, 10240, size=(20, 300)) for _ in range(4)]
 
     def work(chunks):
         client = redis_py.Redis.from_url(redis_url)
@@ -69,7 +69,7 @@ def test_concurrent_writers_combine_exactly(redis_url):
     for t in threads:
         t.join()
     client = redis_py.Redis.from_url(redis_url)
-    expected = np.bincount(np.concatenate([c.ravel() for c in per_worker]), minlength=9728)
+    expected = np.bincount(np.concatenate([c.ravel() for c in per_worker]), minlength=10240)
     got, level = ts.read_counts(client, "occ", T0, T0 + 5)
     assert level.step == 10
     assert np.array_equal(got, expected)
@@ -99,11 +99,11 @@ def test_channel_history_reads_one_channel(redis_client):
     _, vals, _ = ts.channel_history(redis_client, "base", 42, T0, T0 + 25, kind="values")
     assert vals[-3:].tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError):
-        ts.channel_history(redis_client, "occ", 9728, T0, T0 + 1)
+        ts.channel_history(redis_client, "occ", 10240, T0, T0 + 1)
 
 
 def test_crate_card_stats_ignore_missing_channels():
-    values = np.full(9728, np.nan)
+    values = np.full(10240, np.nan)
     values[512:544] = np.arange(32)
     stats = ts.crate_card_stats(values)
     assert stats["card_max"][1, 0] == 31 and stats["card_mean"][1, 0] == 15.5

@@ -211,7 +211,7 @@ def test_stream_preset_window_buttons_change_resolution(stack, page):
 def test_detector_drill_down_from_crate_to_card_to_channel_history(stack, page):
     page.goto(stack["url"] + "/detector?window=10m")
     loaded(page, "mapLoaded")
-    assert page.locator("#map rect.cell").count() == 9728
+    assert page.locator("#map rect.cell").count() == 10240
     assert page.locator("#hot-list a[data-lcn='1669']").count() == 1  # the synthetic hot channel
     shot(page, "detector", docs=True)
     page.locator("#map text.crate-label", has_text="crate 3").first.click()
@@ -272,7 +272,7 @@ def test_runs_pages_show_the_replayed_run(stack, page):
     assert page.locator("#run-subruns").text_content() == "3"
     assert page.locator("#run-subrun-list").text_content() == "0, 1, 2"
     assert int(page.locator("#chart-run-nhit").get_attribute("data-points")) > 10
-    assert page.locator("#run-map rect.cell").count() == 9728
+    assert page.locator("#run-map rect.cell").count() == 10240
     page.click("#run-map rect.cell[data-lcn='1669']")
     hits = get_run(stack["redis"], REPLAY_RUN)["channel_hits"]["1669"]
     assert hits > REPLAY_EVENTS  # the hot channel: one hit per event plus random ones

@@ -115,7 +115,7 @@ def test_detector_occupancy_is_hits_per_event_and_flags_the_hot_and_dead_channel
     assert np.allclose(got, want, atol=1e-5)
     assert sample.HOT_CHANNEL in d["hot"]
     assert d["dead"] == [sample.DEAD_CHANNEL]
-    assert len(d["crate"]["mean"]) == 19 and len(d["card"]["max"]) == 19 and len(d["card"]["max"][0]) == 16
+    assert len(d["crate"]["mean"]) == 20 and len(d["card"]["max"]) == 20 and len(d["card"]["max"][0]) == 16
     assert d["crate"]["max"][3] == pytest.approx(max(got[3 * 512:4 * 512]), abs=1e-5)
 
 
@@ -207,8 +207,8 @@ def test_metric_total_is_a_rate_and_run_a_last_value(client, filled):
 
 def test_metric_hash_crate_gives_hits_per_crate(client, filled):
     d = get(client, "/metric_hash?name=crate&window=10m").get_json()
-    per_crate = filled["hits"].reshape(19, -1).sum(axis=1)
-    for c in range(19):
+    per_crate = filled["hits"].reshape(20, -1).sum(axis=1)
+    for c in range(20):
         assert np.nansum(np.array(d["values"][f"c{c}"], dtype=float)) == per_crate[c]
 
 
@@ -241,8 +241,8 @@ BAD = [
     ("/api/stream?windw=1h", "unknown parameter 'windw'"),
     ("/api/detector?quantity=temperature", "quantity must be one of"),
     ("/api/detector?card=3", "card needs crate"),
-    ("/api/detector?crate=19", "crate must be between 0 and 18"),
-    ("/api/channel/9728", "channel must be between 0 and 9727"),
+    ("/api/detector?crate=20", "crate must be between 0 and 19"),
+    ("/api/channel/10240", "channel must be between 0 and 10239"),
     ("/api/channel/-1", "channel must be between"),
     ("/api/channel/1e3", "channel must be an integer"),
     ("/api/nhit?seconds=0", "seconds must be between"),

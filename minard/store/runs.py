@@ -225,6 +225,26 @@ def _run_rows(redis, rows) -> list[dict]:
     return out
 
 
+def recent_accounting(redis, limit: int = 5) -> list[dict]:
+    """The event accounting of the *limit* most recent runs (newest first), for the Status page.
+
+    Each row: ``run``, ``events`` and the fields of :func:`accounting`; runs
+    the dispatcher did not account are left out.
+    """
+    rows = list_runs(redis, limit)
+    if not rows:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for r in rows:
+        pipe.hgetall(run_key(r["run"], ACCT))
+    out = []
+    for r, acct in zip(rows, pipe.execute()):
+        if acct:
+            counts = {k.decode(): int(v) for k, v in acct.items()}
+            out.append({"run": r["run"], "events": r["events"], **accounting(counts, r["events"])})
+    return out
+
+
 # ------------------------------------------------------------------- CLI
 
 def _redis(config_path):

@@ -403,7 +403,10 @@ def status_rows(now: float) -> list[dict]:
 def status():
     """One table: every program with state, uptime, heartbeat age, host, lag, losses and a link to its log."""
     now = time.time()
-    return render_template("status.html", rows=status_rows(now), now=now, pools=_pools(now))
+    from minard.store.runs import recent_accounting
+
+    return render_template("status.html", rows=status_rows(now), now=now, pools=_pools(now),
+                           accounting=recent_accounting(_redis()))
 
 
 @bp.get("/api/status")

@@ -120,3 +120,17 @@ def test_every_page_has_the_status_banner_and_utc_labels(client, runs):
     assert 'Start (<span class="tz-label">UTC</span>)' in runs_html
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ" data-t="[\d.]+">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d</time>',
                      runs_html)
+
+
+def test_run_and_status_pages_show_the_event_accounting_and_flag_unaccounted_events(client, redis_client):
+    from minard.store.runs import add_accounting
+
+    pipe = redis_client.pipeline()
+    add_accounting(pipe, 4242, {"source_events": 120, "dispatched": 100, "dropped:no_analyzer": 20})
+    pipe.zadd("runs:start", {"4242": 1.0})
+    pipe.execute()
+    page = client.get("/runs/4242").get_data(as_text=True)
+    assert 'id="run-accounting"' in page and 'id="run-unaccounted">100<' in page
+    assert "no_analyzer=20" in page
+    status = client.get("/status").get_data(as_text=True)
+    assert 'id="accounting-table"' in status and 'data-run="4242"' in status

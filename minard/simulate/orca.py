@@ -32,7 +32,9 @@ import numpy as np
 
 from minard.formats import orca
 from minard.formats.detector import NCARDS, NCHANNELS
+from minard.formats.detector import NCHANNELS_TOTAL as DETECTOR_CHANNELS  # truth arrays: the whole detector
 from minard.formats.detector import NCHANNELS_XL3 as NCHANNELS_TOTAL  # the ORCA stream: XL3 crates 0-18
+from minard.formats.detector import NCRATES as DETECTOR_CRATES
 from minard.formats.detector import NCRATES_XL3 as NCRATES
 
 #: Default absent-slot layout: crate 5 has an empty slot 7 (a gap, two CMOS
@@ -60,6 +62,13 @@ def _shifted_id(data_id: int, step: int) -> int:
     """The id *step* sub-runs later when ids change (stays a valid long id)."""
     n = data_id >> 18
     return (((n - 1 + step) % 0x1FFE) + 1) << 18
+
+
+def _whole(values: np.ndarray, fill) -> np.ndarray:
+    """*values* of the XL3 channels extended to the whole detector with *fill*."""
+    out = np.full(DETECTOR_CHANNELS, fill, dtype=values.dtype)
+    out[:len(values)] = values
+    return out
 
 
 class OrcaSimulator:
@@ -126,33 +135,37 @@ class OrcaSimulator:
     def _make_truth(self, slot_masks: Mapping[int, int], masked_fraction: float) -> None:
         """Draw masks, per-poll counts, base-current baselines."""
         rng = self._rng
-        self.slot_masks = np.zeros(NCRATES, dtype=np.int64)
+        self.slot_masks = np.zeros(DETECTOR_CRATES, dtype=np.int64)
         for c in self.crates:
             self.slot_masks[c] = slot_masks.get(c, 0xFFFF) & 0xFFFF
         masked = rng.random((NCRATES, NCARDS, NCHANNELS)) < masked_fraction
         bits = (1 << np.arange(NCHANNELS, dtype=np.int64))
-        self.channel_masks = (0xFFFFFFFF - (masked * bits).sum(axis=2)).astype(np.int64)
+        self.channel_masks = np.full((DETECTOR_CRATES, NCARDS), 0xFFFFFFFF, np.int64)
+        self.channel_masks[:NCRATES] = 0xFFFFFFFF - (masked * bits).sum(axis=2)
         seconds = self.poll_us / 1e6
         per_poll = rng.lognormal(math.log(800.0 * seconds), 0.5, NCHANNELS_TOTAL)
         per_poll[rng.random(NCHANNELS_TOTAL) < 0.005] = 0.0  # dead channels
         hot = rng.random(NCHANNELS_TOTAL) < 0.002
         per_poll[hot] *= 20
-        self.counts_per_poll = np.round(per_poll).astype(np.int64)
-        self.initial_counts = rng.integers(0, 1 << 20, NCHANNELS_TOTAL)
+        # Drawn for the XL3 crates 0-18 (the random stream of a seed stays the
+        # same), kept as arrays over the whole detector (crate 19: no XL3 data).
+        self.counts_per_poll = _whole(np.round(per_poll).astype(np.int64), 0)
+        self.initial_counts = _whole(rng.integers(0, 1 << 20, NCHANNELS_TOTAL), 0)
         self.true_rates = self.counts_per_poll / seconds
         self.true_rates[~self.present_channels()] = np.nan
-        self.base_bytes = np.clip(127 + np.round(rng.normal(0, 3, NCHANNELS_TOTAL)), 0, 255).astype(np.int64)
+        self.base_bytes = _whole(np.clip(127 + np.round(rng.normal(0, 3, NCHANNELS_TOTAL)), 0, 255)
+                                 .astype(np.int64), 0)
         self.reset_crate = int(rng.choice(self.crates)) if self.crates else 0
 
     def present_channels(self) -> np.ndarray:
         """Bool per lcn: the channel's crate is simulated and its slot polled."""
-        lcn = np.arange(NCHANNELS_TOTAL)
+        lcn = np.arange(DETECTOR_CHANNELS)
         crate, slot = lcn // (NCARDS * NCHANNELS), lcn // NCHANNELS % NCARDS
         return ((self.slot_masks[crate] >> slot) & 1).astype(bool) & np.isin(crate, self.crates)
 
     def masked_channels(self) -> np.ndarray:
         """Bool per lcn: its channel-mask bit is 0."""
-        lcn = np.arange(NCHANNELS_TOTAL)
+        lcn = np.arange(DETECTOR_CHANNELS)
         word = self.channel_masks.reshape(-1)[lcn // NCHANNELS]
         return ((word >> (lcn % NCHANNELS)) & 1) == 0
 

@@ -36,7 +36,9 @@ from typing import NamedTuple
 import numpy as np
 
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL
-from minard.formats.detector import NCRATES_XL3 as NCRATES  # XL3 crates 0-18 (ORCA_FORMAT.md)
+from minard.formats.detector import (
+    NCRATES_XL3 as NCRATES,  # XL3 crates 0-18 (ORCA_FORMAT.md)
+)
 
 # --------------------------------------------------------------------------
 # Constants (§3–§6)

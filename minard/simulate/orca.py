@@ -32,8 +32,12 @@ import numpy as np
 
 from minard.formats import orca
 from minard.formats.detector import NCARDS, NCHANNELS
-from minard.formats.detector import NCHANNELS_TOTAL as DETECTOR_CHANNELS  # truth arrays: the whole detector
-from minard.formats.detector import NCHANNELS_XL3 as NCHANNELS_TOTAL  # the ORCA stream: XL3 crates 0-18
+from minard.formats.detector import (
+    NCHANNELS_TOTAL as DETECTOR_CHANNELS,  # truth arrays: the whole detector
+)
+from minard.formats.detector import (
+    NCHANNELS_XL3 as NCHANNELS_TOTAL,  # the ORCA stream: XL3 crates 0-18
+)
 from minard.formats.detector import NCRATES as DETECTOR_CRATES
 from minard.formats.detector import NCRATES_XL3 as NCRATES
 

@@ -95,11 +95,11 @@ class RunData:
 
     ``triggers``: name -> events (the 27 names); ``nhit_hist``: name ->
     (201,) events per 5-hit bin, as the ``nhit`` series; ``channel_hits``:
-    (9728,) hits; ``duration``: seconds between the first and last event's
+    (10240,) hits; ``duration``: seconds between the first and last event's
     arrival; ``integrity``: counters (``gtid_missing``, ``gtid_gaps``,
     ``gtid_jumps``, ``corrupt``, ``bad_hits``, ``gtid_mismatch``, ``orphans``,
     and ``dropped``/``unaccounted`` when the data plane accounted the run);
-    ``cmos`` / ``base``: (9728,) mean reading over the run, NaN where none.
+    ``cmos`` / ``base``: (10240,) mean reading over the run, NaN where none.
     """
 
     run: int

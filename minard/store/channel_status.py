@@ -101,7 +101,7 @@ def change(redis, lcn, flag: str, action: str, reason: str, who: str, now: float
 
 
 def flag_array(redis) -> list[list[str]]:
-    """Per channel (9728 entries), the sorted list of its flags: for the detector map."""
+    """Per channel (10240 entries), the sorted list of its flags: for the detector map."""
     out: list[list[str]] = [[] for _ in range(NCHANNELS_TOTAL)]
     for lcn, flags in status(redis).items():
         if 0 <= lcn < NCHANNELS_TOTAL:

@@ -16,7 +16,7 @@ def make_run(run, events=20000, hits_per_channel=80, duration=20.0, seed=0, scal
              dead=()):
     """A run whose channels fire Poisson(hits_per_channel * events / 20000) times."""
     rng = np.random.default_rng(seed)
-    hits = rng.poisson(hits_per_channel * events / 20000, 9728)
+    hits = rng.poisson(hits_per_channel * events / 20000, 10240)
     for lcn in hot:
         hits[lcn] += events // 2
     for lcn in dead:
@@ -100,9 +100,9 @@ def test_a_shifted_nhit_distribution_is_an_error():
 def test_screamers_and_base_outliers_are_found_and_no_readings_is_too_few():
     run = make_run(2)
     assert by_name(dq.evaluate(run, None, CFG))["cmos_outliers"]["status"] == "too_few"
-    run.cmos = np.full(9728, 500.0)
+    run.cmos = np.full(10240, 500.0)
     run.cmos[[10, 20]] = 50000.0
-    run.base = np.full(9728, 5.0)
+    run.base = np.full(10240, 5.0)
     run.base[30] = 90.0
     checks = by_name(dq.evaluate(run, None, CFG, flagged={20}))
     assert checks["cmos_outliers"]["detail"]["channels"] == [10] and checks["cmos_outliers"]["detail"]["known"] == [20]

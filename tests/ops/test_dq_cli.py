@@ -58,7 +58,7 @@ def test_run_type_and_expert_reference(env, redis_client):
 def test_channels_flag_unflag_show(env, redis_client):
     assert minard(env, "sam", "channels", "flag", "1234", "screamer", "--reason", "50 kHz").returncode == 0
     assert minard(env, "sam", "channels", "flag", "1234", "no_n100", "--reason", "trigger sum").returncode == 0
-    assert minard(env, "sam", "channels", "flag", "9728", "dead", "--reason", "x").returncode == 2
+    assert minard(env, "sam", "channels", "flag", "10240", "dead", "--reason", "x").returncode == 2
     assert minard(env, "sam", "channels", "flag", "1", "sparkly", "--reason", "x").returncode == 2
     assert minard(env, "sam", "channels", "unflag", "1234", "screamer", "--reason", "fixed").returncode == 0
     shown = json.loads(minard(env, "sam", "channels", "show", "--json").stdout)

@@ -74,10 +74,10 @@ def test_cmos_screamers_come_from_the_orca_series_of_the_run_window(redis_client
 
     write_run(redis_client, 1, 5000, 5, T0)
     pipe = redis_client.pipeline()
-    rates = np.full(9728, 800.0)
+    rates = np.full(10240, 800.0)
     rates[[99, 100]] = 60000.0
     writer = ChannelWriter(redis_client)
-    writer.add_values("cmos", T0 + 1, np.arange(9728), rates)  # as the CMOS consumers write them
+    writer.add_values("cmos", T0 + 1, np.arange(10240), rates)  # as the CMOS consumers write them
     writer.add(pipe)
     pipe.execute()
     channels.change(redis_client, 100, "screamer", "flag", "known screamer", "alice")
@@ -128,7 +128,7 @@ def test_channel_flags_keep_reason_who_when_and_history(redis_client):
     assert channels.status(redis_client) == {1234: {"bad_cable": {"reason": "swapped", "who": "bob", "when": 2.0}}}
     assert channels.flagged(redis_client) == {1234}
     assert [h["action"] for h in channels.history(redis_client)] == ["flag", "flag", "unflag"]
-    for bad in ((9728, "dead", "r"), (1, "sparkly", "r"), (1, "dead", ""), ("x", "dead", "r")):
+    for bad in ((10240, "dead", "r"), (1, "sparkly", "r"), (1, "dead", ""), ("x", "dead", "r")):
         with pytest.raises(channels.FlagError):
             channels.change(redis_client, bad[0], bad[1], "flag", bad[2], "alice")
     with pytest.raises(channels.FlagError, match="has no flag"):

@@ -469,7 +469,7 @@ def full_second(t: int, rng) -> SecondAgg:
         sec.nhit_hist[bit, :60] = rng.integers(1, 100, 60)
     sec.counts[TOTAL], sec.nhit_sum[TOTAL], sec.qhs_sum[TOTAL] = 3000, 120_000, 120_000_000
     sec.nhit_hist[TOTAL, :60] = rng.integers(1, 300, 60)
-    sec.channel_hits[:] = rng.integers(1, 1000, 9728)
+    sec.channel_hits[:] = rng.integers(1, 1000, len(sec.channel_hits))
     sec.records, sec.hits, sec.orphans, sec.gtid_gaps, sec.gtid_missing = 3000, 120_000, 3, 1, 2
     sec.corrupt = Counter(truncated=1)
     sec.last = (9000, 1, 123456)

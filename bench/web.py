@@ -2,7 +2,7 @@
 
 Starts its own redis-server, fills it with a day of 1 s data for the whole
 detector (``minard.testing.sample.write_day``: trigger rates, run/subrun/GTID,
-9728-channel hits, CMOS rates and base currents, nhit histograms at every
+10240-channel hits, CMOS rates and base currents, nhit histograms at every
 resolution level), starts ``gunicorn minard:app`` on a free port and measures,
 with N concurrent clients (threads, one HTTP connection per request):
 

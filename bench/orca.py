@@ -160,11 +160,11 @@ def run_handlers(redis_url: str, seconds: int) -> None:
     handlers (shared state, latest maps, series, counters), flushed each second.
     Busy channels at 1 % so that the busy-count arrays reach their full length."""
     cfg = config.load({"redis_url": redis_url}, env={})
-    cfg["orca_flushed_key"] = "pool:orca:bench:host:1:flushed"
     sim = OrcaSimulator(5, poll_period=1.0, busy_probability=0.01, extra_records=False)
     parser = orca.OrcaStreamParser()
     records = [r for chunk in sim.stream(seconds) for r in parser.feed(chunk)] + parser.close()
-    handlers = {"cmos": CmosHandler(cfg), "base": BaseHandler(cfg)}
+    key = "pool:orca:bench:host:1:flushed"
+    handlers = {"cmos": CmosHandler(cfg, flushed_key=key), "base": BaseHandler(cfg, flushed_key=key)}
     per_poll = {"cmos": 2 * NCRATES, "base": NCRATES}  # records per whole-detector readout
     t0 = time.time()
     for kind, handler in handlers.items():

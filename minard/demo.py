@@ -104,9 +104,9 @@ def _print_zdab(title: str, s: dict) -> None:
 @click.option("--seed", default=1, show_default=True, help="Seed of the synthetic data.")
 @click.option("--dir", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where the synthetic files go [var_dir/demo].")
-def demo(events, seed, out_dir):
+@config.pass_config
+def demo(cfg, events, seed, out_dir):
     """Decode the bundled recorded data and synthetic runs; print a summary."""
-    cfg = config.load()
     out = Path(out_dir) if out_dir else cfg.path("var_dir") / "demo"
     out.mkdir(parents=True, exist_ok=True)
     if BUNDLED.exists():

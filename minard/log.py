@@ -13,11 +13,27 @@ FORMAT = "%(asctime)s.%(msecs)03d %(name)s[%(process)d] %(levelname)s %(message)
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
+class _Stderr(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of the record.
+
+    So that a process that replaces stderr after set-up (click's test runner
+    does, once per invocation) never logs to a closed stream.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup(level: str | int = "INFO") -> None:
     """Send log records of *level* and above to stderr, once per process."""
     root = logging.getLogger()
     if not any(getattr(h, "_minard", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         handler._minard = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -244,8 +244,9 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
         "minard_dispatch_pull": [binary("minard_dispatch"), "pull"],
         "data_consumer_cmos": [binary("data_consumer"), str(zmq_port(cfg["zmq_cmos"]))],
         "data_consumer_base": [binary("data_consumer"), str(zmq_port(cfg["zmq_base"]))],
-        "minard_dispatch_push": [binary("minard_dispatch"), "push", "--host", dispatcher],
-        "data_producer": [binary("data_producer"), "--host", "127.0.0.1", "--port", str(cfg["orca_port"])],
+        # push and data_producer read dispatcher_host/port and orca_host/port from MINARD_CONFIG.
+        "minard_dispatch_push": [binary("minard_dispatch"), "push"],
+        "data_producer": [binary("data_producer")],
         "web": web(cfg["web_port"], "minard:app", "minard_web"),
         "snoplus_log": web(cfg["log_port"], "snoplus_log:app", "snoplus_log"),
         "nginx": [binary("nginx"), "-p", f"{lay.nginx}/", "-c", str(lay.nginx_conf),
@@ -438,31 +439,31 @@ def stack_config(cfg, lay: Layout, password: str) -> config_mod.Config:
     """The configuration of the stack's processes: *cfg* with the stack's paths and Redis."""
     url = urllib.parse.urlsplit(str(cfg["redis_url"]))
     db = url.path or "/0"
-    out = config_mod.Config(cfg)
-    out.update({
-        "var_dir": str(lay.var),
-        "redis_url": f"redis://:{urllib.parse.quote(password, safe='')}@127.0.0.1:{redis_port(cfg)}{db}",
-        "supervisor_socket": str(lay.socket),
-        "programs_file": str(lay.programs_cfg),
-        "keys_file": str(lay.var / "keys.json"),
-        "log_dir": str(lay.var / "logs"),
-        "log_url": f"http://127.0.0.1:{cfg['log_port']}",
-        "pinger_tokens_file": str(lay.tokens),
-        "dispatcher_keys_file": str(lay.var / "keys.json"),
-        "dispatcher_credentials_file": str(lay.dispatcher_credentials),
-        "dispatcher_accounting_dir": str(lay.var / "dispatcher"),
-        "record_dir": str(lay.var / "records"),
-        "stack_dir": str(lay.root),
-        "dispatcher_host": "127.0.0.1",
-        "orca_host": "127.0.0.1",
-        "redis_acl_file": str(lay.redis_acl),
-        "zmq_keys_dir": str(cfg.get("zmq_keys_dir") or lay.secrets / "zmq"),
-    })
-    out.update(metrics_ports(cfg))
+    tls = {}
     if cfg["nginx_tls"]:
         cert, key = tls_paths(cfg, lay)
-        out.update({"nginx_tls_cert": str(cert), "nginx_tls_key": str(key), "web_secure_cookies": True})
-    return out
+        tls = {"nginx_tls_cert": str(cert), "nginx_tls_key": str(key), "web_secure_cookies": True}
+    return config_mod.Config(cfg).replace(
+        var_dir=str(lay.var),
+        redis_url=f"redis://:{urllib.parse.quote(password, safe='')}@127.0.0.1:{redis_port(cfg)}{db}",
+        supervisor_socket=str(lay.socket),
+        programs_file=str(lay.programs_cfg),
+        keys_file=str(lay.var / "keys.json"),
+        log_dir=str(lay.var / "logs"),
+        log_url=f"http://127.0.0.1:{cfg['log_port']}",
+        pinger_tokens_file=str(lay.tokens),
+        dispatcher_keys_file=str(lay.var / "keys.json"),
+        dispatcher_credentials_file=str(lay.dispatcher_credentials),
+        dispatcher_accounting_dir=str(lay.var / "dispatcher"),
+        record_dir=str(lay.var / "records"),
+        stack_dir=str(lay.root),
+        dispatcher_host="127.0.0.1",
+        orca_host="127.0.0.1",
+        redis_acl_file=str(lay.redis_acl),
+        zmq_keys_dir=str(cfg["zmq_keys_dir"] or lay.secrets / "zmq"),
+        **metrics_ports(cfg),
+        **tls,
+    )
 
 
 def metrics_ports(cfg) -> dict[str, int]:
@@ -959,46 +960,37 @@ def status_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------- command line
 
 
-def _setup(config_path, directory):
-    """The configuration and layout for a command."""
-    cfg = config_mod.load(path=config_path)
-    return cfg, layout_for(cfg, directory)
-
-
 _dir_option = click.option("--dir", "directory", default=None, type=click.Path(file_okay=False),
                            help="Stack directory [stack_dir, var/stack].")
-_config_option = click.option("--config", "config_path", default=None, help="Configuration file.")
 
 
 @click.command("up")
 @_dir_option
-@_config_option
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the whole stack.")
 @click.option("--tls", is_flag=True, help="Serve the site over HTTPS on nginx_tls_port (HTTP redirects there) "
                                           "with a self-signed certificate made at first start [nginx_tls].")
-def up_cmd(directory, config_path, foreground, tls):
+@config_mod.pass_config
+def up_cmd(cfg, directory, foreground, tls):
     """Start the whole stack under supervisord and print the site's URL."""
-    cfg, lay = _setup(config_path, directory)
     if tls:
-        cfg["nginx_tls"] = True
-    raise SystemExit(up(cfg, lay, foreground))
+        cfg = cfg.replace(nginx_tls=True)
+    raise SystemExit(up(cfg, layout_for(cfg, directory), foreground))
 
 
 @click.command("down")
 @_dir_option
-@_config_option
-def down_cmd(directory, config_path):
+@config_mod.pass_config
+def down_cmd(cfg, directory):
     """Stop every process of the stack and check by pid that none is left."""
-    _cfg, lay = _setup(config_path, directory)
-    raise SystemExit(down(lay))
+    raise SystemExit(down(layout_for(cfg, directory)))
 
 
 @click.command("status")
 @_dir_option
-@_config_option
-def status_cmd(directory, config_path):
+@config_mod.pass_config
+def status_cmd(cfg, directory):
     """Show every process of the stack (state, pid, uptime); exit 3 if it is not running."""
-    _cfg, lay = _setup(config_path, directory)
+    lay = layout_for(cfg, directory)
     from minard.web.supervisor import Unavailable
 
     try:
@@ -1043,9 +1035,8 @@ class ProductionLayout:
 
 def production_files() -> dict[str, str]:
     """conf/redis.conf, conf/nginx.conf and conf/supervisord.conf for the default ports and paths."""
-    cfg = config_mod.load(env={}, path=ROOT / "conf" / "minard.conf")
-    cfg["stack_bind"] = "0.0.0.0"
-    cfg["nginx_tls"] = True  # passwords and session cookies never cross the network in clear
+    # nginx_tls: passwords and session cookies never cross the network in clear.
+    cfg = config_mod.load({"stack_bind": "0.0.0.0", "nginx_tls": True}, env={}, path=ROOT / "conf" / "minard.conf")
     lay = ProductionLayout()
     binaries = {n: str(lay.home / ".venv" / "bin" / n) for n in ("minard", "gunicorn", "minard_dispatch",
                                                                  "data_producer", "data_consumer", "supervisord")}
@@ -1056,8 +1047,6 @@ def production_files() -> dict[str, str]:
     try:
         sup = supervisord_text(cfg, lay, "production", None, PRODUCTION_PROGRAMS)
         sup = sup.replace(sys.executable, str(lay.home / ".venv" / "bin" / "python")).replace(str(ROOT), str(lay.home))
-        # In production the DAQ's addresses come from /etc/minard/minard.conf, not the command line.
-        sup = sup.replace(" push --host 127.0.0.1:7000", " push").replace(" --host 127.0.0.1 --port 44666", "")
         sup = sup.replace('MINARDSTACK_ID="production"', f'MINARDSTACK_ID="production",MINARDSTACK_RUN="{lay.run}"')
         nginx = nginx_text(cfg, lay).replace("user root;", "# (runs as the minard user: the init script or unit drops to it)")
         nginx = nginx.replace(str(ROOT), str(lay.home))

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import click
 import numpy as np
 
+from minard.config import pass_config
 from minard.formats import handshake
 from minard.formats.framing import (
     AUTH,
@@ -72,9 +73,9 @@ class Credential:
 
 def credentials_path(cfg) -> str:
     """``dispatcher_credentials_file`` or ``var_dir/dispatcher_credentials.json``."""
-    path = str(cfg.get("dispatcher_credentials_file") or "")
+    path = str(cfg["dispatcher_credentials_file"])
     if not path:
-        path = os.path.join(str(cfg.get("var_dir") or "var"), "dispatcher_credentials.json")
+        path = os.path.join(str(cfg["var_dir"]), "dispatcher_credentials.json")
     if not os.path.isabs(path):
         from minard.config import ROOT
 
@@ -86,8 +87,9 @@ def load_credential(role: str, cfg=None) -> Credential | None:
     """The credential this host holds for *role*, or None (no file, no entry).
 
     The file is JSON ``{role: {"name": program, "token": secret}}`` (mode 0600,
-    written by ``minard up`` or by hand from ``minard keys add``); *cfg* None
-    loads the configuration (``MINARD_CONFIG`` and ``MINARD_*``).
+    written by ``minard up`` or by hand from ``minard keys add``).  Processes
+    pass their configuration; *cfg* None (an ad-hoc client in a test or a
+    shell) loads it from ``MINARD_CONFIG`` and ``MINARD_*``.
     """
     if cfg is None:
         from minard import config as config_mod
@@ -152,10 +154,12 @@ def _works(store, name: str, token: str | None) -> bool:
         name, token, kind="program")
 
 
-def parse_address(text: str, default_port: int = 7000) -> tuple[str, int]:
-    """``host:port``, ``host`` or ``:port`` -> (host, port)."""
+def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``host`` (with *default_port*) or ``:port`` -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep:
+        if default_port is None:
+            raise ValueError(f"bad dispatcher address {text!r} (want HOST:PORT)")
         return text or "127.0.0.1", default_port
     if not port.isdigit():
         raise ValueError(f"bad dispatcher address {text!r} (want HOST:PORT)")
@@ -472,6 +476,18 @@ def connect_with_retry(address: str | tuple[str, int], role: str, name: str = ""
         delay = min(max_delay, delay * 2)
 
 
+def dispatcher_address(cfg, given: str | None = None) -> str:
+    """``HOST:PORT`` of the dispatcher: *given* (``HOST``, ``:PORT`` or ``HOST:PORT``)
+    completed from ``dispatcher_host`` and ``dispatcher_port``."""
+    if not given:
+        return f"{cfg['dispatcher_host']}:{cfg['dispatcher_port']}"
+    try:
+        host, port = parse_address(given, int(cfg["dispatcher_port"]))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return f"{host}:{port}"
+
+
 def query(address: str | tuple[str, int], text: str, timeout: float = 10.0, **kwargs) -> str:
     """Open a control connection, send one command, return its reply.
 
@@ -487,18 +503,16 @@ def query(address: str | tuple[str, int], text: str, timeout: float = 10.0, **kw
               help="Dispatcher address [dispatcher_host:dispatcher_port].")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for the reply.")
-def send_cmd(command, address, timeout):
+@pass_config
+def send_cmd(cfg, command, address, timeout):
     """Send one text command (e.g. ANALYZERS?) to a dispatcher and print the reply.
 
     Words are joined with spaces.  Exits with status 1 on an ERROR reply.
     """
-    from minard import config as config_mod
-
-    cfg = config_mod.load()
-    address = address or f"{cfg['dispatcher_host']}:{cfg['dispatcher_port']}"
+    address = dispatcher_address(cfg, address)
     text = " ".join(command)
     try:
-        reply = query(address, text, timeout)
+        reply = query(address, text, timeout, cfg=cfg)
     except ConnectionClosed:
         if text.strip() == "EXIT":
             click.echo("OK:EXIT (connection closed)")

@@ -29,24 +29,22 @@ from pathlib import Path
 import click
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard.dispatcher.client import (
     ConnectionClosed,
     DispatchClient,
     connect_with_retry,
+    dispatcher_address,
 )
 from minard.formats.pmt import PMT_RECORD_ID, RecordError, record_name, unpack_dispatch
 from minard.formats.zdab import ZdabWriter
 
 log = logging.getLogger("minard.dispatcher.recorder")
 
-DEFAULT_MAX_BYTES = 1 << 30
-
 
 class Recorder:
     """Turns the frames of a write-client connection into ZDAB files."""
 
-    def __init__(self, out_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, out_dir: str | Path, max_bytes: int = config_mod.DEFAULTS["recorder_max_bytes"]):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
@@ -168,12 +166,15 @@ class Recorder:
 
 
 def record_loop(recorder: Recorder, address, name: str = "recorder",
-                should_stop=lambda: False, poll: float = 0.5) -> None:
-    """Receive frames into *recorder* until QUIT or *should_stop*; reconnect on loss."""
+                should_stop=lambda: False, poll: float = 0.5, cfg=None) -> None:
+    """Receive frames into *recorder* until QUIT or *should_stop*; reconnect on loss.
+
+    *cfg* names the writer's credential (``dispatcher_credentials_file``).
+    """
     while not (recorder.quit or should_stop()):
         try:
             client = connect_with_retry(address, "writer", name, retry_for=None,
-                                        should_stop=should_stop)
+                                        should_stop=should_stop, cfg=cfg)
         except ConnectionClosed:
             break
         log.info("connected to dispatcher %s:%d as socket %d", client.host, client.port,
@@ -205,19 +206,18 @@ def _receive(recorder: Recorder, client: DispatchClient, should_stop, poll: floa
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for the ZDAB files (created if missing).")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None,
-              help=f"Start a new file after this many bytes of events"
-                   f" [recorder_max_bytes or {DEFAULT_MAX_BYTES}].")
+              help="Start a new file after this many bytes of events"
+                   " [recorder_max_bytes].")
 @click.option("--name", default="recorder", show_default=True,
               help="Client name shown by the dispatcher.")
-def record_cmd(address, out_dir, max_bytes, name):
+@config_mod.pass_config
+def record_cmd(cfg, address, out_dir, max_bytes, name):
     """Write every event received from a dispatcher to ZDAB files, one per run.
 
     Files are run_<run>_<tape>_<seq>.zdab, fsync'ed and closed at ENDTAPE.
     Reconnects if the dispatcher restarts; exits on QUIT or SIGTERM.
     """
-    cfg = config_mod.load()
-    log_mod.setup(cfg["log_level"])
-    address = address or f"{cfg['dispatcher_host']}:{cfg['dispatcher_port']}"
+    address = dispatcher_address(cfg, address)
     if max_bytes is None:
         max_bytes = cfg["recorder_max_bytes"]
     recorder = Recorder(out_dir, max_bytes)
@@ -229,5 +229,5 @@ def record_cmd(address, out_dir, max_bytes, name):
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    record_loop(recorder, address, name, should_stop=lambda: stop["flag"])
+    record_loop(recorder, address, name, should_stop=lambda: stop["flag"], cfg=cfg)
     log.info("recorded %d events into %d files", recorder.events, len(recorder.files))

@@ -30,11 +30,11 @@ import click
 import numpy as np
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard.dispatcher.client import (
     ConnectionClosed,
     DispatchClient,
     connect_with_retry,
+    dispatcher_address,
 )
 from minard.formats.framing import expand_rawbatches, rawbatch_parts
 from minard.formats.pmt import PMT_DISPATCH_HEADER, read_headers
@@ -394,24 +394,23 @@ def _progress_bar(total: int | None, enabled: bool):
               help="One RAWDATA frame per event, as the DAQ sends them [one RAWBATCH per group].")
 @click.option("--cache-mb", type=click.IntRange(0), default=256, show_default=True,
               help="With --loop, keep files up to this size in memory after the first pass.")
-def replay_cmd(files, address, run, tape, speed, rate, loop, timeout, progress, per_record, cache_mb):
+@config_mod.pass_config
+def replay_cmd(cfg, files, address, run, tape, speed, rate, loop, timeout, progress, per_record, cache_mb):
     """Send ZDAB FILES to a dispatcher as its data source.
 
     BEGINTAPE with the run number found in the data (or --run), the events,
     ENDTAPE, then wait for ALLFINISHED; a new BEGINTAPE whenever the run
     number changes.  QUIT from the dispatcher or SIGTERM ends the run early.
     """
-    cfg = config_mod.load()
-    log_mod.setup(cfg["log_level"])
     factor = parse_speed(speed)
-    address = address or f"{cfg['dispatcher_host']}:{cfg['dispatcher_port']}"
+    address = dispatcher_address(cfg, address)
     finish_timeout = timeout if timeout is not None else float(cfg["dispatcher_finished_timeout"]) + 30
     if progress is None:
         progress = sys.stderr.isatty()
     total = count_records(files) if progress and not loop else None
     bar = _progress_bar(total, progress)
     try:
-        client = connect_with_retry(address, "source", "replay", retry_for=10.0)
+        client = connect_with_retry(address, "source", "replay", retry_for=10.0, cfg=cfg)
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from None
     replayer = Replayer(client, run, tape, factor, rate, finish_timeout, bar, per_record)

@@ -37,7 +37,6 @@ from pathlib import Path
 import click
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard import metrics
 from minard.formats import handshake
 from minard.formats.framing import (
@@ -699,12 +698,11 @@ class Dispatcher:
         pipe.execute()
 
     def _redis_client(self):
-        """The dispatcher's Redis client (created on first use)."""
-        import redis
-
+        """The dispatcher's Redis client (role ``pipeline``, created on first use)."""
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+            from minard.store import connection
+
+            self._redis = connection.redis(self.cfg, "pipeline")
         return self._redis
 
     async def _check_unaccounted(self, run: int) -> None:
@@ -1300,17 +1298,13 @@ def _on_signal(dispatcher: Dispatcher, sig) -> None:
 @click.command("dispatcher")
 @click.option("--host", default=None, help="Address to listen on [dispatcher_host].")
 @click.option("--port", type=int, default=None, help="TCP port [dispatcher_port]; 0 = any.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Configuration file [conf/minard.conf or $MINARD_CONFIG].")
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING... [log_level].")
-def dispatcher_cmd(host, port, config_path, log_level):
+@config_mod.pass_config
+def dispatcher_cmd(cfg, host, port):
     """Run the event dispatcher: one data source to analyzers and write clients.
 
     Protocol, commands and flow control: docs/protocol.md.  SIGTERM behaves
     like the SHUTDOWN command.
     """
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(log_level or cfg["log_level"])
     host = host or str(cfg["dispatcher_host"])
     port = int(cfg["dispatcher_port"]) if port is None else port
     try:

@@ -145,11 +145,11 @@ def markdown(s: dict) -> str:
     return "\n".join(out)
 
 
-def _redis(config_path):
-    import redis as redis_py
+def _redis(cfg):
+    """The command-line tools' Redis client (role ``admin``)."""
+    from minard.store import connection
 
-    cfg = config_mod.load(path=config_path)
-    return cfg, redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+    return connection.redis(cfg, "admin")
 
 
 def _since(text: str | None, now: float) -> float | None:
@@ -175,10 +175,10 @@ def shift_cli():
 @shift_cli.command("summary")
 @click.option("--since", "since_text", default=None, help="Start: Unix s, 'YYYY-MM-DD HH:MM' or 8h (default: shift start).")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Markdown for the e-log instead of JSON.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def shift_summary_cmd(since_text, as_markdown, config_path):
+@config_mod.pass_config
+def shift_summary_cmd(cfg, since_text, as_markdown):
     """Alarms raised, acknowledged and shelved since the shift started; shelves expiring soon."""
-    cfg, r = _redis(config_path)
+    r = _redis(cfg)
     now = time.time()
     s = shift_summary(r, _since(since_text, now), now, float(cfg["alarm_history_days"]))
     click.echo(markdown(s) if as_markdown else json.dumps(s))
@@ -186,10 +186,10 @@ def shift_summary_cmd(since_text, as_markdown, config_path):
 
 @shift_cli.command("note")
 @click.argument("text")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def shift_note_cmd(text, config_path):
+@config_mod.pass_config
+def shift_note_cmd(cfg, text):
     """Set the handover note."""
-    _cfg, r = _redis(config_path)
+    r = _redis(cfg)
     set_note(r, text, "cli")
 
 
@@ -202,10 +202,10 @@ def alarms_cli():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array of alarm objects.")
 @click.option("--state", default=None, type=click.Choice(alarms.STATES), help="Only alarms in this state.")
 @click.option("--limit", type=int, default=200, show_default=True)
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def alarms_list(as_json, state, limit, config_path):
+@config_mod.pass_config
+def alarms_list(cfg, as_json, state, limit):
     """Alarms, newest first: id, name, priority, state, raised/acknowledged/shelved times."""
-    cfg, r = _redis(config_path)
+    r = _redis(cfg)
     items = alarms.list_alarms(r, limit=limit, history_days=float(cfg["alarm_history_days"]))
     if state:
         items = [a for a in items if a["state"] == state]
@@ -219,10 +219,10 @@ def alarms_list(as_json, state, limit, config_path):
 
 @alarms_cli.command("kpi")
 @click.option("--hours", type=float, default=24.0, show_default=True)
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def alarms_kpi(hours, config_path):
+@config_mod.pass_config
+def alarms_kpi(cfg, hours):
     """Alarm KPIs of the last HOURS against the EEMUA 191 targets (JSON)."""
-    cfg, r = _redis(config_path)
+    r = _redis(cfg)
     items = alarms.list_alarms(r, limit=5000, history_days=float(cfg["alarm_history_days"]))
     click.echo(json.dumps(kpis(items, period=hours * 3600)))
 
@@ -231,10 +231,10 @@ def alarms_kpi(hours, config_path):
 @click.argument("flag")
 @click.option("--off", is_flag=True, help="Remove the flag instead of setting it.")
 @click.option("--comment", default="")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def alarms_flag(flag, off, comment, config_path):
+@config_mod.pass_config
+def alarms_flag(cfg, flag, off, comment):
     """Set a suppression flag (crate:N = crate N out of service, run_type:NAME)."""
-    _cfg, r = _redis(config_path)
+    r = _redis(cfg)
     if not flag or len(flag) > 64 or not all(c.isalnum() or c in ":_-." for c in flag):
         raise click.BadParameter("flags are letters, digits and : _ - . (e.g. crate:3)")
     alarms.set_flag(r, flag, "cli", not off, comment)
@@ -245,9 +245,9 @@ def alarms_flag(flag, off, comment, config_path):
 @click.argument("name")
 @click.option("--off", is_flag=True, help="Back into service.")
 @click.option("--comment", default="")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def alarms_oos(name, off, comment, config_path):
+@config_mod.pass_config
+def alarms_oos(cfg, name, off, comment):
     """Take the alarm definition NAME out of service (its alarms show as out_of_service)."""
-    _cfg, r = _redis(config_path)
+    r = _redis(cfg)
     alarms.set_out_of_service(r, name, "cli", not off, comment)
     click.echo(f"{name} {'in service' if off else 'out of service'}")

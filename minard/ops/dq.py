@@ -16,7 +16,6 @@ when the run ends (an ENDTAPE seen by the push, or a new run starting).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -28,11 +27,10 @@ import click
 import redis as redis_py
 
 from minard import config as config_mod
-from minard import log as minard_log
 from minard import metrics
 from minard.analysis.dq import FLAGS
 from minard.ops.keys import KeyStore
-from minard.store import alarms, registry, schema
+from minard.store import alarms, connection, registry, schema
 from minard.store import channel_status as channels_store
 from minard.store import dq as store_dq
 from minard.store import status as status_store
@@ -43,19 +41,15 @@ COMPONENT = "dq_live"  # its heartbeat status:dq_live (the program name of the s
 
 
 def redis_client(cfg):
-    """The admin role's Redis client (the factory of minard.store.connection once it exists)."""
-    try:  # by name: the factory lands with the configuration work (docs/architecture.md)
-        factory = importlib.import_module("minard.store.connection").redis
-    except (ImportError, AttributeError):
-        return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=3, socket_timeout=10)
-    return factory(cfg, "admin")
+    """The admin role's Redis client (minard.store.connection)."""
+    return connection.redis(cfg, "admin")
 
 
-def load_cfg(obj, config_path=None) -> dict:
-    """The configuration: a dict passed down by the root group, or loaded from *config_path*."""
+def load_cfg(obj) -> dict:
+    """The configuration the root command passed down (``ctx.obj``, see minard.cli)."""
     if isinstance(obj, dict) and "redis_url" in obj:
         return obj
-    return config_mod.load(path=config_path or (obj if isinstance(obj, str) else None))
+    raise click.UsageError("run this command through minard (its root loads the configuration)")
 
 
 @contextlib.contextmanager
@@ -105,14 +99,13 @@ def _print_report(report: dict) -> None:
               help="Reference run (default: the expert's choice for the run type, else the latest run signed pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--final", is_flag=True, help="Mark the stored report as the run's final one.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
 @click.pass_obj
-def dq_cmd(obj, run, reference, as_json, final, config_path):
+def dq_cmd(obj, run, reference, as_json, final):
     """Judge RUN's data quality against a reference run, store and print the report.
 
     Exits 0 whatever the run's status (the status is in the output).
     """
-    cfg = load_cfg(obj, config_path)
+    cfg = load_cfg(obj)
     with clear_errors(cfg):
         report = store_dq.compute(redis_client(cfg), run, store_dq.load_config(cfg), reference, final=final)
     if report is None:
@@ -193,11 +186,10 @@ def reference_cmd(obj, run_type, run, user):
 # ------------------------------------------------------------ minard channels
 
 @click.group("channels")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
 @click.pass_context
-def channels_cli(ctx, config_path):
+def channels_cli(ctx):
     """The channel-status database: flags per channel with reason, who, when and history."""
-    ctx.obj = load_cfg(ctx.obj, config_path)
+    load_cfg(ctx.obj)
 
 
 @channels_cli.command("flag")
@@ -387,13 +379,10 @@ class LiveChecker:
 
 
 @click.command("dq-live")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-@click.option("--log-level", default=None, help="Logging level (default: log_level).")
 @click.pass_obj
-def dq_live_cmd(obj, config_path, log_level):
+def dq_live_cmd(obj):
     """Judge the current run every dq_interval seconds and once more when it ends."""
-    cfg = load_cfg(obj, config_path)
-    minard_log.setup(log_level or cfg.get("log_level", "INFO"))
+    cfg = load_cfg(obj)
     checker = LiveChecker(cfg)
     metrics.serve(cfg, "dq_live", metrics.Snapshot("minard_dq", lambda: {
         "judgements": {"live": checker.totals["checks"], "final": checker.totals["finals"]},

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import click
 
+from minard.config import pass_config
 from minard.formats import handshake
 
 log = logging.getLogger(__name__)
@@ -251,11 +252,9 @@ class KeyStore:
 # -- command line -------------------------------------------------------------
 
 
-def _store(config_file: str | None) -> KeyStore:
-    """The key store of the configuration (optionally from an explicit file)."""
-    from minard import config
-
-    return KeyStore.from_config(config.load(path=config_file))
+def _store(cfg) -> KeyStore:
+    """The key store named by the configuration (``keys_file``)."""
+    return KeyStore.from_config(cfg)
 
 
 def _when(ts: float | None) -> str:
@@ -282,25 +281,22 @@ class _KeysGroup(click.Group):
 
 
 @click.group("keys", cls=_KeysGroup)
-@click.option("-c", "--config", "config_file", default=None, help="Configuration file (default conf/minard.conf).")
-@click.pass_context
-def keys_cli(ctx, config_file):
+def keys_cli():
     """Add, list and revoke program tokens and shift-crew logins.
 
     Secrets are stored only as salted scrypt hashes in keys_file (mode 0600);
     a new secret is printed once and cannot be shown again.
     """
-    ctx.obj = config_file
 
 
 @keys_cli.command("add")
 @click.argument("name")
 @click.option("--user", is_flag=True, help="A shift-crew login for the website instead of a program token.")
 @click.option("--replace", is_flag=True, help="Replace active credentials of NAME.")
-@click.pass_obj
-def add_cmd(config_file, name, user, replace):
+@pass_config
+def add_cmd(cfg, name, user, replace):
     """Create credentials for NAME and print the secret once."""
-    store = _store(config_file)
+    store = _store(cfg)
     try:
         secret = store.add(name, kind="user" if user else "program", replace=replace)
     except ValueError as exc:
@@ -311,10 +307,10 @@ def add_cmd(config_file, name, user, replace):
 
 
 @keys_cli.command("list")
-@click.pass_obj
-def list_cmd(config_file):
+@pass_config
+def list_cmd(cfg):
     """List credentials (names, kinds, dates; never secrets or hashes)."""
-    rows = _store(config_file).listing()
+    rows = _store(cfg).listing()
     if not rows:
         click.echo("no credentials", err=True)
         return
@@ -326,10 +322,10 @@ def list_cmd(config_file):
 
 @keys_cli.command("revoke")
 @click.argument("name")
-@click.pass_obj
-def revoke_cmd(config_file, name):
+@pass_config
+def revoke_cmd(cfg, name):
     """Revoke NAME's credentials at once (running servers notice on the next request)."""
-    if not _store(config_file).revoke(name):
+    if not _store(cfg).revoke(name):
         raise click.ClickException(f"{name} has no active credentials")
     click.echo(f"revoked {name}")
 

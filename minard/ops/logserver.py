@@ -33,7 +33,7 @@ from minard.apidoc import doc
 from minard.ops import programs
 from minard.ops.keys import KeyStore, valid_name
 from minard.ops.safefile import UnsafeFile, open_in
-from minard.store import alarms
+from minard.store import alarms, connection
 
 log = logging.getLogger("minard.ops.logserver")
 
@@ -187,13 +187,11 @@ def create_app(cfg: dict | None = None) -> Flask:
     the log directory is created on the first record.
     """
     cfg = config.load() if cfg is None else cfg
-    minard_log.setup(cfg.get("log_level", "INFO"))
+    minard_log.setup(cfg["log_level"])
     app = Flask("minard.ops.logserver")
     app.config["MAX_CONTENT_LENGTH"] = int(cfg["log_max_message"]) * 4 + 16384
     app.config["MINARD"] = cfg
-    import redis
-
-    app.extensions["minard_redis"] = redis.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+    app.extensions["minard_redis"] = connection.redis(cfg, "logserver")
     app.extensions["minard_keys"] = KeyStore.from_config(cfg)
     app.extensions["minard_registry"] = programs.Registry.from_config(cfg)
     app.extensions["minard_last_check"] = 0.0

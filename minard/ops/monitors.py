@@ -42,10 +42,9 @@ import click
 import numpy as np
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard import metrics
 from minard.ops import alarmdefs, programs
-from minard.store import schema, status
+from minard.store import connection, schema, status
 from minard.store import timeseries as ts
 
 log = logging.getLogger("minard.ops.monitors")
@@ -168,7 +167,7 @@ def check_dispatcher(ctx: Context):
     from minard.dispatcher.client import query
 
     try:
-        reply = query(f"127.0.0.1:{ctx.cfg['dispatcher_port']}", "STATS?", timeout=3.0)
+        reply = query(f"127.0.0.1:{ctx.cfg['dispatcher_port']}", "STATS?", timeout=3.0, cfg=ctx.cfg)
         stats = json.loads(reply.split(":", 1)[1])
     except Exception as exc:  # noqa: BLE001 - refused, timeout, bad reply: not answering
         log.debug("dispatcher: %s", exc)
@@ -313,12 +312,9 @@ class Runner:
     """Runs every monitor on its period in one thread; SIGTERM stops it between checks."""
 
     def __init__(self, cfg, specs: list[MonitorSpec], redis=None):
-        import redis as redis_py
-
         self.cfg = cfg
         self.specs = specs
-        self.ctx = Context(cfg, redis or redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=3,
-                                                                 socket_connect_timeout=2))
+        self.ctx = Context(cfg, redis or connection.redis(cfg, "logserver"))
         self.ctx.evaluator = alarmdefs.Evaluator(self.ctx.redis, alarmdefs.load(cfg),
                                                  float(cfg["alarm_history_days"]))
         self.started = time.time()
@@ -381,11 +377,9 @@ class Runner:
 @click.command("monitors")
 @click.argument("names", nargs=-1)
 @click.option("--once", is_flag=True, help="Run each monitor once, print its values, exit.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def monitors_cmd(names, once, config_path):
+@config_mod.pass_config
+def monitors_cmd(cfg, names, once):
     """Run the monitors of monitors_file (or only NAMES), each on its period."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(cfg["log_level"])
     try:
         specs = load_monitors(cfg)
     except (OSError, ValueError) as exc:

@@ -36,7 +36,6 @@ from pathlib import Path
 import click
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard.store import alarms, roster, schema
 
 log = logging.getLogger("minard.ops.notify")
@@ -191,10 +190,10 @@ class Notifier:
     """The ``minard notifier`` loop (SIGTERM stops it between scans)."""
 
     def __init__(self, cfg, redis=None):
-        import redis as redis_py
+        from minard.store import connection
 
         self.cfg = cfg
-        self.redis = redis or redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+        self.redis = redis or connection.redis(cfg, "logserver")
         self.stop_event = threading.Event()
         self.failing = False
         self.started = time.time()
@@ -227,11 +226,9 @@ class Notifier:
 
 
 @click.command("notifier")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def notifier_cmd(config_path):
+@config_mod.pass_config
+def notifier_cmd(cfg):
     """Send alarm notifications (email, webhook) to the on-call roster; escalate."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(cfg["log_level"])
     n = Notifier(cfg)
     from minard import metrics
 
@@ -243,11 +240,11 @@ def notifier_cmd(config_path):
     n.run()
 
 
-def _redis(config_path):
-    import redis as redis_py
+def _redis(cfg):
+    """The command-line tools' Redis client (role ``admin``)."""
+    from minard.store import connection
 
-    cfg = config_mod.load(path=config_path)
-    return cfg, redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+    return connection.redis(cfg, "admin")
 
 
 @click.group("roster")
@@ -259,10 +256,10 @@ def roster_cli():
 @click.argument("role", type=click.Choice(roster.ROLES))
 @click.argument("name")
 @click.option("--email", default="", help="Address notifications are mailed to.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def roster_set(role, name, email, config_path):
+@config_mod.pass_config
+def roster_set(cfg, role, name, email):
     """Put NAME on duty as ROLE."""
-    _cfg, r = _redis(config_path)
+    r = _redis(cfg)
     try:
         roster.set_person(r, role, name, email, who="cli")
     except ValueError as exc:
@@ -272,10 +269,10 @@ def roster_set(role, name, email, config_path):
 
 @roster_cli.command("show")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object role -> {name, email} or null.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def roster_show(as_json, config_path):
+@config_mod.pass_config
+def roster_show(cfg, as_json):
     """Who is on duty in each role."""
-    _cfg, r = _redis(config_path)
+    r = _redis(cfg)
     people = roster.show(r)
     if as_json:
         click.echo(json.dumps(people))
@@ -285,9 +282,9 @@ def roster_show(as_json, config_path):
 
 
 @roster_cli.command("test")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def roster_test(config_path):
+@config_mod.pass_config
+def roster_test(cfg):
     """Send a test notification to everyone on the roster."""
-    cfg, r = _redis(config_path)
+    r = _redis(cfg)
     for role, channels in send_test(cfg, r, "cli").items():
         click.echo(f"{role:<10} {', '.join(channels) or 'FAILED (see the log)'}")

@@ -38,11 +38,10 @@ from pathlib import Path
 import click
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard import metrics
 from minard.ops import programs
 from minard.ops.logclient import Heartbeat
-from minard.store import status
+from minard.store import connection, status
 
 log = logging.getLogger("minard.ops.pinger")
 
@@ -120,12 +119,12 @@ def redis_probe(redis) -> Probe:
                               "used_memory": float(info.get("used_memory", 0)), "keys": float(keys)})
 
 
-def dispatcher_probe(address: str, timeout: float = 2.0) -> Probe:
+def dispatcher_probe(address: str, timeout: float = 2.0, cfg=None) -> Probe:
     """Up if the dispatcher answers ``STATS?``; its uptime, state and client count."""
     from minard.dispatcher.client import query
 
     try:
-        reply = query(address, "STATS?", timeout)
+        reply = query(address, "STATS?", timeout, cfg=cfg)
         stats = json.loads(reply.split(":", 1)[1]) if reply.startswith("STATS:") else {}
     except Exception as exc:  # noqa: BLE001 - refused, timeout, garbled: not answering
         return Probe(False, f"no answer ({type(exc).__name__})")
@@ -151,12 +150,9 @@ class Pinger:
     """Probe every registered program and post a heartbeat for each one that is up."""
 
     def __init__(self, cfg, tokens: dict[str, str], redis=None):
-        import redis as redis_py
-
         self.cfg = cfg
         self.tokens = tokens
-        self.redis = redis or redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=2,
-                                                      socket_connect_timeout=2)
+        self.redis = redis or connection.redis(cfg, "logserver")
         self.registry = programs.Registry.from_config(cfg)
         self.url = str(cfg["log_url"])
         self.period = float(cfg["pinger_period"])
@@ -180,7 +176,7 @@ class Pinger:
             self._warned.discard("redis-components")
         special = {
             "redis": lambda: redis_probe(self.redis),
-            "dispatcher": lambda: dispatcher_probe(f"127.0.0.1:{self.cfg['dispatcher_port']}"),
+            "dispatcher": lambda: dispatcher_probe(f"127.0.0.1:{self.cfg['dispatcher_port']}", cfg=self.cfg),
             "web": lambda: http_probe(f"http://127.0.0.1:{self.cfg['web_port']}/healthz"),
             "snoplus_log": lambda: http_probe(f"http://127.0.0.1:{self.cfg['log_port']}/healthz"),
             "nginx": lambda: http_probe(f"http://127.0.0.1:{self.cfg['nginx_port']}/static/css/minard.css",
@@ -260,12 +256,10 @@ class Pinger:
 
 
 @click.command("pinger")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
 @click.option("--once", is_flag=True, help="One round, print what was found, exit.")
-def pinger_cmd(config_path, once):
+@config_mod.pass_config
+def pinger_cmd(cfg, once):
     """Post heartbeats to the log server for every pipeline component that is up."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(cfg["log_level"])
     pinger = Pinger(cfg, load_tokens(tokens_path(cfg)))
     if once:
         for name, p in pinger.round().items():

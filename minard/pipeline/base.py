@@ -36,9 +36,9 @@ import zmq
 from minard import metrics
 from minard.formats import wire
 from minard.pipeline import curve
-from minard.pipeline.consumer import record_flushed, redis_client
+from minard.pipeline.consumer import record_flushed
 from minard.pipeline.sockets import peers_changed
-from minard.store import status
+from minard.store import connection, status
 
 log = logging.getLogger("minard.pipeline.base")
 
@@ -73,7 +73,7 @@ class Producer:
             sock.bind(str(endpoint))
             self.socks[name] = sock
             self.monitors[name] = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.redis = redis_client(cfg)
+        self.redis = connection.redis(cfg, "pipeline")
         self.producer = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
         self.started = time.time()
         self.running = True
@@ -84,7 +84,7 @@ class Producer:
         self.next_beat = 0.0
         self.backlogs: dict[str, deque] = {name: deque() for name in endpoints}  # (frames, n) ZMQ refused
         self.backlog_records = 0
-        self.backlog_limit = int(cfg.get("zmq_backlog_records", 100_000))
+        self.backlog_limit = int(cfg["zmq_backlog_records"])
         self.reporter = status.Reporter(self.redis, self.component, self.started)
 
     # -------------------------------------------------------- lifecycle
@@ -243,18 +243,19 @@ class Handler:
     :meth:`process`, :meth:`has_pending` and :meth:`write_pending`; they may
     override :meth:`prepare` (WATCH and read before ``MULTI``),
     :meth:`begin_flush`, :meth:`flush_failed` and :meth:`flush_done`.
-    *flushed_option* and *close_option* name the configuration keys of the
-    pool's ``flushed`` hash and of the final flush's retry time.
+    *close_option* names the configuration key of the final flush's retry
+    time; *flushed_key* is the pool's ``flushed`` hash (``PoolSpec.flushed_key``,
+    empty outside a pool with loss accounting).
     """
 
     stage = ""
 
-    def __init__(self, cfg, flushed_option: str, close_option: str):
+    def __init__(self, cfg, close_option: str, flushed_key: str = ""):
         self.cfg = cfg
-        self.redis = redis_client(cfg)
-        self.max_payload = int(cfg.get("zmq_max_frame", wire.MAX_PAYLOAD))
-        self.flushed_key = str(cfg.get(flushed_option) or "")
-        self.close_retry = float(cfg.get(close_option, 3.0))
+        self.redis = connection.redis(cfg, "pipeline")
+        self.max_payload = int(cfg["zmq_max_frame"])
+        self.flushed_key = flushed_key
+        self.close_retry = float(cfg[close_option])
         self.counts = Counter()  # stats:<stage> deltas not yet in Redis
         self.unaccounted = 0  # records handled since the last successful flush
         self.failing = False

@@ -13,30 +13,24 @@ import click
 import redis as redis_py
 
 from minard import config as config_mod
-from minard.pipeline.consumer import redis_client
-from minard.pipeline.dispatch_pull import pull_cmd
-from minard.pipeline.dispatch_push import push_cmd
-from minard.store import status
+from minard.store import connection, status
 
 
-@click.group("minard_dispatch", context_settings={"help_option_names": ["-h", "--help"]})
-def cli():
-    """The dispatch-stream monitoring: push (dispatcher -> ZMQ) and pull (ZMQ -> Redis)."""
-
-
-cli.add_command(push_cmd)
-cli.add_command(pull_cmd)
+# ``minard_dispatch push|pull`` is minard.cli.dispatch_group (with the global --config and
+# --log-level): push_cmd of minard.pipeline.dispatch_push, pull_cmd of minard.pipeline.dispatch_pull.
 
 
 @click.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--pools", "per_pool", is_flag=True,
               help="Per consumer pool instead: {\"pools\": {HOST:PID: heartbeat and counters}}.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def stats_cmd(as_json, per_pool, config_path):
+@config_mod.pass_config
+def stats_cmd(cfg, as_json, per_pool):
     """Print the loss counters of every pipeline stage (stats:<stage> in Redis), or per pool."""
-    cfg = config_mod.load(path=config_path)
-    client = redis_client(cfg)
+    try:
+        client = connection.redis(cfg, "admin")
+    except connection.RedisConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         data = {"pools": status.pools(client)} if per_pool else status.stats(client)
     except redis_py.RedisError as exc:

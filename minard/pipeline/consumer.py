@@ -35,18 +35,12 @@ import redis as redis_py
 
 from minard import metrics
 from minard.pipeline.pool import Pool, PoolStats
-from minard.store import schema, status
+from minard.store import connection, schema, status
 
 log = logging.getLogger("minard.pipeline.consumer")
 
 #: Seconds a ``pool:...:flushed`` hash outlives its last write.
 FLUSHED_TTL = 86400
-
-
-def redis_client(cfg) -> redis_py.Redis:
-    """A Redis client with short timeouts, so an outage is noticed within seconds."""
-    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=1.0,
-                                   socket_timeout=5.0)
 
 
 def flushed_key(name: str) -> str:
@@ -69,16 +63,17 @@ def record_flushed(pipe, key: str, n: int) -> None:
 class AccountedPool(Pool):
     """A Pool that also counts the records of workers that ended before flushing.
 
-    *stage* is the ``stats:<stage>`` the losses are counted in; *flushed_option*
-    the configuration key naming the hash its workers write with
-    :func:`record_flushed`.  When a worker ends for any reason, the records
-    handed to it minus the records it accounted for were lost with it.
+    *stage* is the ``stats:<stage>`` the losses are counted in; ``spec.flushed_key``
+    the hash its workers write with :func:`record_flushed`.  When a worker ends
+    for any reason, the records handed to it minus the records it accounted
+    for were lost with it.
     """
 
-    def __init__(self, spec, cfg, *, stage: str, flushed_option: str, **kwargs):
+    def __init__(self, spec, cfg, *, stage: str, **kwargs):
+        if not spec.flushed_key:
+            raise ValueError(f"pool {spec.name}: loss accounting needs spec.flushed_key")
         super().__init__(spec, cfg, **kwargs)
         self.stage = stage
-        self.flushed_option = flushed_option
         self.ended: list[tuple[int, int]] = []  # (pid, records handed) awaiting settlement
         self.lost = 0
 
@@ -89,7 +84,7 @@ class AccountedPool(Pool):
 
     def settle(self, pipe, redis) -> int:
         """Count (in *pipe*) the records lost by ended workers; needs Redis readable."""
-        key = self.cfg[self.flushed_option]
+        key = self.spec.flushed_key
         lost = 0
         for pid, handed in self.ended:
             lost += max(0, handed - int(redis.hget(key, str(pid)) or 0))
@@ -113,7 +108,7 @@ class PoolReporter:
         self.pool = pool
         self.component = component
         self.extra_fields = dict(extra_fields or {})
-        self.redis = redis_client(cfg)
+        self.redis = connection.redis(cfg, "pipeline")
         self.started = time.time()
         self.written_received = 0
         self.unfolded: list[int] = []  # pids of ended workers whose counters are not folded yet

@@ -163,15 +163,15 @@ def stop_authenticator(ctx: zmq.Context) -> None:
 @click.option("--client", "client", default=None, metavar="NAME",
               help="Also make an authorized client key pair NAME (for a consumer on another host).")
 @click.option("--revoke", "revoke", default=None, metavar="NAME", help="Remove client NAME from the authorized keys.")
-@click.pass_obj
-def zmq_keys_cmd(config_file, client, revoke):
+@config_mod.pass_config
+def zmq_keys_cmd(cfg, client, revoke):
     """Create the ZMQ CURVE keys of the data plane (zmq_keys_dir), files 0600.
 
     Makes the producers' server pair and the consumers' client pair if they are
     missing (existing keys are kept); --client adds another authorized client,
     --revoke removes one (producers read the authorized keys when they start).
     """
-    directory = keys_dir(config_mod.load(path=config_file))
+    directory = keys_dir(cfg)
     if revoke:
         if not revoke_client(directory, revoke):
             raise click.ClickException(f"{revoke} is not an authorized ZMQ client")

@@ -24,6 +24,7 @@ queues are empty):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import math
 import os
@@ -34,7 +35,6 @@ import click
 import numpy as np
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard import metrics
 from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, segment_gaps
 from minard.formats import wire
@@ -146,8 +146,8 @@ class PullHandler(Handler):
 
     stage = "pull"
 
-    def __init__(self, cfg):
-        super().__init__(cfg, "dispatch_flushed_key", "dispatch_close_retry")
+    def __init__(self, cfg, flushed_key: str = ""):
+        super().__init__(cfg, "dispatch_close_retry", flushed_key)
         keep_freed_memory()  # this process is a worker: see the function
         self.channels = ChannelWriter(self.redis)
         self.agg = Aggregator()
@@ -299,10 +299,9 @@ def event_log_path(cfg) -> str:
 
 def run_pull(cfg) -> None:
     """Run the pull pool (stage ``pull``) until SIGTERM/SIGINT; see :func:`minard.pipeline.consumer.run_pool`."""
-    cfg = dict(cfg) if not hasattr(cfg, "path") else cfg
-    cfg["dispatch_flushed_key"] = flushed_key("dispatch")
+    spec = dataclasses.replace(pool_spec(cfg), flushed_key=flushed_key("dispatch"))
     manager = PoolManager(int(cfg["dispatch_max_total_workers"]))
-    pool = AccountedPool(pool_spec(cfg), cfg, stage="pull", flushed_option="dispatch_flushed_key",
+    pool = AccountedPool(spec, cfg, stage="pull",
                          manager=manager, event_log=event_log_path(cfg))
     run_pool(pool, PoolReporter(pool, cfg, PULL_COMPONENT), "pull")
 
@@ -310,14 +309,8 @@ def run_pull(cfg) -> None:
 @click.command("pull")
 @click.option("--workers", type=int, default=None, help="MaxSlaves [dispatch_workers].")
 @click.option("--trx-limit", type=int, default=None, help="Recycle a worker after N records [dispatch_trx_limit].")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
-def pull_cmd(workers, trx_limit, config_path, log_level):
+@config_mod.pass_config
+def pull_cmd(cfg, workers, trx_limit):
     """Run the consumer pool: decode, aggregate and write to Redis once a second."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(log_level or cfg["log_level"])
-    if workers is not None:
-        cfg["dispatch_workers"] = workers
-    if trx_limit is not None:
-        cfg["dispatch_trx_limit"] = trx_limit
-    run_pull(cfg)
+    options = {"dispatch_workers": workers, "dispatch_trx_limit": trx_limit}
+    run_pull(cfg.replace(**{k: v for k, v in options.items() if v is not None}))

@@ -34,12 +34,12 @@ import click
 import numpy as np
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard import metrics
 from minard.dispatcher.client import (
     ConnectionClosed,
     DispatchClient,
     connect_with_retry,
+    dispatcher_address,
     query,
 )
 from minard.formats import wire
@@ -157,7 +157,7 @@ class Pusher(Producer):
         try:
             self.client = connect_with_retry(
                 self.address, "analyzer", "minard_dispatch_push", retry_for=None,
-                should_stop=self._waiting, timeout=5.0, batch=True)
+                should_stop=self._waiting, timeout=5.0, batch=True, cfg=self.cfg)
         except ConnectionClosed:
             return False
         log.info("reading dispatcher %s (socket %s)", self.address, self.client.socket_number)
@@ -280,7 +280,7 @@ class Pusher(Producer):
             return
         self.next_stats = now + self.stats_interval
         try:
-            reply = query(self.address, "STATS?", timeout=2.0)
+            reply = query(self.address, "STATS?", timeout=2.0, cfg=self.cfg)
             data = json.loads(reply.partition(":")[2])
         except (OSError, TimeoutError, ValueError, ConnectionClosed) as exc:
             log.debug("STATS? failed: %s", exc)
@@ -309,15 +309,10 @@ class Pusher(Producer):
 @click.command("push")
 @click.option("--host", default=None, metavar="HOST[:PORT]",
               help="Dispatcher to read [dispatcher_host:dispatcher_port].")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
-def push_cmd(host, config_path, log_level):
+@config_mod.pass_config
+def push_cmd(cfg, host):
     """Read events from the dispatcher and push them to ZMQ (zmq_dispatch) in batches."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(log_level or cfg["log_level"])
-    address = host or str(cfg["dispatcher_host"])
-    if ":" not in address:
-        address = f"{address}:{cfg['dispatcher_port']}"
+    address = dispatcher_address(cfg, host)
     pusher = Pusher(cfg, address)
     metrics.serve(cfg, "minard_dispatch_push", metrics.Snapshot("minard_push", lambda: {
         "dispatcher_connected": pusher.client is not None, "consumers": pusher.peers["dispatch"]}))

@@ -34,8 +34,8 @@ class BaseHandler(OrcaHandler):
 
     stage = "base"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, flushed_key: str = ""):
+        super().__init__(cfg, flushed_key)
         self.series: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.busy: dict[int, list[np.ndarray]] = {}
         self.writer = ChannelWriter()

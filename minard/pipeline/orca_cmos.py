@@ -84,9 +84,9 @@ class CmosHandler(OrcaHandler):
 
     stage = "cmos"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.max_dt = float(cfg.get("cmos_max_dt", 10.0))
+    def __init__(self, cfg, flushed_key: str = ""):
+        super().__init__(cfg, flushed_key)
+        self.max_dt = float(cfg["cmos_max_dt"])
         self.max_dt_us = round(self.max_dt * 1e6)
         self.pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.writer = ChannelWriter()

@@ -23,13 +23,13 @@ worker that ended before flushing them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import click
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard.formats import wire
 from minard.pipeline.base import Handler
 from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, run_pool
@@ -54,9 +54,9 @@ class OrcaHandler(Handler):
     errors counted by reason, and series data kept (up to KEEP_PENDING s) while
     Redis is down."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, "orca_flushed_key", "orca_close_retry")
-        self.ttl = int(cfg.get("orca_state_ttl", 86400))
+    def __init__(self, cfg, flushed_key: str = ""):
+        super().__init__(cfg, "orca_close_retry", flushed_key)
+        self.ttl = int(cfg["orca_state_ttl"])
 
     @property
     def stream(self) -> str:
@@ -128,9 +128,9 @@ def stream_for(port: str | None, stream: str | None, cfg) -> str:
 
 def run_consumer(cfg, stream: str) -> None:
     """Run one stream's pool (stage *stream*) until SIGTERM/SIGINT; see :func:`minard.pipeline.consumer.run_pool`."""
-    cfg["orca_flushed_key"] = flushed_key(f"orca:{stream}")
+    spec = dataclasses.replace(pool_spec(cfg, stream), flushed_key=flushed_key(f"orca:{stream}"))
     manager = PoolManager(int(cfg["orca_max_total_workers"]))
-    pool = AccountedPool(pool_spec(cfg, stream), cfg, stage=stream, flushed_option="orca_flushed_key",
+    pool = AccountedPool(spec, cfg, stage=stream,
                          manager=manager, event_log=event_log_path(cfg, stream))
     run_pool(pool, PoolReporter(pool, cfg, consumer_component(stream), {"stream": stream}), stream)
 
@@ -140,14 +140,11 @@ def run_consumer(cfg, stream: str) -> None:
 @click.option("--stream", type=click.Choice(STREAMS), default=None,
               help="Stream to consume (instead of PORT).")
 @click.option("--workers", type=int, default=None, help="MaxSlaves [cmos_workers / base_workers].")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
-def consumer_cli(port, stream, workers, config_path, log_level):
+@config_mod.pass_config
+def consumer_cli(cfg, port, stream, workers):
     """Consume one ORCA stream into Redis: PORT 5557 (zmq_cmos) gives CMOS
     rates, 5558 (zmq_base) base currents."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(log_level or cfg["log_level"])
     stream = stream_for(port, stream, cfg)
     if workers is not None:
-        cfg[f"{stream}_workers"] = workers
+        cfg = cfg.replace(**{f"{stream}_workers": workers})
     run_consumer(cfg, stream)

@@ -38,7 +38,6 @@ from collections import Counter
 import click
 
 from minard import config as config_mod
-from minard import log as log_mod
 from minard import metrics
 from minard.formats import orca, wire
 from minard.pipeline.base import Producer
@@ -236,13 +235,10 @@ class OrcaProducer(Producer):
 @click.command("data_producer", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default=None, help="ORCA host [orca_host].")
 @click.option("--port", type=int, default=None, help="ORCA data port [orca_port, 44666].")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-@click.option("--log-level", default=None, help="DEBUG, INFO, ... [log_level].")
-def producer_cli(host, port, config_path, log_level):
+@config_mod.pass_config
+def producer_cli(cfg, host, port):
     """Read CMOS-rate and base-current records from the ORCA stream and push
     them to ZMQ (zmq_cmos, zmq_base) in batches."""
-    cfg = config_mod.load(path=config_path)
-    log_mod.setup(log_level or cfg["log_level"])
     host = host or str(cfg["orca_host"])
     port = port or int(cfg["orca_port"])
     producer = OrcaProducer(cfg, host, port)

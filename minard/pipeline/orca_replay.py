@@ -32,7 +32,7 @@ from pathlib import Path
 
 import click
 
-from minard import log as log_mod
+from minard import config as config_mod
 from minard.formats import orca
 
 log = logging.getLogger("minard.pipeline.orca_replay")
@@ -89,7 +89,8 @@ class _Client:
 class OrcaReplay:
     """Serve *path* on ``host:port``; see the module docstring."""
 
-    def __init__(self, path, host: str = "127.0.0.1", port: int = 44666, speed: float | None = 1.0,
+    def __init__(self, path, host: str = config_mod.DEFAULTS["orca_host"],
+                 port: int = config_mod.DEFAULTS["orca_port"], speed: float | None = 1.0,
                  loop: bool = False, wait: bool = False, progress: bool = True,
                  max_client_buffer: int = MAX_CLIENT_BUFFER):
         self.path = Path(path)
@@ -255,17 +256,18 @@ class OrcaReplay:
 
 @click.command("orca-replay", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=44666, show_default=True, help="TCP port (ORCA's default).")
+@click.option("--host", default=None, help="Address to listen on [orca_host].")
+@click.option("--port", type=int, default=None, help="TCP port [orca_port, ORCA's default 44666].")
 @click.option("--speed", default="1x", show_default=True, help="'1x', '2x', ... (by record timestamps) or 'max'.")
 @click.option("--loop", is_flag=True, help="Start again at the end of the file.")
 @click.option("--wait", is_flag=True, help="Hold the stream until the first client connects.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, ...")
-def orca_replay_cmd(file, host, port, speed, loop, wait, quiet, log_level):
+@config_mod.pass_config
+def orca_replay_cmd(cfg, file, host, port, speed, loop, wait, quiet):
     """Serve a recorded ORCA stream FILE to clients the way ORCA's Dispatcher
     does: header first, records paced by their timestamps."""
-    log_mod.setup(log_level)
+    host = host or str(cfg["orca_host"])
+    port = int(cfg["orca_port"]) if port is None else port
     try:
         factor = parse_speed(speed)
     except ValueError as exc:

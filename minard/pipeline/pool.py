@@ -64,6 +64,10 @@ class PoolSpec:
     flush_period: float = 1.0
     queue_limit: int = 64  # batches held by the manager before back-pressure
     hwm: int = 1000
+    #: ``pool:...:flushed`` hash its workers count their flushed records in
+    #: (minard.pipeline.consumer.record_flushed), given to each handler as
+    #: ``flushed_key=``; empty for a pool without loss accounting.
+    flushed_key: str = ""
 
 
 class EventLog:
@@ -334,7 +338,7 @@ class Pool:
         proc = self._mp.Process(
             target=worker_main, name=f"{self.spec.name}-S{wid}", daemon=True,
             args=(self.spec.handler, self.cfg, self.backend_endpoint, wid,
-                  self.spec.trx_limit, self.spec.flush_period, os.getpid()))
+                  self.spec.trx_limit, self.spec.flush_period, os.getpid(), self.spec.flushed_key))
         proc.start()
         w = _Worker(wid, proc, time.time())
         self.workers[wid] = w
@@ -389,14 +393,19 @@ def _process(handler, frames, n: int) -> None:
             counts.update(errors=n, handler_error=n)
 
 
-def load_handler(spec: str, cfg: dict):
-    """Build a handler from ``module:callable`` (a fixed name from our code, never input)."""
+def load_handler(spec: str, cfg: dict, flushed_key: str = ""):
+    """Build a handler from ``module:callable`` (a fixed name from our code, never input).
+
+    A pool with loss accounting passes its *flushed_key* to the handler.
+    """
     module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
+    factory = getattr(importlib.import_module(module), attr)
+    return factory(cfg, flushed_key=flushed_key) if flushed_key else factory(cfg)
 
 
 def worker_main(handler_spec: str, cfg: dict, endpoint: str, wid: int,
-                trx_limit: int, flush_period: float, manager_pid: int | None = None) -> None:
+                trx_limit: int, flush_period: float, manager_pid: int | None = None,
+                flushed_key: str = "") -> None:
     """A worker process: ask for a batch, process it, flush every *flush_period*.
 
     If the manager dies (kill -9), the worker notices that its parent changed,
@@ -404,12 +413,12 @@ def worker_main(handler_spec: str, cfg: dict, endpoint: str, wid: int,
     """
     from minard import log as minard_log
 
-    minard_log.setup(cfg.get("log_level", "INFO"))
+    minard_log.setup(cfg["log_level"])
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager decides when we stop
     if manager_pid is not None:
         status.set_pool(manager_pid)  # this worker's counters belong to its pool (status.pools)
-    handler = load_handler(handler_spec, cfg)
+    handler = load_handler(handler_spec, cfg, flushed_key)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, str(wid).encode())

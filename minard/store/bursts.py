@@ -78,13 +78,12 @@ class BurstMonitor:
 
     def __init__(self, redis, cfg):
         self.redis = redis
-        c = lambda key: cfg.get(key, config_mod.DEFAULTS[key])
-        self.nhit_threshold = int(c("burst_nhit_threshold"))
-        self.windows = ana.parse_windows(c("burst_windows"))
-        self.far = float(c("burst_false_alarms_per_day"))
-        self.min_background = float(c("burst_min_background"))
-        self.background_seconds = int(c("burst_background_seconds"))
-        self.history_days = float(c("alarm_history_days"))
+        self.nhit_threshold = int(cfg["burst_nhit_threshold"])
+        self.windows = ana.parse_windows(cfg["burst_windows"])
+        self.far = float(cfg["burst_false_alarms_per_day"])
+        self.min_background = float(cfg["burst_min_background"])
+        self.background_seconds = int(cfg["burst_background_seconds"])
+        self.history_days = float(cfg["alarm_history_days"])
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # (runs, events)
         self.written: dict[int, tuple[int, int]] = {}  # run -> clock range of events just written
         self.errors = 0
@@ -299,8 +298,8 @@ def get_burst(r, burst_id: int) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per burst.")
 @click.option("--events", is_flag=True, help="With --json: include each burst's event GTIDs and nhits.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Most recent bursts to list.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def bursts_cmd(as_json, events, limit, config_path):
+@config_mod.pass_config
+def bursts_cmd(cfg, as_json, events, limit):
     """List the supernova burst candidates found by the dispatch consumers.
 
     Each burst: run, GTID range (gtid_first..gtid_last), start and end (Unix
@@ -309,8 +308,9 @@ def bursts_cmd(as_json, events, limit, config_path):
     """
     import redis as redis_py
 
-    cfg = config_mod.load(path=config_path)
-    r = redis_py.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+    from minard.store import connection
+
+    r = connection.redis(cfg, "admin")
     try:
         rows = list_bursts(r, limit, with_events=events)
     except redis_py.RedisError as exc:

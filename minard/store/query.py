@@ -31,6 +31,7 @@ import redis as redis_py
 
 from minard import config as config_mod
 from minard.formats.detector import NCHANNELS_TOTAL
+from minard.store import connection
 from minard.store import timeseries as ts
 from minard.store.schema import ORCA_LATEST_KEY as LATEST_KEY
 from minard.store.schema import ORCA_LATEST_TIME_KEY as LATEST_TIME_KEY
@@ -104,11 +105,13 @@ def as_mapping(values: np.ndarray) -> dict[str, float]:
               help="cmos/base: leave out readings older than this many seconds [any age]; "
                    f"occupancy: look back at most this far for an interval with events [{OCCUPANCY_LOOKBACK:g}].")
 @click.option("--with-age", is_flag=True, help="cmos/base: also each value's age in seconds (staleness).")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
-def query_cmd(name, as_json, max_age, with_age, config_path):
+@config_mod.pass_config
+def query_cmd(cfg, name, as_json, max_age, with_age):
     """Print the latest per-channel values of NAME (cmos, base or occupancy) from Redis."""
-    cfg = config_mod.load(path=config_path)
-    client = redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=2.0, socket_timeout=10.0)
+    try:
+        client = connection.redis(cfg, "admin")
+    except connection.RedisConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         if name == "occupancy":
             values, _ = latest_occupancy(client, lookback=max_age or OCCUPANCY_LOOKBACK)

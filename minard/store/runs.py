@@ -45,7 +45,7 @@ import redis as redis_py
 from minard import config as config_mod
 from minard.analysis.aggregate import NAMES, RunAgg, nhit_bin_label
 from minard.formats.pmt import TRIGGER_NAMES
-from minard.store import schema
+from minard.store import connection, schema
 from minard.store import timeseries as ts
 from minard.store.channels import ChannelWriter
 
@@ -247,10 +247,9 @@ def recent_accounting(redis, limit: int = 5) -> list[dict]:
 
 # ------------------------------------------------------------------- CLI
 
-def _redis(config_path):
-    """A Redis client for the configured ``redis_url``."""
-    cfg = config_mod.load(path=config_path)
-    return redis_py.Redis.from_url(str(cfg["redis_url"]), socket_connect_timeout=3, socket_timeout=10)
+def _redis(cfg):
+    """A Redis client of the command-line tools (role ``admin``)."""
+    return connection.redis(cfg, "admin")
 
 
 def _when(t) -> str:
@@ -258,12 +257,12 @@ def _when(t) -> str:
 
 
 @contextlib.contextmanager
-def _clear_redis_errors(config_path):
+def _clear_redis_errors(cfg):
     """Turn a Redis failure into a one-line CLI error (password redacted)."""
     try:
         yield
-    except redis_py.RedisError as exc:
-        url = config_mod.redact(config_mod.load(path=config_path)["redis_url"])
+    except (redis_py.RedisError, connection.RedisConfigError) as exc:
+        url = config_mod.redact(cfg["redis_url"])
         hint = ("; is MINARD_CONFIG set to the stack's minard.conf?"
                 if isinstance(exc, redis_py.AuthenticationError) else "")
         raise click.ClickException(f"Redis {url}: {exc}{hint}") from None
@@ -272,18 +271,17 @@ def _clear_redis_errors(config_path):
 @click.group("runs", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array instead of a table.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Most recent runs to list.")
-@click.option("--config", "config_path", default=None, help="Configuration file.")
 @click.pass_context
-def runs_cli(ctx, as_json, limit, config_path):
+@config_mod.pass_config
+def runs_cli(cfg, ctx, as_json, limit):
     """List runs seen by the dispatch-stream monitoring, newest first.
 
     `minard runs show RUN --json` prints one run's summary.
     """
-    ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
-    with _clear_redis_errors(config_path):
-        rows = list_runs(_redis(config_path), limit)
+    with _clear_redis_errors(cfg):
+        rows = list_runs(_redis(cfg), limit)
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -296,11 +294,11 @@ def runs_cli(ctx, as_json, limit, config_path):
 @runs_cli.command("show")
 @click.argument("run", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@click.pass_obj
-def show_cmd(config_path, run, as_json):
+@config_mod.pass_config
+def show_cmd(cfg, run, as_json):
     """Print the summary of RUN (events, triggers, nhit histogram, channel hits)."""
-    with _clear_redis_errors(config_path):
-        summary = get_run(_redis(config_path), run)
+    with _clear_redis_errors(cfg):
+        summary = get_run(_redis(cfg), run)
     if summary is None:
         raise click.ClickException(f"run {run} is not known")
     if as_json:

@@ -26,11 +26,11 @@ import redis as redis_py
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from minard import config
+from minard import config, metrics
 from minard import log as minard_log
-from minard import metrics
 from minard.config import ROOT
 from minard.ops.programs import ops_path
+from minard.store import connection
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
@@ -81,14 +81,12 @@ def create_app(cfg: dict | None = None) -> Flask:
 
     Nothing connects at creation; Redis is contacted by the first request.
     """
-    import redis
-
     from minard.ops.keys import KeyStore
     from minard.ops.programs import Registry
     from minard.web import auth, ops
 
     cfg = config.load() if cfg is None else cfg
-    minard_log.setup(cfg.get("log_level", "INFO"))
+    minard_log.setup(cfg["log_level"])
     app = Flask("minard.web", static_folder=str(ROOT / "static"), static_url_path="/static",
                 template_folder=str(Path(__file__).parent / "templates"))
     app.config.update(
@@ -102,13 +100,16 @@ def create_app(cfg: dict | None = None) -> Flask:
         MAX_CONTENT_LENGTH=64 * 1024,
         HOME_ENDPOINT="ops.status",
     )
-    app.extensions["minard_redis"] = redis.Redis.from_url(str(cfg["redis_url"]), socket_timeout=5)
+    app.extensions["minard_redis"] = connection.redis(cfg, "dashboard")
     from minard.web.data import Cache, Source
 
     # The web's caches live on the app (no module state): settled Redis data
     # shared by every request of this worker, and rendered answers of heavy
-    # endpoints reused for RESPONSE_TTL seconds.
-    app.extensions["minard_source"] = Source(app.extensions["minard_redis"], Cache(1024))
+    # endpoints reused for RESPONSE_TTL seconds.  With web_redis_replica (and
+    # Sentinels) the dashboards' data is read from a replica.
+    reads = (connection.redis(cfg, "dashboard", replica=True) if cfg["web_redis_replica"]
+             else app.extensions["minard_redis"])
+    app.extensions["minard_source"] = Source(reads, Cache(1024))
     app.extensions["minard_responses"] = Cache(256)
     app.extensions["minard_keys"] = KeyStore.from_config(cfg)
     app.extensions["minard_registry"] = Registry.from_config(cfg)

@@ -8,12 +8,19 @@ import time
 
 from click.testing import CliRunner
 
+from minard.cli import main
 from minard.ops import alarmreport
 from minard.store import alarms, roster
 
 
+def _root(cli):
+    """``minard alarms|shift``: the root loads the configuration (ctx.obj)."""
+    return [{alarmreport.alarms_cli: "alarms", alarmreport.shift_cli: "shift"}[cli]]
+
+
 def run(cli, args, redis_url):
-    result = CliRunner().invoke(cli, args, env={"MINARD_REDIS_URL": redis_url}, catch_exceptions=False)
+    result = CliRunner().invoke(main, _root(cli) + list(args), env={"MINARD_REDIS_URL": redis_url},
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -40,7 +47,7 @@ def test_flag_oos_and_kpi_commands(redis_url, redis_client):
     assert alarms.flags(redis_client)["crate:3"]["comment"] == "HV off"
     run(alarmreport.alarms_cli, ["flag", "crate:3", "--off"], redis_url)
     assert alarms.flags(redis_client) == {}
-    bad = CliRunner().invoke(alarmreport.alarms_cli, ["flag", "a b"], env={"MINARD_REDIS_URL": redis_url})
+    bad = CliRunner().invoke(main, ["alarms", "flag", "a b"], env={"MINARD_REDIS_URL": redis_url})
     assert bad.exit_code != 0
     run(alarmreport.alarms_cli, ["oos", "consumer_lag"], redis_url)
     assert "consumer_lag" in alarms.out_of_service(redis_client)
@@ -65,6 +72,6 @@ def test_shift_summary_markdown_since_the_shift_started(redis_url, redis_client)
     s = json.loads(run(alarmreport.shift_cli, ["summary", "--since", "3h"], redis_url))
     assert len(s["raised"]) == 2
     assert len(json.loads(run(alarmreport.shift_cli, ["summary", "--since", str(now - 60)], redis_url))["raised"]) == 1
-    bad = CliRunner().invoke(alarmreport.shift_cli, ["summary", "--since", "yesterday"],
+    bad = CliRunner().invoke(main, ["shift", "summary", "--since", "yesterday"],
                              env={"MINARD_REDIS_URL": redis_url})
     assert bad.exit_code == 2 and "Unix seconds" in bad.output

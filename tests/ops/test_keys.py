@@ -84,21 +84,21 @@ def test_cli_shows_a_new_token_once_and_never_in_list_or_revoke(tmp_path):
     conf = tmp_path / "minard.conf"
     conf.write_text(f"[keys]\nfile = {tmp_path / 'k.json'}\n")
     runner = CliRunner()
-    added = runner.invoke(main, ["keys", "-c", str(conf), "add", "monitors"])
+    added = runner.invoke(main, ["-c", str(conf), "keys", "add", "monitors"])
     assert added.exit_code == 0, added.output
     token = added.stdout.strip().splitlines()[-1]
     assert KeyStore(tmp_path / "k.json").verify("monitors", token)
 
-    user = runner.invoke(main, ["keys", "-c", str(conf), "add", "shifter", "--user"])
+    user = runner.invoke(main, ["-c", str(conf), "keys", "add", "shifter", "--user"])
     assert user.exit_code == 0 and "password" in user.stderr
 
-    listed = runner.invoke(main, ["keys", "-c", str(conf), "list"])
+    listed = runner.invoke(main, ["-c", str(conf), "keys", "list"])
     assert listed.exit_code == 0
     assert "monitors" in listed.output and "shifter" in listed.output and "user" in listed.output
     assert token not in listed.output and "hash" not in listed.output
 
-    revoked = runner.invoke(main, ["keys", "-c", str(conf), "revoke", "monitors"])
+    revoked = runner.invoke(main, ["-c", str(conf), "keys", "revoke", "monitors"])
     assert revoked.exit_code == 0 and token not in revoked.output
-    assert "revoked" in runner.invoke(main, ["keys", "-c", str(conf), "list"]).output
-    again = runner.invoke(main, ["keys", "-c", str(conf), "revoke", "monitors"])
+    assert "revoked" in runner.invoke(main, ["-c", str(conf), "keys", "list"]).output
+    again = runner.invoke(main, ["-c", str(conf), "keys", "revoke", "monitors"])
     assert again.exit_code != 0 and "no active credentials" in again.output

@@ -18,6 +18,7 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 from conftest import wait_for
 
+from minard.cli import main
 from minard.ops import notify
 from minard.store import alarms, roster, schema
 from minard.testing import free_port
@@ -156,11 +157,11 @@ def test_test_notification_reaches_everyone_on_the_roster(cfg, redis_client, smt
 
 def test_roster_cli_sets_and_shows_json(redis_url, redis_client):
     env = {"MINARD_REDIS_URL": redis_url}
-    r = CliRunner().invoke(notify.roster_cli, ["set", "expert", "Bob Smith", "--email", "bob@example.org"], env=env)
+    r = CliRunner().invoke(main, ["roster", "set", "expert", "Bob Smith", "--email", "bob@example.org"], env=env)
     assert r.exit_code == 0, r.output
-    bad = CliRunner().invoke(notify.roster_cli, ["set", "expert", "Bob", "--email", "not-an-address"], env=env)
+    bad = CliRunner().invoke(main, ["roster", "set", "expert", "Bob", "--email", "not-an-address"], env=env)
     assert bad.exit_code != 0 and "not an email address" in bad.output
-    shown = json.loads(CliRunner().invoke(notify.roster_cli, ["show", "--json"], env=env).output)
+    shown = json.loads(CliRunner().invoke(main, ["roster", "show", "--json"], env=env).output)
     assert shown["expert"]["name"] == "Bob Smith" and shown["expert"]["email"] == "bob@example.org"
     assert shown["shifter"] is None and set(shown) == {"shifter", "expert", "supernova"}
 

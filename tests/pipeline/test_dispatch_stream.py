@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import redis as redis_py
 
+from minard import config
 from minard.formats.pmt import TRIGGER_NAMES, decode_event, encode_event
 from minard.formats.zdab import ZdabWriter, read_events
 from minard.store import timeseries as ts
@@ -460,7 +461,7 @@ def test_a_new_worker_writes_its_first_batch_at_once_then_once_a_second(redis_cl
         recs = [pack_dispatch(encode_event(run=run, evnum=i, gtid=1 + i, trigger_word=1)) for i in range(3)]
         return wire.encode("pmt", recs)
 
-    handler = PullHandler({"redis_url": redis_url})
+    handler = PullHandler(config.load({"redis_url": redis_url}, env={}))
     handler.process(message(61))
     assert redis_client.hget("run:61", "events") == b"3"  # no flush called: written with the first batch
     handler.process(message(62))
@@ -481,7 +482,7 @@ def test_messages_held_and_decoded_together_count_gtid_gaps_as_if_decoded_alone(
     for i in range(0, len(records), 20):  # as the push sends them: prev_gtid = GTID before the batch
         messages.append(wire.encode("pmt", records[i:i + 20], {"prev_gtid": prev, "sent": T_SENT}))
         prev = gtids[i + 19]
-    workers = [PullHandler({"redis_url": redis_url}) for _ in range(2)]
+    workers = [PullHandler(config.load({"redis_url": redis_url}, env={})) for _ in range(2)]
     for w in workers:
         w.first_batch = False  # keep everything in memory for this check
     for k, frames in enumerate(messages):  # dealt round robin: a worker's messages are not consecutive

@@ -133,9 +133,10 @@ def test_workers_exit_when_their_manager_is_killed(cfg, spec, zmq_context, redis
 
     script = (
         "import sys; sys.path.insert(0, %r)\n"
+        "from minard import config\n"
         "from minard.pipeline.pool import Pool, PoolSpec\n"
         "spec = PoolSpec(name='t', handler=%r, upstream=%r, max_workers=1, flush_period=0.2)\n"
-        "Pool(spec, {'redis_url': %r, 'var_dir': %r}).run()\n"
+        "Pool(spec, config.load({'redis_url': %r, 'var_dir': %r}, env={})).run()\n"
     ) % (str(tmp_path.parent), HANDLER, cfg["zmq_dispatch"], cfg["redis_url"], cfg["var_dir"])
     push = _push(zmq_context, cfg)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

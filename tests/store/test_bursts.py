@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from minard import config
 from minard.analysis import burst as ana
+from minard.cli import main
 from minard.formats import wire
 from minard.formats.pmt import decode_buffer, pack_dispatch
 from minard.simulate.events import Faults, generate_batches
@@ -38,7 +40,7 @@ def run_workers(redis_url, n_events, faults=None, flush_every=1):
     """Feed two workers round robin; returns (workers, seconds each evaluate took, first detection index)."""
     from minard.pipeline.dispatch_pull import PullHandler
 
-    workers = [PullHandler({"redis_url": redis_url, **CFG}) for _ in range(2)]
+    workers = [PullHandler(config.load({"redis_url": redis_url, **CFG}, env={})) for _ in range(2)]
     spent, detected_at = [], None
     for k, (frames, _events) in enumerate(messages(n_events, faults)):
         w = workers[k % 2]
@@ -95,12 +97,12 @@ def test_burst_fault_gives_one_record_with_its_gtid_range_and_one_critical_alarm
 def test_bursts_cli_prints_the_interface_fields_as_json(redis_client, redis_url, cfg):
     faults = Faults(burst=(25_000, 0.02, 5e5))
     run_workers(redis_url, 30_000, faults, flush_every=3)
-    result = CliRunner().invoke(bursts.bursts_cmd, ["--json"], env={"MINARD_REDIS_URL": redis_url},
+    result = CliRunner().invoke(main, ["bursts", "--json"], env={"MINARD_REDIS_URL": redis_url},
                                 catch_exceptions=False)
     rows = json.loads(result.output)
     assert len(rows) == 1
     assert {"run", "gtid_first", "gtid_last", "start", "end", "count", "window"} <= set(rows[0])
-    text = CliRunner().invoke(bursts.bursts_cmd, [], env={"MINARD_REDIS_URL": redis_url}).output
+    text = CliRunner().invoke(main, ["bursts", ], env={"MINARD_REDIS_URL": redis_url}).output
     assert f"{rows[0]['gtid_first']:#08x}" in text
 
 

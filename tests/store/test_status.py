@@ -127,3 +127,23 @@ def test_pools_are_listed_separately_with_their_workers_counters_and_ended_worke
     assert f"processed|{me}/ended" in {k.decode() for k in redis_client.hkeys("stats:pull")}
     assert status.pools(redis_client)[me]["counters"]["pull"]["processed"] == 90
     assert not redis_py.Redis.from_url(redis_url).exists(f"status:pool:{me}:x")
+
+
+def test_minard_stats_pools_json_lists_each_pool_and_the_totals_keep_their_shape(redis_client, redis_url):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pipe = redis_client.pipeline()
+    status.beat_pool(pipe, "minard_dispatch_pull", {"workers": 2})
+    status.count(pipe, "pull", received=12, processed=11, errors=1)
+    pipe.execute()
+    env = {**os.environ, "MINARD_REDIS_URL": redis_url}
+    run = [sys.executable, "-m", "minard.cli", "stats", "--json"]
+    totals = json.loads(subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert totals["pull"] == {"received": 12, "processed": 11, "errors": 1}
+    out = subprocess.run(run + ["--pools"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    pools = json.loads(out.stdout)["pools"]
+    assert pools[status.pool_id()]["counters"]["pull"]["received"] == 12
+    assert pools[status.pool_id()]["alive"] is True

@@ -28,26 +28,11 @@ from redis.exceptions import NoPermissionError
 
 from minard import config, metrics
 from minard import stack as stack_mod
-from minard.testing import free_port
+from minard.testing import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 BIN = Path(sys.executable).parent
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
-    """Poll *pred* until truthy (exceptions count as not yet); fail with *what* after *timeout*."""
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = pred()
-        except Exception as exc:  # noqa: BLE001 - keep polling while things start
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def stack_env(directory: Path) -> dict[str, str]:
@@ -210,16 +195,33 @@ def test_the_running_redis_has_one_user_per_role_and_the_dashboard_cannot_flush(
     assert users["dashboard"]["password"] not in stack.lay.redis_auth.read_text()
 
 
+def test_the_stack_processes_connect_as_their_role_users_not_as_the_administrator(stack):
+    """Pipeline, web and log server each reach Redis as their own ACL user (CLIENT LIST)."""
+    users = json.loads(Path(str(stack.cfg["redis_acl_file"])).read_text())
+
+    own = stack.admin.client_id()  # this test's own connection, with the stack's redis_url
+
+    def connected():
+        seen = {c.get("user") for c in stack.admin.client_list() if int(c["id"]) != own}
+        wanted = {users[r]["username"] for r in ("pipeline", "dashboard", "logserver")}
+        return seen if wanted <= seen else None
+
+    # The dashboard connects on its first request; ask for one page.
+    assert stack.request("/stream")[0] == 200
+    seen = wait_for(connected, 30, "pipeline, dashboard and log-server users connected", ignore=(Exception,))
+    assert "default" not in seen
+
+
 # ----------------------------------------------------------------------------- file modes
 
 
 def test_every_file_and_directory_of_the_stack_is_private(stack):
     stack.admin.bgsave()
     wait_for(lambda: (stack.lay.redis / "dump.rdb").exists() and stack.admin.info("persistence")["rdb_bgsave_in_progress"] == 0,
-             30, "a Redis snapshot")
-    wait_for(lambda: any((stack.lay.redis / "appendonly").glob("*.aof")), 30, "the append-only file")
+             30, "a Redis snapshot", ignore=(Exception,))
+    wait_for(lambda: any((stack.lay.redis / "appendonly").glob("*.aof")), 30, "the append-only file", ignore=(Exception,))
     wait_for(lambda: any((stack.lay.logs).glob("*.log")) and (stack.lay.logs / "nginx-access.log").exists(), 30,
-             "log files")
+             "log files", ignore=(Exception,))
     loose = []
     for dirpath, dirnames, filenames in os.walk(stack.lay.root):
         for name in [*dirnames, *filenames]:

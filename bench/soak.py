@@ -36,22 +36,10 @@ import redis as redis_py
 from minard import config
 from minard import stack as stack_mod
 from minard.store import status
-from minard.testing import free_port
+from minard.testing.stack import stack_env
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def stack_env(directory: Path, rate: float) -> dict[str, str]:
-    """minard up's environment: free ports, the stack in *directory*, the replay at *rate*."""
-    p = {k: free_port() for k in ("redis", "disp", "zd", "zc", "zb", "orca", "web", "log", "nginx")}
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("MINARD_")},
-            "MINARD_REDIS_URL": f"redis://127.0.0.1:{p['redis']}/0", "MINARD_DISPATCHER_PORT": str(p["disp"]),
-            "MINARD_ZMQ_DISPATCH": f"tcp://127.0.0.1:{p['zd']}", "MINARD_ZMQ_CMOS": f"tcp://127.0.0.1:{p['zc']}",
-            "MINARD_ZMQ_BASE": f"tcp://127.0.0.1:{p['zb']}", "MINARD_ORCA_PORT": str(p["orca"]),
-            "MINARD_WEB_PORT": str(p["web"]), "MINARD_LOG_PORT": str(p["log"]), "MINARD_NGINX_PORT": str(p["nginx"]),
-            "MINARD_SUPERVISOR_PORT": "0", "MINARD_STACK_DIR": str(directory),
-            "MINARD_STACK_REPLAY_RATE": str(rate)}
 
 
 def proc_sample(pid: int) -> tuple[float, int] | None:
@@ -140,7 +128,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="minard-soak-"))
-    env = stack_env(work / "stack", args.rate)
+    env = stack_env(work / "stack", supervisor_port=0, stack_replay_rate=args.rate)
     minard = str(Path(sys.executable).parent / "minard")
     up = subprocess.run([minard, "up"], env=env, capture_output=True, text=True, timeout=180, check=False)
     print(up.stdout.strip())

@@ -32,6 +32,7 @@ from minard import stack as stack_mod
 from minard.store import status
 from minard.store import timeseries as ts
 from minard.testing import free_port, wait_for
+from minard.testing.stack import stack_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -40,23 +41,6 @@ ALL = [p.name for p in stack_mod.PROGRAMS]
 #: The registered programs the pinger reports (conf/programs.cfg).
 REGISTERED = ["dispatcher", "minard_dispatch_push", "minard_dispatch_pull", "data_producer", "data_consumer_cmos",
               "data_consumer_base", "redis", "web", "snoplus_log", "nginx", "pinger", "monitors", "notifier", "dq_live"]
-
-
-def stack_env(directory: Path) -> dict[str, str]:
-    """Environment for minard up/down/status: every port free, the stack in *directory*."""
-    ports = {k: free_port() for k in ("redis", "disp", "zd", "zc", "zb", "orca", "web", "log", "nginx", "sup")}
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("MINARD_")},
-            "MINARD_REDIS_URL": f"redis://127.0.0.1:{ports['redis']}/0",
-            "MINARD_DISPATCHER_PORT": str(ports["disp"]),
-            "MINARD_ZMQ_DISPATCH": f"tcp://127.0.0.1:{ports['zd']}",
-            "MINARD_ZMQ_CMOS": f"tcp://127.0.0.1:{ports['zc']}",
-            "MINARD_ZMQ_BASE": f"tcp://127.0.0.1:{ports['zb']}",
-            "MINARD_ORCA_PORT": str(ports["orca"]), "MINARD_WEB_PORT": str(ports["web"]),
-            "MINARD_LOG_PORT": str(ports["log"]), "MINARD_NGINX_PORT": str(ports["nginx"]),
-            "MINARD_SUPERVISOR_PORT": str(ports["sup"]), "MINARD_STACK_DIR": str(directory),
-            "MINARD_STACK_SIM_EVENTS": "10000",
-            # a free port for every program's /metrics (default: consecutive from 9100)
-            **{f"MINARD_METRICS_PORT_{p.upper()}": str(free_port()) for p in metrics.PROGRAMS}}
 
 
 class Stack:
@@ -122,7 +106,7 @@ class Stack:
 def stack(tmp_path_factory):
     """``minard up`` once for the module; ``minard down`` and a kill by pid of anything left."""
     directory = tmp_path_factory.mktemp("stack") / "s"
-    env = stack_env(directory)
+    env = stack_env(directory, supervisor_port=free_port(), stack_sim_events=10000)
     proc = subprocess.run([str(BIN / "minard"), "up"], env=env, capture_output=True, text=True, timeout=180,
                           check=False)
     s = None

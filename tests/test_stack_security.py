@@ -26,29 +26,14 @@ import pytest
 import redis as redis_py
 from redis.exceptions import NoPermissionError
 
-from minard import config, metrics
+from minard import config
 from minard import stack as stack_mod
-from minard.testing import free_port, wait_for
+from minard.testing import wait_for
+from minard.testing.stack import stack_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 BIN = Path(sys.executable).parent
-
-
-def stack_env(directory: Path) -> dict[str, str]:
-    """Free ports for everything; supervisord and TLS settings left at their defaults."""
-    ports = {k: free_port() for k in ("redis", "disp", "zd", "zc", "zb", "orca", "web", "log", "nginx", "tls")}
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("MINARD_")},
-            "MINARD_REDIS_URL": f"redis://127.0.0.1:{ports['redis']}/0",
-            "MINARD_DISPATCHER_PORT": str(ports["disp"]),
-            "MINARD_ZMQ_DISPATCH": f"tcp://127.0.0.1:{ports['zd']}",
-            "MINARD_ZMQ_CMOS": f"tcp://127.0.0.1:{ports['zc']}",
-            "MINARD_ZMQ_BASE": f"tcp://127.0.0.1:{ports['zb']}",
-            "MINARD_ORCA_PORT": str(ports["orca"]), "MINARD_WEB_PORT": str(ports["web"]),
-            "MINARD_LOG_PORT": str(ports["log"]), "MINARD_NGINX_PORT": str(ports["nginx"]),
-            "MINARD_NGINX_TLS_PORT": str(ports["tls"]), "MINARD_STACK_DIR": str(directory),
-            "MINARD_STACK_SIM_EVENTS": "5000", "MINARD_STACK_START_TIMEOUT": "150",
-            **{f"MINARD_METRICS_PORT_{p.upper()}": str(free_port()) for p in metrics.PROGRAMS}}
 
 
 class Stack:
@@ -84,7 +69,7 @@ class Stack:
 def stack(tmp_path_factory):
     """``minard up --tls`` once; ``minard down`` and a kill by pid of anything left."""
     directory = tmp_path_factory.mktemp("tlsstack") / "s"
-    env = stack_env(directory)
+    env = stack_env(directory, stack_sim_events=5000, stack_start_timeout=150)
     proc = subprocess.run([str(BIN / "minard"), "up", "--tls"], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     try:

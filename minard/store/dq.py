@@ -37,6 +37,7 @@ from minard.store.runs import (
     RUN_KEEP,
     START_KEY,
     accounting,
+    records_seen,
     run_key,
 )
 
@@ -155,14 +156,12 @@ def run_data(redis, run: int, now: float | None = None, final: bool = False) -> 
     data.integrity = {k[len(prefix):]: v for k, v in head.items() if k.startswith(prefix)}
     data.integrity.update(orphans=head.get("orphans", 0), hits=head.get("hits", 0))
     now = time.time() if now is None else now
-    acct = accounting({k.decode(): int(v) for k, v in acct.items()}, data.events)
+    acct = accounting({k.decode(): int(v) for k, v in acct.items()}, records_seen(head))
     if acct["source_events"] is not None:
         data.integrity["dropped"] = acct["dropped"]
-        # Events in flight are not lost: unaccounted counts once the run is over.  The
-        # source counts every record: orphans and corrupt records are accounted here.
+        # Events in flight are not lost: unaccounted counts once the run is over.
         if final or (end is not None and now - end > UNACCOUNTED_AFTER):
-            seen = data.events + data.integrity["orphans"] + data.integrity.get("corrupt", 0)
-            data.integrity["unaccounted"] = max(0, acct["source_events"] - seen - acct["dropped"])
+            data.integrity["unaccounted"] = acct["unaccounted"]
     if start is not None and end is not None:
         data.cmos, _ = ts.read_values(redis, "cmos", start, max(end, start), now=now)
         data.base, _ = ts.read_values(redis, "base", start, max(end, start), now=now)

@@ -73,12 +73,23 @@ def add_accounting(pipe, run: int, deltas) -> None:
     pipe.expire(key, RUN_KEEP)
 
 
-def accounting(acct: dict[str, int], events: int) -> dict:
-    """The accounting fields of a run summary from its ``acct`` hash and stored *events*.
+def records_seen(head: dict[str, int]) -> int:
+    """Records of a run that reached Redis in any form: events, orphans and corrupt records.
 
-    ``unaccounted`` = ``source_events`` - ``events`` - ``dropped``, never
-    negative: the events that no counter saw lost.  All None for a run the
-    dispatcher did not account (older data).
+    The dispatcher's ``source_events`` counts every record the source sent, so
+    this (not ``events`` alone) is what accounting subtracts from it.
+    """
+    return (head.get("events", 0) + head.get("orphans", 0)
+            + head.get(schema.RUN_DQ_FIELD.format(name="corrupt"), 0))
+
+
+def accounting(acct: dict[str, int], seen: int) -> dict:
+    """The accounting fields of a run summary from its ``acct`` hash and the records *seen*.
+
+    *seen* is :func:`records_seen` of the run's summary.  ``unaccounted`` =
+    ``source_events`` - *seen* - ``dropped``, never negative: the records that
+    no counter saw lost.  All None for a run the dispatcher did not account
+    (older data).
     """
     if not acct:
         return {"source_events": None, "dispatched": None, "dropped": None,
@@ -88,7 +99,7 @@ def accounting(acct: dict[str, int], events: int) -> dict:
     dropped = sum(dropped_by.values())
     source = acct.get("source_events", 0)
     return {"source_events": source, "dispatched": acct.get("dispatched", 0), "dropped": dropped,
-            "dropped_by": dropped_by, "unaccounted": max(0, source - events - dropped)}
+            "dropped_by": dropped_by, "unaccounted": max(0, source - seen - dropped)}
 
 
 def write_run(pipe, agg: RunAgg, now: float | None = None, channels: ChannelWriter | None = None) -> None:
@@ -173,7 +184,7 @@ def get_run(redis, run: int) -> dict | None:
         "start": start,
         "end": end,
         "subruns": sorted(int(s) for s in subruns),
-        **accounting({k.decode(): int(v) for k, v in acct.items()}, head.get("events", 0)),
+        **accounting({k.decode(): int(v) for k, v in acct.items()}, records_seen(head)),
     }
 
 
@@ -237,11 +248,14 @@ def recent_accounting(redis, limit: int = 5) -> list[dict]:
     pipe = redis.pipeline(transaction=False)
     for r in rows:
         pipe.hgetall(run_key(r["run"], ACCT))
+        pipe.hgetall(run_key(r["run"]))
+    replies = pipe.execute()
     out = []
-    for r, acct in zip(rows, pipe.execute()):
+    for r, acct, head in zip(rows, replies[0::2], replies[1::2]):
         if acct:
             counts = {k.decode(): int(v) for k, v in acct.items()}
-            out.append({"run": r["run"], "events": r["events"], **accounting(counts, r["events"])})
+            seen = records_seen({k.decode(): int(v) for k, v in head.items()})
+            out.append({"run": r["run"], "events": r["events"], **accounting(counts, seen)})
     return out
 
 

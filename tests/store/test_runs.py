@@ -109,3 +109,18 @@ def test_accounting_fields_follow_the_dispatcher_counters_and_unaccounted_is_nev
     pipe.execute()
     assert get_run(redis_client, 8)["unaccounted"] == 0
     assert redis_client.ttl("run:8:acct") > 0
+
+
+def test_orphans_and_corrupt_records_reached_redis_and_are_not_unaccounted(redis_client):
+    """The dispatcher counts every record it received; orphans and corrupt records arrived too."""
+    from minard.store.runs import add_accounting
+
+    records = make_records(40, seed=4, run=9, orphans=(3, 7, 11))
+    records[20] = records[20][:10]  # truncated: counted as corrupt by the pull
+    _write(redis_client, _aggs(records, T0))
+    got = get_run(redis_client, 9)
+    assert got["orphans"] == 3 and got["events"] == 36
+    pipe = redis_client.pipeline()
+    add_accounting(pipe, 9, {"source_events": 40 + 2, "dispatched": 40, "dropped:no_analyzer": 1})
+    pipe.execute()
+    assert get_run(redis_client, 9)["unaccounted"] == 1  # 42 sent - 40 seen - 1 dropped

@@ -198,6 +198,7 @@ class Notifier:
         self.failing = False
         self.started = time.time()
         self.sent = 0
+        self.scans = 0  # completed scans (tests wait on it)
 
     def stop(self, *_args) -> None:
         self.stop_event.set()
@@ -211,6 +212,7 @@ class Notifier:
         while not self.stop_event.is_set():
             try:
                 self.sent += len(notify_once(self.cfg, self.redis, guidance=_guidance(self.cfg)))
+                self.scans += 1
                 pipe = self.redis.pipeline()
                 status.beat(pipe, "notifier", {"sent": self.sent}, started=self.started)
                 pipe.execute()

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import inspect
 import re
-import shutil
-import subprocess
-import sys
 import tempfile
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
@@ -33,7 +29,7 @@ from minard import config
 from minard.ops import logserver
 from minard.ops.keys import KeyStore
 from minard.store import alarms
-from minard.testing import stop_pid
+from minard.testing import supervisor as supervisor_harness
 from minard.web import create_app
 
 pytestmark = pytest.mark.slow
@@ -141,31 +137,8 @@ def test_both_apps_have_their_routes_enumerated():
 @pytest.fixture(scope="module")
 def supervisord():
     """A real supervisord (one program) for the Processes routes; stopped by pid."""
-    work = Path(tempfile.mkdtemp(prefix="svf-", dir="/tmp"))  # short: unix socket paths are limited
-    sock = work / "s.sock"
-    (work / "supervisord.conf").write_text(f"""
-[unix_http_server]
-file = {sock}
-chmod = 0700
-[supervisord]
-nodaemon = true
-logfile = {work}/supervisord.log
-pidfile = {work}/supervisord.pid
-childlogdir = {work}
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[program:sleeper]
-command = /bin/sleep 600
-startsecs = 0
-""")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "supervisord"), "-c", str(work / "supervisord.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(sock.exists, 20, "supervisord's socket")
+    with supervisor_harness.supervisord() as sock:
         yield sock
-    finally:
-        stop_pid(proc)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import re
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from minard.ops import programs
 from minard.ops.keys import KeyStore
 from minard.ops.logserver import append_line, format_line
 from minard.store import alarms
-from minard.testing import stop_pid
+from minard.testing import supervisor as supervisor_harness
+from minard.testing import wait_for
 from minard.web import create_app, logtail, secret_key
 
 
@@ -287,41 +287,17 @@ def test_processes_page_says_clearly_when_supervisord_is_not_running(client):
 
 
 def test_processes_page_lists_supervisords_table_over_its_unix_socket(ops_cfg):
-    work = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))  # short: unix socket paths are limited
-    sock = work / "s.sock"
-    (work / "supervisord.conf").write_text(f"""
-[unix_http_server]
-file = {sock}
-chmod = 0700
-[supervisord]
-nodaemon = true
-logfile = {work}/supervisord.log
-pidfile = {work}/supervisord.pid
-childlogdir = {work}
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[program:sleeper]
-command = /bin/sleep 120
-startsecs = 0
-""")
-    supervisord = Path(sys.executable).parent / "supervisord"
-    proc = subprocess.Popen([str(supervisord), "-c", str(work / "supervisord.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with supervisor_harness.supervisord() as sock:
         ops_cfg["supervisor_socket"] = str(sock)
         client = create_app(ops_cfg).test_client()
-        deadline = time.monotonic() + 10
-        while True:
+
+        def running():
             data = client.get("/api/processes").get_json()
-            if data.get("running") and data["processes"] and data["processes"][0]["state"] == "RUNNING":
-                break
-            assert time.monotonic() < deadline, data
-            time.sleep(0.1)
+            return data.get("running") and data["processes"] and data["processes"][0]["state"] == "RUNNING"
+
+        wait_for(running, 10, "sleeper RUNNING on /api/processes")
         html = client.get("/processes").get_data(as_text=True)
         assert "sleeper" in html and "RUNNING" in html and "not running" not in html
-    finally:
-        stop_pid(proc)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 # -- app plumbing ---------------------------------------------------------------------

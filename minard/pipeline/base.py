@@ -343,15 +343,6 @@ class Handler:
         self.unaccounted = 0
         return True
 
-    def drain_backlogs(self, seconds: float = 2.0) -> None:
-        """At shutdown: give connected consumers *seconds* to take the backlogs; count the rest."""
-        end = time.monotonic() + seconds
-        while self.backlog_records and time.monotonic() < end:
-            self.send_backlogs()
-            if self.backlog_records:
-                time.sleep(0.02)
-        self.drop_backlogs()
-
     def close(self) -> None:
         """Final flush, retried for a few seconds (*close_option*) if Redis is down."""
         end = time.monotonic() + self.close_retry

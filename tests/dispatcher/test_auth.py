@@ -22,35 +22,10 @@ from minard.dispatcher.client import (
 from minard.formats import framing, handshake
 from minard.ops.keys import KeyStore
 from minard.testing import wait_for
-from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = pytest.mark.timeout(120)
 
 ROLES = ("source", "analyzer", "writer", "control")
-
-
-@pytest.fixture
-def start_dispatcher(cfg, tmp_path):
-    """Dispatcher subprocesses with the default grants (and overrides); stopped by pid."""
-    procs = []
-
-    def start(**settings) -> DispatcherProcess:
-        base = {"redis_url": cfg["redis_url"],
-                "dispatcher_accounting_dir": cfg["dispatcher_accounting_dir"],
-                "dispatcher_finished_timeout": 5, "dispatcher_shutdown_wait": 0.5}
-        base.update(settings)
-        proc = DispatcherProcess(log_path=tmp_path / f"dispatcher-{len(procs)}.log", **base)
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        proc.stop()
-
-
-@pytest.fixture
-def disp(start_dispatcher):
-    return start_dispatcher()
 
 
 def raw_frames(port: int, data: bytes, timeout: float = 10.0) -> list:

@@ -42,34 +42,18 @@ def evnum(payload: bytes) -> int:
 
 
 @pytest.fixture
-def start_dispatcher(cfg, tmp_path):
-    """Start dispatcher subprocesses with config overrides; stop them all by pid."""
-    procs = []
+def start_dispatcher(start_dispatcher):
+    """The shared starter (tests/dispatcher/conftest.py) with every command granted to every role.
+
+    These tests are about what each command does; the role grants have their
+    own tests (tests/dispatcher/test_auth.py).
+    """
+    every = {f"dispatcher_{role}_commands": "*" for role in ("source", "analyzer", "writer", "control")}
 
     def start(**settings) -> DispatcherProcess:
-        base = {
-            "redis_url": cfg["redis_url"],
-            "dispatcher_accounting_dir": cfg["dispatcher_accounting_dir"],
-            "dispatcher_finished_timeout": 5,
-            "dispatcher_shutdown_wait": 0.5,
-            "log_level": "INFO",
-            # These tests are about what each command does; the role grants
-            # have their own tests (tests/dispatcher/test_auth.py).
-            **{f"dispatcher_{role}_commands": "*" for role in ("source", "analyzer", "writer", "control")},
-        }
-        base.update(settings)
-        proc = DispatcherProcess(log_path=tmp_path / f"dispatcher-{len(procs)}.log", **base)
-        procs.append(proc)
-        return proc.start()
+        return start_dispatcher(**{"log_level": "INFO", **every, **settings})
 
-    yield start
-    for proc in procs:
-        proc.stop()
-
-
-@pytest.fixture
-def disp(start_dispatcher):
-    return start_dispatcher()
+    return start
 
 
 @pytest.fixture

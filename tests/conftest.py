@@ -16,6 +16,7 @@ from minard.testing import (
     free_port,
     wait_for,  # noqa: F401 - the one wait helper, re-exported for tests
 )
+from minard.testing.dispatcher import DispatcherProcess
 
 #: The read-only material beside the checkout (formats, recorded data).
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -143,3 +144,29 @@ def browser():
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# ----------------------------------------------------------------------------- dispatcher
+
+@pytest.fixture
+def start_dispatcher(cfg, tmp_path):
+    """Start dispatcher subprocesses with the default grants and config overrides; stop them all by pid."""
+    procs = []
+
+    def start(**settings) -> DispatcherProcess:
+        base = {"redis_url": cfg["redis_url"],
+                "dispatcher_accounting_dir": cfg["dispatcher_accounting_dir"],
+                "dispatcher_finished_timeout": 5, "dispatcher_shutdown_wait": 0.5}
+        base.update(settings)
+        proc = DispatcherProcess(log_path=tmp_path / f"dispatcher-{len(procs)}.log", **base)
+        procs.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def disp(start_dispatcher):
+    return start_dispatcher()

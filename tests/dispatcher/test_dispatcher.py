@@ -43,7 +43,7 @@ def evnum(payload: bytes) -> int:
 
 @pytest.fixture
 def start_dispatcher(start_dispatcher):
-    """The shared starter (tests/dispatcher/conftest.py) with every command granted to every role.
+    """The shared starter (tests/conftest.py) with every command granted to every role.
 
     These tests are about what each command does; the role grants have their
     own tests (tests/dispatcher/test_auth.py).

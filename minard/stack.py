@@ -278,8 +278,8 @@ def _supervisor_quote(args: list[str]) -> str:
 
 
 def supervisord_text(cfg, lay: Layout, stack_id: str, supervisor_password: str | None,
-                     programs: tuple[Program, ...] = PROGRAMS) -> str:
-    """The rendered supervisord.conf of the stack."""
+                     programs: tuple[Program, ...] = PROGRAMS, overrides: dict[str, list[str]] | None = None) -> str:
+    """The rendered supervisord.conf of the stack (*overrides*: command lines replacing :func:`commands`')."""
     inet = ""
     if int(cfg["supervisor_port"]) > 0 and supervisor_password:
         digest = hashlib.sha1(supervisor_password.encode()).hexdigest()
@@ -289,7 +289,7 @@ def supervisord_text(cfg, lay: Layout, stack_id: str, supervisor_password: str |
     values = {"supervisor_socket": lay.socket, "log_dir": lay.logs, "run_dir": lay.run, "root": ROOT,
               "minard_config": lay.minard_conf, "stack_id": stack_id, "inet_http_server": inet}
     text = render(template("supervisord.conf.in"), values)
-    cmds = commands(cfg, lay)
+    cmds = {**commands(cfg, lay), **(overrides or {})}
     snippet = template("program.conf.in")
     wrapper = [sys.executable, "-m", "minard.stack", "exec", "--"]
     for prog in programs:
@@ -494,13 +494,19 @@ def prometheus_text(cfg, host: str = "127.0.0.1") -> str:
     return "\n".join(lines) + "\n"
 
 
-def programs_text(cfg, lay: Layout) -> str:
-    """The registry (programs.cfg) with each supervised program's log file for the Logs page."""
+def programs_text(cfg, lay: Layout, logs: dict[str, Path] | None = None, hosts: dict[str, str] | None = None) -> str:
+    """The registry (programs.cfg) with each supervised program's log file for the Logs page.
+
+    With ``minard up --hosts N``, *logs* maps a program to the log directory of
+    the host running it and *hosts* to that host's name (the Status page shows it).
+    """
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
     parser.read(config_mod.Config(cfg).path("programs_file"), encoding="utf-8")
     for prog in PROGRAMS:
         if parser.has_section(prog.name):
-            parser[prog.name]["log_file"] = str(lay.logs / f"{prog.name}.log")
+            parser[prog.name]["log_file"] = str((logs or {}).get(prog.name, lay.logs) / f"{prog.name}.log")
+            if prog.name in (hosts or {}):
+                parser[prog.name]["host"] = hosts[prog.name]
     from io import StringIO
 
     buf = StringIO()
@@ -969,11 +975,20 @@ _dir_option = click.option("--dir", "directory", default=None, type=click.Path(f
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the whole stack.")
 @click.option("--tls", is_flag=True, help="Serve the site over HTTPS on nginx_tls_port (HTTP redirects there) "
                                           "with a self-signed certificate made at first start [nginx_tls].")
+@click.option("--hosts", "n_hosts", type=click.IntRange(5, 64), default=None, metavar="N",
+              help="Spread the stack over N network namespaces on this machine (N >= 5; needs root): "
+                   "event builder, DAQ, monitoring, data and front hosts, N > 5 adds pool hosts (docs/deploy.md).")
 @config_mod.pass_config
-def up_cmd(cfg, directory, foreground, tls):
+def up_cmd(cfg, directory, foreground, tls, n_hosts):
     """Start the whole stack under supervisord and print the site's URL."""
     if tls:
         cfg = cfg.replace(nginx_tls=True)
+    if n_hosts is not None:
+        from minard import hosts
+
+        if foreground:
+            raise click.UsageError("--foreground is for the one-host stack; stop a multi-host one with minard down")
+        raise SystemExit(hosts.up(cfg, layout_for(cfg, directory).root, n_hosts))
     raise SystemExit(up(cfg, layout_for(cfg, directory), foreground))
 
 
@@ -981,8 +996,16 @@ def up_cmd(cfg, directory, foreground, tls):
 @_dir_option
 @config_mod.pass_config
 def down_cmd(cfg, directory):
-    """Stop every process of the stack and check by pid that none is left."""
-    raise SystemExit(down(layout_for(cfg, directory)))
+    """Stop every process of the stack and check by pid that none is left.
+
+    A multi-host stack (minard up --hosts N) also loses its namespaces and link.
+    """
+    lay = layout_for(cfg, directory)
+    from minard import hosts
+
+    if hosts.read_state(lay.root) is not None:
+        raise SystemExit(hosts.down(lay.root))
+    raise SystemExit(down(lay))
 
 
 @click.command("status")
@@ -991,7 +1014,11 @@ def down_cmd(cfg, directory):
 def status_cmd(cfg, directory):
     """Show every process of the stack (state, pid, uptime); exit 3 if it is not running."""
     lay = layout_for(cfg, directory)
+    from minard import hosts
     from minard.web.supervisor import Unavailable
+
+    if hosts.read_state(lay.root) is not None:
+        raise SystemExit(hosts.status(lay.root))
 
     try:
         rows = process_rows(lay)

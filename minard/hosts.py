@@ -256,6 +256,18 @@ def make_network(plans: list[HostPlan], tag: str) -> tuple[netns.Network, dict[s
     return net, hosts, link
 
 
+#: Longest path of a unix socket (sun_path of AF_UNIX, with its terminating NUL).
+SOCKET_PATH_MAX = 107
+
+
+def check_socket_paths(root: Path, plans: list[HostPlan]) -> None:
+    """Refuse, before anything is made, a directory so deep that supervisord could not open its socket."""
+    longest = max((host_layout(root, h.name).socket for h in plans), key=lambda p: len(str(p)))
+    if len(str(longest)) > SOCKET_PATH_MAX:
+        raise click.ClickException(f"{longest} is longer than a unix socket path may be ({SOCKET_PATH_MAX}): "
+                                   "use a shorter --dir")
+
+
 def write_state(root: Path, state: dict) -> None:
     """Record the stack (names of namespaces and links, hosts) in hosts.json (0640)."""
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -331,6 +343,7 @@ def up(cfg, root: Path, n: int, echo=click.echo) -> int:
     if stack.supervisord_running(stack.Layout(root)):
         raise click.ClickException(f"a one-host stack runs in {root}: minard down first, or use another --dir")
     plans = plan(n)
+    check_socket_paths(root, plans)
     stack_id = secrets.token_hex(4)
     net, hosts, (root_address, front_address) = make_network(plans, stack_id[:4])
     state = {"id": stack_id, "net": net.net, **net.names(), "root_address": root_address,

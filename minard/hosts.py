@@ -59,12 +59,16 @@ from minard.pipeline import curve
 SERVICES = {"event_builder": ("replay",), "daq": ("orca_replay",), "data": ("redis",), "front": ("web", "nginx")}
 #: What a pool-only monitoring host (the sixth host on) runs.
 POOL_PROGRAMS = ("minard_dispatch_pull",)
+#: With --sentinels: a Sentinel on both data hosts and on the front host (a quorum of 2 of 3).
+SENTINEL = stack.Program("redis_sentinel", 15, 10)
+SENTINEL_PORT = 26379
+ALL_PROGRAMS = (*stack.PROGRAMS, SENTINEL)
 STATE = "hosts.json"
 #: Namespaces and veths of this module start with this (tests' own use "mn").
 PREFIX = "mnh"
 LOGIN_USER = "shifter"
 #: The order hosts are stopped in: sources first, Redis last (the pools flush into it).
-STOP_WAVES = (("event_builder", "daq", "front"), ("monitoring",), ("data",))
+STOP_WAVES = (("event_builder", "daq", "front"), ("monitoring",), ("data",))  # "data" also stops data2
 
 
 @dataclass(frozen=True)
@@ -76,18 +80,26 @@ class HostPlan:
     programs: tuple[str, ...]
 
 
-def plan(n: int) -> list[HostPlan]:
-    """The hosts of an *n*-host stack (n >= 5): the five roles, then pool-only monitoring hosts."""
-    if n < 5:
-        raise ValueError("a multi-host stack has at least 5 hosts (event builder, DAQ, monitoring, data, front)")
+def plan(n: int, sentinels: bool = False) -> list[HostPlan]:
+    """The hosts of an *n*-host stack (n >= 5): the five roles, then pool-only monitoring hosts.
+
+    With *sentinels* (n >= 6) the sixth host is a second data host ``data2``
+    (the replica), and both data hosts and the front host run a Sentinel.
+    """
+    if n < 5 + sentinels:
+        raise ValueError(f"a multi-host stack {'with Sentinels ' if sentinels else ''}has at least {5 + sentinels} "
+                         "hosts (event builder, DAQ, monitoring, data" + (", data2" if sentinels else "") + ", front)")
     roles = {r.name: r for r in topology.ROLES}
+    extra = {"data": ("redis_sentinel",), "front": ("redis_sentinel",)} if sentinels else {}
 
     def ordered(names) -> tuple[str, ...]:
-        return tuple(p.name for p in stack.PROGRAMS if p.name in set(names))
+        return tuple(p.name for p in ALL_PROGRAMS if p.name in set(names))
 
-    hosts = [HostPlan(name, name, ordered(roles[name].programs + SERVICES.get(name, ())))
+    hosts = [HostPlan(name, name, ordered(roles[name].programs + SERVICES.get(name, ()) + extra.get(name, ())))
              for name in ("data", "event_builder", "monitoring", "daq", "front")]
-    hosts += [HostPlan(f"monitoring{k}", "monitoring", POOL_PROGRAMS) for k in range(2, n - 3)]
+    if sentinels:
+        hosts.insert(1, HostPlan("data2", "data", ordered(("redis", "redis_sentinel"))))
+    hosts += [HostPlan(f"monitoring{k}", "monitoring", POOL_PROGRAMS) for k in range(2, n - len(hosts) + 2)]
     return hosts
 
 
@@ -140,7 +152,29 @@ def shared_config(cfg, shared: stack.Layout, password: str, addr: dict[str, str]
         orca_host=addr["daq"],
         stack_bind="0.0.0.0",  # nginx inside the front namespace: its bridge and its link to this machine
         supervisor_port=0,
-        **zmq)
+        **zmq, **sentinel_settings(cfg, addr))
+
+
+def sentinel_settings(cfg, addr: dict[str, str]) -> dict:
+    """``redis_sentinels`` (and the web tier reading from the replica) when the stack has Sentinels."""
+    if "data2" not in addr:
+        return {}
+    hosts = ("data", "data2", "front")
+    return {"redis_sentinels": ",".join(f"{addr[h]}:{SENTINEL_PORT}" for h in hosts), "web_redis_replica": True}
+
+
+def sentinel_text(cfg, lay: stack.Layout, primary: str, password: str, address: str) -> str:
+    """The configuration of one Sentinel (0600: it holds the Redis password; Sentinel rewrites it)."""
+    name = cfg["redis_master_name"]
+    return "\n".join([
+        "# redis-sentinel of minard up --hosts N --sentinels (docs/deploy.md, \"Several hosts\")",
+        f"port {SENTINEL_PORT}", f"bind 127.0.0.1 {address}", "protected-mode no", "daemonize no",
+        'logfile ""', f"dir {lay.redis}",
+        f"sentinel monitor {name} {primary} {stack.redis_port(cfg)} 2",
+        f"sentinel auth-pass {name} {password}",
+        f"sentinel down-after-milliseconds {name} 1000",
+        f"sentinel failover-timeout {name} 10000",
+        f"sentinel parallel-syncs {name} 1", ""])
 
 
 def host_config(base, lay: stack.Layout):
@@ -151,14 +185,19 @@ def host_config(base, lay: stack.Layout):
         dispatcher_accounting_dir=str(lay.var / "dispatcher"), record_dir=str(lay.var / "records"))
 
 
-def host_commands(hcfg, lay: stack.Layout, shared: stack.Layout, address: str) -> dict[str, list[str]]:
+def host_commands(hcfg, lay: stack.Layout, shared: stack.Layout, address: str,
+                  replica_of: str | None = None) -> dict[str, list[str]]:
     """Command lines that differ from the one-host stack's: the data files are shared, peers are remote."""
     data = stack.commands(hcfg, shared)
+    redis = [stack.binary("redis-server"), str(lay.redis_conf), "--bind", "127.0.0.1", address]
+    if replica_of:
+        redis += ["--replicaof", replica_of, str(stack.redis_port(hcfg))]
     return {
         "replay": _set_option(data["replay"], "--dispatcher", f"{hcfg['dispatcher_host']}:{hcfg['dispatcher_port']}"),
         "orca_replay": _set_option(data["orca_replay"], "--host", str(hcfg["orca_host"])),
         # the data host's Redis also listens on its network address (password and ACL users: redis-auth.conf)
-        "redis": [stack.binary("redis-server"), str(lay.redis_conf), "--bind", "127.0.0.1", address],
+        "redis": redis,
+        "redis_sentinel": [stack.binary("redis-sentinel"), str(lay.root / "sentinel.conf"), "--sentinel"],
     }
 
 
@@ -211,13 +250,18 @@ def prepare(cfg, root: Path, plans: list[HostPlan], addr: dict[str, str], stack_
         stack.write_private(lay.minard_conf, stack.config_text(hcfg))
         stack.write_public(lay.programs_cfg, stack.programs_text(cfg, lay, logs, where))
         if "redis" in h.programs:
-            stack.write_private(lay.redis_auth, stack.render(stack.template("redis-auth.conf.in"), {
-                "redis_password": password, "redis_users": acl.config_lines(users)}))
+            auth = stack.render(stack.template("redis-auth.conf.in"), {
+                "redis_password": password, "redis_users": acl.config_lines(users)})
+            if "data2" in addr:  # a demoted primary must be able to follow the new one
+                auth += f"masterauth {password}\n"
+            stack.write_private(lay.redis_auth, auth)
             stack.write_public(lay.redis_conf, stack.redis_text(hcfg, lay))
+        if "redis_sentinel" in h.programs:
+            stack.write_private(lay.root / "sentinel.conf", sentinel_text(cfg, lay, addr["data"], password, addr[h.name]))
         if "nginx" in h.programs:
             stack.write_public(lay.nginx_conf, stack.nginx_text(hcfg, lay))
-        programs = tuple(p for p in stack.PROGRAMS if p.name in h.programs)
-        overrides = host_commands(hcfg, lay, shared, addr[h.name])
+        programs = tuple(p for p in ALL_PROGRAMS if p.name in h.programs)
+        overrides = host_commands(hcfg, lay, shared, addr[h.name], addr["data"] if h.name == "data2" else None)
         stack.write_private(lay.supervisord_conf, stack.supervisord_text(
             hcfg, lay, f"{stack_id}.{h.name}", None, programs, {k: v for k, v in overrides.items() if k in h.programs}))
         stack.write_public(lay.id_file, f"{stack_id}.{h.name}\n")
@@ -323,7 +367,7 @@ def wait_up(root: Path, state: dict, cfg, procs: dict[str, subprocess.Popen], ti
     return bad
 
 
-def up(cfg, root: Path, n: int, echo=click.echo) -> int:
+def up(cfg, root: Path, n: int, sentinels: bool = False, echo=click.echo) -> int:
     """Start an *n*-host stack in *root* (or report the one running); return an exit status."""
     root = Path(root).resolve()
     reason = netns.available()
@@ -342,7 +386,10 @@ def up(cfg, root: Path, n: int, echo=click.echo) -> int:
             return 1
     if stack.supervisord_running(stack.Layout(root)):
         raise click.ClickException(f"a one-host stack runs in {root}: minard down first, or use another --dir")
-    plans = plan(n)
+    try:
+        plans = plan(n, sentinels)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     check_socket_paths(root, plans)
     stack_id = secrets.token_hex(4)
     net, hosts, (root_address, front_address) = make_network(plans, stack_id[:4])

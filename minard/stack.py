@@ -978,8 +978,10 @@ _dir_option = click.option("--dir", "directory", default=None, type=click.Path(f
 @click.option("--hosts", "n_hosts", type=click.IntRange(5, 64), default=None, metavar="N",
               help="Spread the stack over N network namespaces on this machine (N >= 5; needs root): "
                    "event builder, DAQ, monitoring, data and front hosts, N > 5 adds pool hosts (docs/deploy.md).")
+@click.option("--sentinels", is_flag=True, help="With --hosts N (N >= 6): a Redis replica on a second data host "
+                                                "and three Sentinels; every process finds the primary through them.")
 @config_mod.pass_config
-def up_cmd(cfg, directory, foreground, tls, n_hosts):
+def up_cmd(cfg, directory, foreground, tls, n_hosts, sentinels):
     """Start the whole stack under supervisord and print the site's URL."""
     if tls:
         cfg = cfg.replace(nginx_tls=True)
@@ -988,7 +990,9 @@ def up_cmd(cfg, directory, foreground, tls, n_hosts):
 
         if foreground:
             raise click.UsageError("--foreground is for the one-host stack; stop a multi-host one with minard down")
-        raise SystemExit(hosts.up(cfg, layout_for(cfg, directory).root, n_hosts))
+        raise SystemExit(hosts.up(cfg, layout_for(cfg, directory).root, n_hosts, sentinels))
+    if sentinels:
+        raise click.UsageError("--sentinels needs --hosts N")
     raise SystemExit(up(cfg, layout_for(cfg, directory), foreground))
 
 

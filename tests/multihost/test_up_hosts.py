@@ -9,6 +9,7 @@ link; ``minard down`` leaves no namespace, no link and no process of ours.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -72,44 +74,96 @@ def get(url: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
 
 
-@pytest.mark.skipif(not stack_mod.DEMO_ZDAB.exists(), reason="the bundled recorded run is not beside the checkout")
-def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leaves_nothing(short_dir):
-    directory = short_dir / "stack"
+class Running:
+    """A stack started with ``minard up --hosts ...`` in *directory*, and what the test saw of it."""
+
+    def __init__(self, directory: Path, env: dict[str, str], up: subprocess.CompletedProcess):
+        self.directory, self.env, self.up = directory, env, up
+        self.state = hosts.read_state(directory)
+        self.seen: set[int] = set()
+        self.url = hosts.url(self.state, config.load(path=hosts.host_layout(directory, "front").minard_conf, env={}))
+
+    def host(self, name: str) -> dict:
+        return next(h for h in self.state["hosts"] if h["name"] == name)
+
+    def pids(self) -> set[int]:
+        self.seen |= our_pids(self.directory, self.state)
+        return self.seen
+
+    def redis(self, name: str = "data", port: int | None = None, **kwargs):
+        """A client of the Redis on host *name*, connected from inside its namespace."""
+        h = self.host(name)
+        url = urllib.parse.urlsplit(str(config.load(path=hosts.host_layout(self.directory, name).minard_conf,
+                                                    env={})["redis_url"]))
+        return netns.redis_client(h["ns"], h["address"], port or url.port,
+                                  password=urllib.parse.unquote(url.password) if port is None else None,
+                                  socket_timeout=5, socket_connect_timeout=2, **kwargs)
+
+    def down_leaves_nothing(self) -> None:
+        """``minard down``: no namespace, no link, no process of the stack, no state file."""
+        self.pids()
+        down = minard(self.env, "down", "--dir", str(self.directory), timeout=300)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not set(self.state["namespaces"]) & ops_netns.namespaces()
+        assert not any(ops_netns.link_exists(link) for link in self.state["links"])
+        assert not [p for p in self.seen if stack_mod.pid_alive(p)]
+        assert not hosts.state_path(self.directory).exists()
+
+
+@contextlib.contextmanager
+def up_hosts(directory: Path, *args: str):
+    """``minard up --hosts ... --dir DIRECTORY``; whatever fails, nothing of ours stays behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINARD_")}
     env["MINARD_STACK_SIM_EVENTS"] = "5000"
-    (demo_run, want), = {run: w["events"] + w["orphans"] for run, w in file_totals(stack_mod.DEMO_ZDAB)[0].items()}.items()
-    namespaces_before = ops_netns.namespaces()
-    seen: set[int] = set()
-    state = None
+    before = ops_netns.namespaces()
+    running = None
     try:
-        up = minard(env, "up", "--hosts", "5", "--dir", str(directory))
+        up = minard(env, "up", *args, "--dir", str(directory))
         assert up.returncode == 0, up.stdout + up.stderr
+        running = Running(directory, env, up)
+        assert set(running.state["namespaces"]) == ops_netns.namespaces() - before  # the hosts and the hub
+        running.pids()
+        yield running
+    finally:
         state = hosts.read_state(directory)
+        if state is not None:
+            seen = (running.seen if running else set()) | our_pids(directory, state)
+            minard(env, "down", "--dir", str(directory), timeout=300)
+            for pid in [p for p in seen if stack_mod.pid_alive(p)]:
+                os.kill(pid, signal.SIGKILL)
+            ops_netns.remove(state["namespaces"], state["links"])
+
+
+def stored_processed(r) -> int:
+    """Records the pools have written to Redis (stats:redis processed) as *r* sees them."""
+    return status.stats(r).get("redis", {}).get("processed", 0)
+
+
+@pytest.mark.skipif(not stack_mod.DEMO_ZDAB.exists(), reason="the bundled recorded run is not beside the checkout")
+def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leaves_nothing(short_dir):
+    (demo_run, want), = {run: w["events"] + w["orphans"] for run, w in file_totals(stack_mod.DEMO_ZDAB)[0].items()}.items()
+    with up_hosts(short_dir / "stack", "--hosts", "5") as s:
+        state = s.state
         assert [h["name"] for h in state["hosts"]] == ["data", "event_builder", "monitoring", "daq", "front"]
-        assert set(state["namespaces"]) == ops_netns.namespaces() - namespaces_before  # five hosts and the hub
         assert len(state["namespaces"]) == 6 and all(ops_netns.link_exists(link) for link in state["links"])
         for address in [h["address"] for h in state["hosts"]] + [state["front_address"], state["root_address"]]:
             assert ipaddress.ip_address(address) in TEST_NET, address
-        seen |= our_pids(directory, state)
-        url = hosts.url(state, config.load(path=hosts.host_layout(directory, "front").minard_conf, env={}))
-        assert f"open {url}" in up.stdout
-        login = next(line for line in up.stdout.splitlines() if "shift-crew login:" in line)
+        assert f"open {s.url}" in s.up.stdout
+        login = next(line for line in s.up.stdout.splitlines() if "shift-crew login:" in line)
         user, password = login.split("login:")[1].split("(")[0].strip().split(" / ")
-        assert KeyStore(directory / "var" / "keys.json").verify(user, password, kind="user")
+        assert KeyStore(s.directory / "var" / "keys.json").verify(user, password, kind="user")
 
         # every program runs, on the host of its role, under that host's supervisord
-        st = minard(env, "status", "--dir", str(directory), timeout=60)
+        st = minard(s.env, "status", "--dir", str(s.directory), timeout=60)
         assert st.returncode == 0, st.stdout + st.stderr
         rows = {line.split()[0]: line.split()[1] for line in st.stdout.splitlines() if line.strip()}
         assert rows == {f"{h.name}/{p}": "RUNNING" for h in hosts.plan(5) for p in h.programs}, st.stdout
 
         # the bundled run through dispatcher (event builder) -> push/pull (monitoring) -> Redis (data host)
-        data = next(h for h in state["hosts"] if h["name"] == "data")
-        dcfg = config.load(path=hosts.host_layout(directory, "data").minard_conf, env={})
-        redis_url = urllib.parse.urlsplit(str(dcfg["redis_url"]))
-        assert redis_url.hostname == data["address"]
-        r = netns.redis_client(data["ns"], data["address"], redis_url.port,
-                               password=urllib.parse.unquote(redis_url.password), socket_timeout=5)
+        data = s.host("data")
+        dcfg = config.load(path=hosts.host_layout(s.directory, "data").minard_conf, env={})
+        assert urllib.parse.urlsplit(str(dcfg["redis_url"])).hostname == data["address"]
+        r = s.redis()
 
         def stored():
             run = get_run(r, demo_run) or {}
@@ -120,29 +174,48 @@ def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leav
         assert status.stats(r).get("orca_producer", {}).get("processed", 0) > 0  # ORCA from the DAQ host
 
         # the dashboard through nginx on the front host, from this machine's namespace
-        code, body = get(url + "status")
+        code, body = get(s.url + "status")
         assert code == 200 and b"event_builder (198.18." in body
+
         def stream():
-            code, body = get(url + "api/stream?window=60")
+            code, body = get(s.url + "api/stream?window=60")
             return code == 200 and any(any(v) for v in json.loads(body)["rate"].values())
         wait_for(stream, 60, "live rates on the dashboard through nginx", interval=0.5)
-        seen |= our_pids(directory, state)
+        s.down_leaves_nothing()
 
-        down = minard(env, "down", "--dir", str(directory), timeout=300)
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert not set(state["namespaces"]) & ops_netns.namespaces()
-        assert not any(ops_netns.link_exists(link) for link in state["links"])
-        assert not [p for p in seen if stack_mod.pid_alive(p)]
-        assert not hosts.state_path(directory).exists()
-    finally:
-        if state is None:
-            state = hosts.read_state(directory)
-        if state is not None:  # whatever failed: nothing of ours stays behind
-            seen |= our_pids(directory, state)
-            minard(env, "down", "--dir", str(directory), timeout=300)
-            for pid in [p for p in seen if stack_mod.pid_alive(p)]:
-                os.kill(pid, signal.SIGKILL)
-            ops_netns.remove(state["namespaces"], state["links"])
+
+def test_up_hosts_6_with_sentinels_fails_over_when_the_primary_stops_and_writers_resume(short_dir):
+    """Primary on ``data``, replica on ``data2``, Sentinels on both and on ``front``; every process
+    finds Redis through them.  The primary's program stopped on its host: the replica is promoted,
+    the pools write to it within the 30 s limit, the dashboard still answers through nginx."""
+    with up_hosts(short_dir / "stack", "--hosts", "6", "--sentinels") as s:
+        assert [h["name"] for h in s.state["hosts"]][:2] == ["data", "data2"]
+        cfg = config.load(path=hosts.host_layout(s.directory, "monitoring").minard_conf, env={})
+        assert cfg["redis_sentinels"] == ",".join(f"{s.host(h)['address']}:{hosts.SENTINEL_PORT}"
+                                                  for h in ("data", "data2", "front"))
+        sentinel = s.redis("data2", hosts.SENTINEL_PORT, decode_responses=True)
+
+        def sentinels_ready():
+            master = sentinel.sentinel_master(cfg["redis_master_name"])
+            return int(master["num-slaves"]) >= 1 and int(master["num-other-sentinels"]) >= 2
+        wait_for(sentinels_ready, 60, "three Sentinels that know the replica", interval=0.5)
+        primary = s.redis("data")
+        wait_for(lambda: stored_processed(primary) > 1000, 120, "data stored on the primary", interval=0.5)
+        assert s.redis("data2").info("replication")["role"] == "slave"
+
+        before = stored_processed(primary)
+        t_stop = time.monotonic()
+        assert stack_mod.rpc(hosts.host_layout(s.directory, "data"), 30).supervisor.stopProcess("redis")
+        wait_for(lambda: sentinel.sentinel_get_master_addr_by_name(cfg["redis_master_name"])[0]
+                 == s.host("data2")["address"], 30, "the Sentinels promoting the replica on data2", interval=0.2)
+        promoted = s.redis("data2")
+        wait_for(lambda: stored_processed(promoted) > before, 30, "the pools writing to the new primary",
+                 interval=0.2)
+        print(f"writers resumed {time.monotonic() - t_stop:.2f} s after the primary stopped")
+        assert promoted.info("replication")["role"] == "master"
+        code, _ = get(s.url + "status")
+        assert code == 200
+        s.down_leaves_nothing()
 
 
 def test_up_hosts_refuses_clearly_without_root(tmp_path):

@@ -477,15 +477,15 @@ def status(root: Path) -> int:
         click.echo(f"no multi-host stack in {root}")
         return 3
     ok = True
+    width = max(len(h["name"]) + 1 + len(p) for h in state["hosts"] for p in [*h["programs"], "supervisord"])
     for h in state["hosts"]:
         try:
             rows = stack.process_rows(host_layout(root, h["name"]))
         except Exception as exc:  # noqa: BLE001 - its supervisord does not answer
-            click.echo(f"{h['name'] + '/supervisord':<24} {'DOWN':<10} {exc}")
+            click.echo(stack.status_table([{"name": f"{h['name']}/supervisord", "state": "DOWN", "pid": None,
+                                            "uptime": None, "description": str(exc)}], width))
             ok = False
             continue
-        for r in rows:
-            r = {**r, "name": f"{h['name']}/{r['name']}"}
-            click.echo(stack.status_table([r]))
-            ok = ok and r["state"] == "RUNNING"
+        click.echo(stack.status_table([{**r, "name": f"{h['name']}/{r['name']}"} for r in rows], width))
+        ok = ok and all(r["state"] == "RUNNING" for r in rows)
     return 0 if ok else 1

@@ -953,13 +953,13 @@ def _duration(seconds: float | None) -> str:
     return f"{d} days, {text}" if d else text
 
 
-def status_table(rows: list[dict]) -> str:
-    """A supervisorctl-like table: name, state, pid, uptime (or the error)."""
+def status_table(rows: list[dict], width: int = 24) -> str:
+    """A supervisorctl-like table: name (*width* wide), state, pid, uptime (or the error)."""
     lines = []
     for r in rows:
         what = f"pid {r['pid']}, uptime {_duration(r['uptime'])}" if r["state"] == "RUNNING" else \
             (r.get("spawnerr") or r.get("description") or "")
-        lines.append(f"{r['name']:<24} {r['state']:<10} {what}".rstrip())
+        lines.append(f"{r['name']:<{width}} {r['state']:<10} {what}".rstrip())
     return "\n".join(lines)
 
 

@@ -64,8 +64,8 @@ SENTINEL = stack.Program("redis_sentinel", 15, 10)
 SENTINEL_PORT = 26379
 ALL_PROGRAMS = (*stack.PROGRAMS, SENTINEL)
 STATE = "hosts.json"
-#: Namespaces and veths of this module start with this (tests' own use "mn").
-PREFIX = "mnh"
+#: Namespaces of this module start with this (the tests' own: "mn<digits>", "mnhub", "mnprobe").
+PREFIX = "mnup"
 LOGIN_USER = "shifter"
 #: The order hosts are stopped in: sources first, Redis last (the pools flush into it).
 STOP_WAVES = (("event_builder", "daq", "front"), ("monitoring",), ("data",))  # "data" also stops data2

@@ -121,7 +121,9 @@ def up_hosts(directory: Path, *args: str):
         up = minard(env, "up", *args, "--dir", str(directory))
         assert up.returncode == 0, up.stdout + up.stderr
         running = Running(directory, env, up)
-        assert set(running.state["namespaces"]) == ops_netns.namespaces() - before  # the hosts and the hub
+        made = set(running.state["namespaces"])  # the hosts and the hub, all new, all named after the stack
+        assert made <= ops_netns.namespaces() - before, (made, before)
+        assert all(ns.startswith(hosts.PREFIX) for ns in made)
         running.pids()
         yield running
     finally:
@@ -152,6 +154,10 @@ def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leav
         login = next(line for line in s.up.stdout.splitlines() if "shift-crew login:" in line)
         user, password = login.split("login:")[1].split("(")[0].strip().split(" / ")
         assert KeyStore(s.directory / "var" / "keys.json").verify(user, password, kind="user")
+        private = [*(s.directory / "secrets").rglob("*"), *(s.directory / "hosts").glob("*/minard.conf"),
+                   *(s.directory / "hosts").glob("*/supervisord.conf"), *(s.directory / "hosts").glob("*/secrets/*")]
+        modes = {str(p): oct(p.stat().st_mode & 0o777) for p in private if p.is_file()}
+        assert len(modes) >= 15 and set(modes.values()) == {"0o600"}, modes
 
         # every program runs, on the host of its role, under that host's supervisord
         st = minard(s.env, "status", "--dir", str(s.directory), timeout=60)
@@ -229,7 +235,8 @@ def test_up_hosts_refuses_clearly_without_root(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "cannot create network namespaces: creating network namespaces needs root" in proc.stderr
-    assert ops_netns.namespaces() == before and not hosts.state_path(directory).exists()
+    assert not {ns for ns in ops_netns.namespaces() - before if ns.startswith(hosts.PREFIX)}
+    assert not hosts.state_path(directory).exists()
 
 
 def test_up_hosts_refuses_a_directory_too_deep_for_the_supervisord_sockets(tmp_path):
@@ -238,4 +245,5 @@ def test_up_hosts_refuses_a_directory_too_deep_for_the_supervisord_sockets(tmp_p
     before = ops_netns.namespaces()
     proc = minard(env, "up", "--hosts", "5", "--dir", str(directory), timeout=120)
     assert proc.returncode == 1 and "use a shorter --dir" in proc.stderr, proc.stdout + proc.stderr
-    assert ops_netns.namespaces() == before and not hosts.state_path(directory).exists()
+    assert not {ns for ns in ops_netns.namespaces() - before if ns.startswith(hosts.PREFIX)}
+    assert not hosts.state_path(directory).exists()

@@ -1133,6 +1133,41 @@ def record_ids(payload, starts: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Word of a dispatch record holding the run: after the 3-word generic header (§9), word 1 (§4).
+_RUN_WORD = 3 + 1
+
+
+def dispatch_runs(payload, sizes) -> dict[int, int]:
+    """Records per run of the 'PMT ' dispatch records back to back in *payload*.
+
+    *sizes* are the records' lengths (generic header included, §9).  The run
+    is word 1 of the PmtEventRecord (§4), after the 12-byte generic header; a
+    record that is not a 'PMT ' record or too short to hold the run is left
+    out.  What the data plane attributes a batch's losses to (one vectorized
+    header read, no loop over records).
+    """
+    sizes = np.asarray(sizes, np.int64).reshape(-1)
+    data = _as_bytes_buffer(payload)
+    if not len(sizes) or int(sizes.sum()) > len(data):
+        return {}
+    offsets = np.cumsum(sizes) - sizes
+    ok = sizes >= GENERIC_HEADER.size + 8
+    if not ok.any():
+        return {}
+    starts = offsets if ok.all() else offsets[ok]
+    if not np.any(starts & 3) and len(data) % 4 == 0:  # word-aligned (the rule): two word gathers
+        words = data.view(">u4")
+        ids, runs = words[starts // 4], words[starts // 4 + _RUN_WORD]
+    else:
+        ids = data[starts[:, None] + np.arange(4)].view(">u4").reshape(-1)
+        runs = data[starts[:, None] + (4 * _RUN_WORD + np.arange(4))].view(">u4").reshape(-1)
+    runs = runs[ids == PMT_RECORD_ID]
+    if len(runs) and runs.min() == runs.max():  # one run: the usual batch
+        return {int(runs[0]): len(runs)}
+    values, counts = np.unique(runs, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist()))
+
+
 def split_dispatch(payload, offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """Offsets and lengths of the PmtEventRecords inside 'PMT ' dispatch records (§9).
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minard.formats.pmt import dispatch_runs
+
 MAGIC = b"minard/"
 VERSION = 1
 VERSION_FRAME = b"minard/1"
@@ -73,6 +75,21 @@ class Batch:
 def record_count(frames: Sequence[bytes]) -> int:
     """Records in a message as its lengths frame says, without decoding it (0 if malformed)."""
     return len(frames[3]) // 4 if len(frames) == 5 else 0
+
+
+def pmt_runs(frames: Sequence[bytes]) -> dict[int, int]:
+    """Records per run of a ``pmt`` message, read from its records without decoding it.
+
+    What a producer or a pool counts a lost message against
+    (:func:`minard.formats.pmt.dispatch_runs`); ``{}`` for any other kind or a
+    message whose lengths do not describe its payload.
+    """
+    if len(frames) != 5 or bytes(frames[1]) != b"pmt" or len(frames[3]) % 4:
+        return {}
+    sizes = np.frombuffer(frames[3], dtype=">u4").astype(np.int64)
+    if int(sizes.sum()) != len(frames[4]):
+        return {}
+    return dispatch_runs(frames[4], sizes)
 
 
 def encode(kind: str, records: Sequence[bytes], meta: dict | None = None) -> list[bytes]:

@@ -38,7 +38,7 @@ from minard.formats import wire
 from minard.pipeline import curve
 from minard.pipeline.consumer import record_flushed
 from minard.pipeline.sockets import peers_changed
-from minard.store import connection, status
+from minard.store import connection, runs, status
 
 log = logging.getLogger("minard.pipeline.base")
 
@@ -58,6 +58,9 @@ class Producer:
 
     component = ""
     stage = ""
+    #: ``frames -> {run: records}`` of a message (e.g. :func:`minard.formats.wire.pmt_runs`),
+    #: so that a dropped message is counted against its runs; None: not per run.
+    runs_of = None
 
     def __init__(self, cfg, endpoints: dict[str, str], ctx: zmq.Context | None = None):
         self.cfg = cfg
@@ -81,6 +84,7 @@ class Producer:
         self.seq = 0
         self.totals = Counter()  # since start, for the heartbeat
         self.deltas: dict[str, Counter] = {self.stage: Counter()}  # stage counters not yet in Redis
+        self.run_drops: dict[int, Counter] = {}  # run -> dropped records by reason, not yet in Redis
         self.next_beat = 0.0
         self.backlogs: dict[str, deque] = {name: deque() for name in endpoints}  # (frames, n) ZMQ refused
         self.backlog_records = 0
@@ -154,7 +158,7 @@ class Producer:
         if not self.backlogs[name] and self._try_send(name, frames, n):
             return True
         if self.backlog_records + n > self.backlog_limit:
-            self._drop(name, n, "backlog_full")
+            self._drop(name, n, "backlog_full", frames)
             return False
         self.backlogs[name].append((frames, n))
         self.backlog_records += n
@@ -179,8 +183,15 @@ class Producer:
             self.totals[name] += n
         return True
 
-    def _drop(self, name: str, n: int, reason: str) -> None:
-        """Count *n* records that will never be sent, under *reason*."""
+    def _drop(self, name: str, n: int, reason: str, frames) -> None:
+        """Count *n* records (the message *frames*) that will never be sent, under *reason*.
+
+        With :attr:`runs_of`, they are also counted against their runs
+        (``dropped:<stage>_<reason>``, written with the next beat).
+        """
+        if self.runs_of is not None:
+            for run, k in self.runs_of(frames).items():
+                self.run_drops.setdefault(run, Counter())[f"{self.stage}_{reason}"] += k
         counts = {"dropped": n, "hwm": n, reason: n}
         if len(self.socks) > 1:
             counts[f"dropped_{name}"] = n
@@ -201,7 +212,8 @@ class Producer:
         """Count what is still in the backlogs as dropped (at shutdown) and forget it."""
         for name, queue in self.backlogs.items():
             while queue:
-                self._drop(name, queue.popleft()[1], reason)
+                frames, n = queue.popleft()
+                self._drop(name, n, reason, frames)
         self.backlog_records = 0
 
     # -------------------------------------------------------- reporting
@@ -233,7 +245,9 @@ class Producer:
                   **self.heartbeat_fields(final), **self.totals}
         if final:
             fields["state"] = "stopped"
-        self.reporter.write(fields, self.deltas)
+        drops = self.run_drops
+        if self.reporter.write(fields, self.deltas, also=(lambda pipe: runs.add_drops(pipe, drops)) if drops else None):
+            self.run_drops = {}
 
 
 class Handler:
@@ -249,6 +263,9 @@ class Handler:
     """
 
     stage = ""
+    #: ``frames -> {run: records}`` of a message (:func:`minard.formats.wire.pmt_runs`) for a
+    #: handler whose records belong to runs: its losses and flushed records are counted per run.
+    runs_of = None
 
     def __init__(self, cfg, close_option: str, flushed_key: str = ""):
         self.cfg = cfg
@@ -258,6 +275,8 @@ class Handler:
         self.close_retry = float(cfg[close_option])
         self.counts = Counter()  # stats:<stage> deltas not yet in Redis
         self.unaccounted = 0  # records handled since the last successful flush
+        self.unaccounted_runs = Counter()  # the same per run (with runs_of)
+        self.run_drops: dict[int, Counter] = {}  # run -> records lost by reason, not yet in Redis
         self.failing = False
 
     # -------------------------------------------------------- per batch
@@ -265,10 +284,14 @@ class Handler:
         """Decode a wire message; None (and its records counted by reason) if invalid."""
         n = wire.record_count(frames)
         self.unaccounted += n
+        runs_of = self.runs_of
+        self.batch_runs = runs_of(frames) if runs_of is not None else {}
+        self.unaccounted_runs.update(self.batch_runs)
         try:
             return wire.decode(frames, self.max_payload)
         except wire.WireError as exc:
             self.counts.update({"errors": n, f"wire_{exc.reason}": n, "bad_batches": 1})
+            self.drop_runs(self.batch_runs, "bad_batch")
             if self.counts["bad_batches"] <= 10 or self.counts["bad_batches"] % 1000 == 0:
                 log.warning("bad batch of %d records: %s", n, exc)
             self.rejected(n)
@@ -276,6 +299,17 @@ class Handler:
 
     def rejected(self, n: int) -> None:
         """Hook: *n* records of an invalid message were counted as errors."""
+
+    def drop_runs(self, by_run, reason: str) -> None:
+        """Count records *by_run* ({run: n}) lost under *reason* against their runs
+        (``dropped:<stage>_<reason>``, written with the next flush)."""
+        for run, k in by_run.items():
+            self.run_drops.setdefault(run, Counter())[f"{self.stage}_{reason}"] += k
+
+    def failed_message(self, frames) -> None:
+        """A message whose processing raised: its records are lost, counted per run."""
+        if self.runs_of is not None:
+            self.drop_runs(self.runs_of(frames), "handler_error")
 
     def process(self, frames) -> None:
         """Decode one wire message and keep what it gives for the flush (subclasses)."""
@@ -311,7 +345,7 @@ class Handler:
         False if Redis failed; the data is then kept or counted as the
         subclass decides (:meth:`flush_failed`).
         """
-        if not self.has_pending() and not self.counts and not self.unaccounted:
+        if not self.has_pending() and not self.counts and not self.unaccounted and not self.run_drops:
             return True
         self.begin_flush(now)
         try:
@@ -321,7 +355,8 @@ class Handler:
                         self.prepare(pipe)
                         self.write_pending(pipe, now)
                         status.count(pipe, self.stage, **self.counts)
-                        record_flushed(pipe, self.flushed_key, self.unaccounted)
+                        runs.add_drops(pipe, self.run_drops)
+                        record_flushed(pipe, self.flushed_key, self.unaccounted, self.unaccounted_runs)
                         pipe.execute()
                         break
                     except redis_py.WatchError:  # another worker wrote a watched key: recompute
@@ -341,6 +376,8 @@ class Handler:
         metrics.add_stage(self.stage, self.counts)  # what stats:<stage> just gained
         self.counts.clear()
         self.unaccounted = 0
+        self.unaccounted_runs.clear()
+        self.run_drops = {}
         return True
 
     def close(self) -> None:

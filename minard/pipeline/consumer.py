@@ -30,12 +30,13 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 
 import redis as redis_py
 
 from minard import metrics
 from minard.pipeline.pool import Pool, PoolStats
-from minard.store import connection, schema, status
+from minard.store import connection, runs, schema, status
 
 log = logging.getLogger("minard.pipeline.consumer")
 
@@ -48,15 +49,20 @@ def flushed_key(name: str) -> str:
     return schema.POOL_FLUSHED.key(name=name, host=socket.gethostname(), pid=os.getpid())
 
 
-def record_flushed(pipe, key: str, n: int) -> None:
+def record_flushed(pipe, key: str, n: int, by_run=None) -> None:
     """Worker side: add *n* records accounted for by this worker (its pid) to *key*.
 
     Called inside the worker's flush transaction, so the count is written if
-    and only if the data is.  Nothing is written without a key (a handler run
-    outside a pool) or without records.
+    and only if the data is.  *by_run* ({run: records}) adds the same per run
+    (fields ``<pid>:<run>``), so that the manager can count a dead worker's
+    losses against their runs.  Nothing is written without a key (a handler
+    run outside a pool) or without records.
     """
     if key and n:
-        status.add_total(pipe, key, str(os.getpid()), n)  # a total: a retried flush cannot add twice
+        pid = os.getpid()
+        status.add_total(pipe, key, str(pid), n)  # a total: a retried flush cannot add twice
+        for run, k in (by_run or {}).items():
+            status.add_total(pipe, key, f"{pid}:{run}", k)
         pipe.expire(key, FLUSHED_TTL)
 
 
@@ -69,29 +75,47 @@ class AccountedPool(Pool):
     for were lost with it.
     """
 
-    def __init__(self, spec, cfg, *, stage: str, **kwargs):
+    def __init__(self, spec, cfg, *, stage: str, runs_of=None, **kwargs):
         if not spec.flushed_key:
             raise ValueError(f"pool {spec.name}: loss accounting needs spec.flushed_key")
         super().__init__(spec, cfg, **kwargs)
         self.stage = stage
-        self.ended: list[tuple[int, int]] = []  # (pid, records handed) awaiting settlement
+        #: ``frames -> {run: records}`` (the workers' handler's ``runs_of``): losses per run.
+        self.runs_of = runs_of
+        self.ended: list[tuple[int, int, Counter]] = []  # (pid, records handed, per run) to settle
         self.lost = 0
+
+    def handed(self, w, frames) -> None:
+        """Count the runs of a message handed to worker *w*."""
+        if self.runs_of is not None:
+            w.runs.update(self.runs_of(frames))
 
     def _reap(self, w, restart: bool) -> None:
         """Remember what an ending worker was handed, for :meth:`settle`."""
-        self.ended.append((w.proc.pid, w.records + w.inflight))
+        self.ended.append((w.proc.pid, w.records + w.inflight, w.runs))
         super()._reap(w, restart)
 
     def settle(self, pipe, redis) -> int:
-        """Count (in *pipe*) the records lost by ended workers; needs Redis readable."""
+        """Count (in *pipe*) the records lost by ended workers; needs Redis readable.
+
+        The records of each run the worker was handed minus those it
+        flushed are added to the run's ``dropped:<stage>_worker_lost``.
+        """
         key = self.spec.flushed_key
         lost = 0
-        for pid, handed in self.ended:
+        by_run: dict[int, Counter] = {}
+        for pid, handed, handed_runs in self.ended:
             lost += max(0, handed - int(redis.hget(key, str(pid)) or 0))
-            pipe.hdel(key, str(pid))
+            fields = [f"{pid}:{run}" for run in handed_runs]
+            flushed = redis.hmget(key, fields) if fields else []
+            for (run, n), done in zip(handed_runs.items(), flushed):
+                if n > int(done or 0):
+                    by_run.setdefault(run, Counter())[f"{self.stage}_worker_lost"] += n - int(done or 0)
+            pipe.hdel(key, str(pid), *fields)
         if lost:
             log.warning("%d records were lost with ended workers (counted as dropped)", lost)
             status.count(pipe, self.stage, dropped=lost, worker_lost=lost)
+        runs.add_drops(pipe, by_run)
         return lost
 
 
@@ -145,7 +169,7 @@ class PoolReporter:
         self.written_received = received
         del self.pool.ended[:len(ended)]
         self.pool.lost += lost
-        self.unfolded.extend(pid for pid, _ in ended)
+        self.unfolded.extend(pid for pid, *_ in ended)
         self.fold_ended()
 
     def fold_ended(self) -> None:

@@ -145,6 +145,7 @@ class PullHandler(Handler):
     """
 
     stage = "pull"
+    runs_of = staticmethod(wire.pmt_runs)
 
     def __init__(self, cfg, flushed_key: str = ""):
         super().__init__(cfg, "dispatch_close_retry", flushed_key)
@@ -236,9 +237,13 @@ class PullHandler(Handler):
         self.burst.write(pipe)
 
     def flush_failed(self, now: float) -> None:
-        """The aggregates of this flush are lost: count their records as Redis errors."""
+        """The aggregates of this flush are lost: count their records as Redis errors,
+        and against their runs (``dropped:pull_redis_down``) with the next flush."""
         self.channels.clear()
         self.redis_failed += self.taken
+        for run, agg in self.runs.items():
+            self.drop_runs({run: agg.events + agg.orphans + agg.integrity.get("corrupt", 0)}, "redis_down")
+        self.runs = {}
         log.warning("%d records not stored (Redis down)", self.taken)
 
     def flush_done(self) -> None:
@@ -301,7 +306,7 @@ def run_pull(cfg) -> None:
     """Run the pull pool (stage ``pull``) until SIGTERM/SIGINT; see :func:`minard.pipeline.consumer.run_pool`."""
     spec = dataclasses.replace(pool_spec(cfg), flushed_key=flushed_key("dispatch"))
     manager = PoolManager(int(cfg["dispatch_max_total_workers"]))
-    pool = AccountedPool(spec, cfg, stage="pull",
+    pool = AccountedPool(spec, cfg, stage="pull", runs_of=wire.pmt_runs,
                          manager=manager, event_log=event_log_path(cfg))
     run_pool(pool, PoolReporter(pool, cfg, PULL_COMPONENT), "pull")
 

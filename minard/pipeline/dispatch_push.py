@@ -137,6 +137,7 @@ class Pusher(Producer):
 
     component = PUSH_COMPONENT
     stage = "push"
+    runs_of = staticmethod(wire.pmt_runs)
 
     def __init__(self, cfg, address: str, ctx=None):
         super().__init__(cfg, {"dispatch": str(cfg["zmq_dispatch"])}, ctx)

@@ -121,6 +121,7 @@ class _Worker:
     records: int = 0
     busy_since: float | None = None
     inflight: int = 0  # records of the batch it holds
+    runs: collections.Counter = field(default_factory=collections.Counter)  # records handed per run
     idle_since: float = field(default_factory=time.monotonic)
     ready: bool = False
     stopping: bool = False
@@ -290,9 +291,13 @@ class Pool:
                 return
             frames = self.queue.popleft()
             w.inflight = _record_count(frames)
+            self.handed(w, frames)
             w.busy_since = time.monotonic()
             w.ready = False
             self.back.send_multipart([str(w.wid).encode(), WORK, *frames])
+
+    def handed(self, w: _Worker, frames) -> None:
+        """Hook: message *frames* is being handed to worker *w* (loss accounting)."""
 
     def _live_count(self) -> int:
         return sum(1 for w in self.workers.values() if not w.stopping)
@@ -391,6 +396,9 @@ def _process(handler, frames, n: int) -> None:
         counts = getattr(handler, "counts", None)
         if counts is not None:
             counts.update(errors=n, handler_error=n)
+        failed = getattr(handler, "failed_message", None)
+        if failed is not None:
+            failed(frames)
 
 
 def load_handler(spec: str, cfg: dict, flushed_key: str = ""):

@@ -15,7 +15,10 @@ combine exactly (see docs/storage.md):
   dispatcher (:func:`add_accounting`): ``source_events`` (events received from
   the data source), ``dispatched`` (handed to the monitoring analyzer) and
   ``dropped:<reason>`` (counted losses, e.g. ``dispatcher_queue``,
-  ``no_analyzer``, ``analyzer_lost``);
+  ``no_analyzer``, ``analyzer_lost``; added by the push and the pull pool
+  for records they drop, :func:`add_drops`: ``push_backlog_full``,
+  ``push_backlog_at_exit``, ``pull_worker_lost``, ``pull_bad_batch``,
+  ``pull_handler_error``, ``pull_redis_down``);
 * ``run:<run>:nhit_trig`` hash: ``<NAME>:<lo>`` -> events of that trigger
   with ``lo <= nhit < lo+5`` (the bins of the ``nhit`` time series), and the
   fields ``dq:<counter>`` of ``run:<run>`` (``gtid_gaps``, ``gtid_missing``,
@@ -71,6 +74,17 @@ def add_accounting(pipe, run: int, deltas) -> None:
         if value:
             pipe.hincrby(key, name, int(value))
     pipe.expire(key, RUN_KEEP)
+
+
+def add_drops(pipe, drops) -> None:
+    """Add counted losses *drops* ({run: {reason: records}}) to each run's ``dropped:<reason>``.
+
+    The push and the consumer pools call it (in the transaction that also
+    writes their stage counters) for the records they drop, so that a run's
+    ``dropped`` holds them and its ``unaccounted`` only what no counter saw.
+    """
+    for run, reasons in drops.items():
+        add_accounting(pipe, run, {DROPPED_PREFIX + reason: n for reason, n in reasons.items()})
 
 
 def records_seen(head: dict[str, int]) -> int:

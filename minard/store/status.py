@@ -232,13 +232,18 @@ class Reporter:
         self.redis, self.component, self.started = redis, component, started
         self.ok = True
 
-    def write(self, fields: Mapping[str, object], deltas: Mapping[str, Counter]) -> bool:
-        """Beat with *fields* and add *deltas* (stage -> Counter); False if Redis failed."""
+    def write(self, fields: Mapping[str, object], deltas: Mapping[str, Counter], also=None) -> bool:
+        """Beat with *fields* and add *deltas* (stage -> Counter); False if Redis failed.
+
+        *also*, if given, queues more writes (``also(pipe)``) in the same transaction.
+        """
         try:
             pipe = self.redis.pipeline(transaction=True)
             beat(pipe, self.component, fields, started=self.started)
             for stage, counts in deltas.items():
                 count(pipe, stage, **counts)
+            if also is not None:
+                also(pipe)
             pipe.execute()
         except redis_py.RedisError as exc:
             if self.ok:

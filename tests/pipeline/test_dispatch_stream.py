@@ -23,6 +23,7 @@ import redis as redis_py
 from minard import config
 from minard.formats.pmt import TRIGGER_NAMES, decode_event, encode_event
 from minard.formats.zdab import ZdabWriter, read_events
+from minard.store import schema
 from minard.store import timeseries as ts
 from minard.store.runs import get_run
 from minard.store.status import stats
@@ -291,22 +292,56 @@ def _worker_pids(log_path):
     return [int(p) for p in re.findall(r"(?:STARTING|RESTARTING): D\d+ S\d+\n\s+Pid: (\d+)", text)]
 
 
+def _unflushed(redis_client, pid):
+    """Records the pool handed worker *pid* that it has not flushed yet, as far as
+    Redis shows: the pool's heartbeat count of records its workers finished (at
+    most a second old, so a lower bound) minus the worker's flushed total."""
+    beat = redis_client.hgetall("status:minard_dispatch_pull")
+    handed = int(float(beat.get(b"records_processed", 0)))
+    keys = redis_client.keys(schema.POOL_FLUSHED.key(name="dispatch", host="*", pid="*"))
+    flushed = sum(int(redis_client.hget(k, str(pid)) or 0) for k in keys)
+    return handed - flushed
+
+
+def kill_worker_holding_records(redis_client, pid, timeout=30):
+    """kill -9 worker *pid* while it holds records it has not flushed.
+
+    The worker is stopped (SIGSTOP) so that it cannot flush between the check
+    and the kill; if it holds nothing it is continued and checked again.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        if _unflushed(redis_client, pid) > 0:
+            os.kill(pid, signal.SIGKILL)
+            return
+        os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "the worker never held unflushed records"
+        wait_for(lambda: _unflushed(redis_client, pid) > 0, max(0.1, deadline - time.monotonic()),
+                 "the worker holding unflushed records")
+
+
 def test_killed_worker_is_restarted_and_its_records_are_counted_lost(make_stack, tmp_path, redis_client):
     path = synthetic(tmp_path / "kill.zdab", n=8000, seed=5)
     stack = make_stack(dispatch_workers=1)
     replay = stack.replay(path, "--rate", "2000", wait=False)
     wait_for(lambda: stack.pull_stats().get("processed", 0) > 1500, 30, "data flowing")
     victim = _worker_pids(stack.tmp / "pool.log")[0]
-    os.kill(victim, signal.SIGKILL)
+    kill_worker_holding_records(redis_client, victim)
     assert replay.wait(60) == 0
     stack.wait_settled(8000)
     text = (stack.tmp / "pool.log").read_text()
     assert "CRASHED: D1 S1" in text and "RESTARTING: D1 S2" in text
     pull = stack.pull_stats()
     got = get_run(redis_client, 2000)
-    assert pull["dropped"] == pull.get("worker_lost", 0) > 0
+    assert pull.get("dropped", 0) == pull.get("worker_lost", 0) > 0
     assert got["events"] + pull["dropped"] == 8000
     assert pull["processed"] == 8000 - pull["dropped"]
+    # the run's own accounting names the loss: counted against run 2000, nothing unaccounted
+    got = wait_for(lambda: (lambda r: r if r["source_events"] == 8000 else None)(get_run(redis_client, 2000)),
+                   10, "the dispatcher's accounting of the run")
+    assert got["dropped_by"].get("pull_worker_lost") == pull["dropped"]
+    assert got["unaccounted"] == 0 and got["dropped"] == 8000 - got["events"]
     check_invariants(redis_client)
 
 
@@ -514,16 +549,17 @@ def _kill_pull_manager(stack):
 
 
 def _kill_worker(stack):
-    """kill -9 one pull worker (the manager restarts it)."""
-    os.kill(_worker_pids(stack.tmp / "pool.log")[-1], signal.SIGKILL)
+    """kill -9 one pull worker while it holds unflushed records (the manager restarts it)."""
+    kill_worker_holding_records(stack.redis, _worker_pids(stack.tmp / "pool.log")[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kill, must_lose", [(_kill_push, True), (_kill_pull_manager, False), (_kill_worker, False)],
+@pytest.mark.parametrize("kill, must_lose, all_counted",
+                         [(_kill_push, True, False), (_kill_pull_manager, False, False), (_kill_worker, True, True)],
                          ids=["push", "pull_manager", "worker"])
 def test_kill_9_mid_run_every_lost_event_is_counted_or_unaccounted_exactly(
-        make_stack, tmp_path, redis_client, kill, must_lose):
+        make_stack, tmp_path, redis_client, kill, must_lose, all_counted):
     n = 20000
     path = synthetic(tmp_path / "acct.zdab", n=n, seed=13, run=2100)
     stack = make_stack(dispatch_workers=1)
@@ -534,21 +570,28 @@ def test_kill_9_mid_run_every_lost_event_is_counted_or_unaccounted_exactly(
 
     wait_for(lambda: (get_run(redis_client, 2100) or {}).get("source_events") == n, 30,
              "the dispatcher's accounting of the whole run")
-    # Until the pipeline has stored what it will store: the stored count stops moving
-    # for two flush periods of the pool.
-    got, stable_since = get_run(redis_client, 2100), time.monotonic()
-    deadline = time.monotonic() + 60
-    while time.monotonic() - stable_since < 2.5:
-        assert time.monotonic() < deadline, f"the stored count never settled: {got}"
-        time.sleep(0.25)
-        now = get_run(redis_client, 2100)
-        if now["events"] != got["events"]:
-            got, stable_since = now, time.monotonic()
+    got = settled_run(redis_client, 2100)
     lost = n - got["events"]  # the file's own count minus what reached Redis
-    # Only the push always holds events in flight at 5000 events/s.  A worker killed
-    # just after its flush holds nothing, and a killed pool manager may lose nothing:
-    # the push keeps what ZMQ refuses in its backlog until the restarted pool connects.
+    # The push always holds events in flight at 5000 events/s, and the worker is killed
+    # holding unflushed records; a killed pool manager may lose nothing: the push keeps
+    # what ZMQ refuses in its backlog until the restarted pool connects.
     assert lost > 0 or not must_lose, "the kill lost nothing: the test did not test anything"
     assert got["source_events"] == n  # the dispatcher saw every event of the file
     assert got["dropped"] + got["unaccounted"] == lost
     assert got["dispatched"] <= n - got["dropped_by"].get("no_analyzer", 0)
+    if all_counted:  # a dead worker's records are counted against the run: nothing unaccounted
+        assert got["unaccounted"] == 0 and got["dropped_by"].get("pull_worker_lost") == lost
+
+
+def settled_run(redis_client, run, quiet=2.5, timeout=60):
+    """Run *run*'s summary once the pipeline has stored what it will store: its stored
+    count and its counted losses stop moving for *quiet* s (two flush periods of the pool)."""
+    got, stable_since = get_run(redis_client, run), time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() - stable_since < quiet:
+        assert time.monotonic() < deadline, f"the stored count never settled: {got}"
+        time.sleep(0.25)
+        now = get_run(redis_client, run)
+        if (now["events"], now["dropped"]) != (got["events"], got["dropped"]):
+            got, stable_since = now, time.monotonic()
+    return got

@@ -153,6 +153,7 @@ def test_sent_as_a_string_nan_or_list_is_counted_and_the_worker_survives(pull, r
     assert s["wire_bad_meta_sent"] == 3 * len(bad) and s["wire_bad_meta"] == 3
     assert s["errors"] == 3 * (len(bad) + 1) and s["bad_batches"] == len(bad) + 1
     assert stored(redis_client, 9) == 0
+    assert get_run(redis_client, 9)["dropped_by"] == {"pull_bad_batch": 3 * (len(bad) + 1)}  # per run
     wait_for(lambda: pull.beat("minard_dispatch_pull").get("workers_crashed") == "0", 10)
 
 
@@ -278,6 +279,10 @@ def test_a_backlog_beyond_its_bound_is_counted_as_dropped(cfg, tmp_path, redis_u
         assert stored(redis_client, 2200) == 1000
         s = stats(redis_client)["push"]
         assert s["dropped"] == 2000 and s["processed"] == 1000
+        # counted against the run they belong to: dropped, not unaccounted
+        got = wait_for(lambda: (lambda r: r if r and r["source_events"] == 3000 else None)(
+            get_run(redis_client, 2200)), 10, "the run's accounting")
+        assert got["dropped_by"] == {"push_backlog_full": 2000} and got["unaccounted"] == 0
     finally:
         stack.stop()
 

@@ -347,6 +347,8 @@ TABLE: tuple[Key | Section, ...] = (
         'seconds a connection has to finish HELLO + AUTH before it is closed (`handshake_timeouts`)'),
     Key("dispatcher_idle_timeout", float, 300.0,
         'seconds a control connection may stay silent before it is closed (`idle_timeouts`); 0 = never'),
+    Key("dispatcher_accounting_period", float, 1.0,
+        "seconds between writes of the runs' event accounting to Redis; what is not written yet is kept in the journal `pending_accounting.json` of `dispatcher_accounting_dir`, which a restarted dispatcher reads back (survives kill -9)"),
     Key("dispatcher_unaccounted_delay", float, 30.0,
         "seconds after the end of a run (time for the pipeline to store its last events) before a non-zero `unaccounted` in the run's accounting raises a warning alarm"),
     Section('Data quality (minard dq, minard dq-live, docs/dq.md)'),

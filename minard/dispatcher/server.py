@@ -56,6 +56,7 @@ from minard.formats.framing import (
     expand_rawbatches,
     rawbatch_count,
 )
+from minard.dispatcher.journal import AccountingJournal, merge
 from minard.store import schema
 
 log = logging.getLogger("minard.dispatcher.server")
@@ -79,8 +80,6 @@ _RESERVED_KEYS = frozenset({"run", "tape", "spill", "spills"})
 HANDSHAKE_READ = 1024
 #: Seconds between sweeps for handshake/idle timeouts and revoked keys.
 SWEEP_PERIOD = 0.5
-#: Seconds between writes of the runs' event accounting to Redis.
-ACCOUNTING_PERIOD = 1.0
 
 
 def parse_grants(cfg) -> dict[str, frozenset[str] | None]:
@@ -424,8 +423,12 @@ class Dispatcher:
         self.handshake_timeout = float(cfg["dispatcher_handshake_timeout"])
         self.idle_timeout = float(cfg["dispatcher_idle_timeout"])
         self.keys = self._key_store(cfg) if self.auth else None
-        # Per-run event accounting (docs/storage.md run:<run>:acct): deltas not yet in Redis.
+        # Per-run event accounting (docs/storage.md run:<run>:acct): deltas not yet in Redis,
+        # also kept in a journal file that survives kill -9 (minard.dispatcher.journal).
         self.acct: dict[int, Counter] = {}
+        self.accounting_period = float(cfg["dispatcher_accounting_period"])
+        self.journal = AccountingJournal(self.accounting_dir) if self.redis_url else None
+        self._flush_lock = asyncio.Lock()
         first = str(cfg["dispatcher_analyzer_programs"]).split(",")[0].strip()
         #: The analyzer program whose deliveries are accounted (None: every analyzer).
         self.monitor_program = None if first in ("", "*") else first
@@ -455,7 +458,7 @@ class Dispatcher:
             "finished_timeouts", "redis_failures", "protocol_errors",
             "backpressure_pauses", "runs_ended", "connections", "malformed_batches",
             "auth_failures", "handshake_timeouts", "idle_timeouts", "connections_refused",
-            "commands_refused", "hosts_refused", "keys_revoked"), 0)
+            "commands_refused", "hosts_refused", "keys_revoked", "journal_failures"), 0)
         self.handlers = {
             "ACCTREC": self.cmd_acctrec, "ANALYZERS?": self.cmd_analyzers,
             "BEGINTAPE": self.cmd_begintape, "BROADCAST": self.cmd_broadcast,
@@ -494,6 +497,7 @@ class Dispatcher:
                         " role, including EXIT and SHUTDOWN (test benches only)", bound)
         self.spawn(self._sweep())
         if self.redis_url:
+            self._open_journal()
             self.spawn(self._account_loop())
         return bound
 
@@ -575,6 +579,7 @@ class Dispatcher:
             # Accepted for delivery, never handed over: counted as lost with the analyzer.
             acct["dispatched"] -= client.queued_events
             acct["dropped:analyzer_lost"] += client.queued_events
+            self._journal_pending()
         for group in (self.analyzers, self.writers):
             if client in group:
                 group.remove(client)
@@ -639,6 +644,8 @@ class Dispatcher:
                 acct["dispatched" if sent else "dropped:dispatcher_queue"] += count
         if acct is not None and not monitored:
             acct["dropped:no_analyzer"] += count
+        if acct is not None:
+            self._journal_pending()
         backlog = False
         for writer in self.writers:
             if batch.packed and not writer.batch:
@@ -665,36 +672,84 @@ class Dispatcher:
         """True if *client* is the monitoring analyzer whose deliveries are accounted."""
         return self.monitor_program is None or client.name == self.monitor_program
 
+    def _open_journal(self) -> None:
+        """Read back what a killed predecessor had not written to Redis (see the journal)."""
+        try:
+            merge(self.acct, self.journal.open())
+            self.journal.write(self.acct)
+        except OSError as exc:
+            log.error("accounting journal %s unusable (%s): a kill -9 would lose up to %.1f s"
+                      " of the runs' accounting", self.journal.path, exc, self.accounting_period)
+            self.journal = None
+
+    def _journal_pending(self) -> None:
+        """Write the pending accounting to the journal (one small pwrite)."""
+        if self.journal is not None:
+            try:
+                self.journal.write(self.acct)
+            except OSError as exc:
+                self.counters["journal_failures"] += 1
+                if self.counters["journal_failures"] == 1:
+                    log.error("cannot write the accounting journal %s: %s", self.journal.path, exc)
+
     async def _account_loop(self) -> None:
-        """Write the accounting deltas to Redis every ACCOUNTING_PERIOD seconds."""
+        """Write the accounting deltas to Redis at once (what the journal recovered),
+        then every ``dispatcher_accounting_period`` seconds."""
         while not self.done.is_set():
-            await asyncio.sleep(ACCOUNTING_PERIOD)
             await self.flush_accounting()
+            await asyncio.sleep(self.accounting_period)
 
     async def flush_accounting(self) -> bool:
-        """Add the pending per-run deltas to Redis; kept for the next try if Redis is down."""
-        pending = {run: c for run, c in self.acct.items() if c}
-        if not pending or not self.redis_url:
-            return True
-        self.acct = {run: c for run, c in self.acct.items() if not c}
-        try:
-            await asyncio.to_thread(self._store_accounting, pending)
-        except Exception as exc:  # noqa: BLE001 - redis down, bad URL...: keep the counts
-            for run, counts in pending.items():
-                self.acct.setdefault(run, Counter()).update(counts)
-            self.counters["redis_failures"] += 1
-            log.warning("cannot store the event accounting in Redis (%s): %s; kept for the next try",
-                        config_mod.redact(self.redis_url), exc)
-            return False
-        return True
+        """Add the pending per-run deltas to Redis; kept for the next try if Redis is down.
 
-    def _store_accounting(self, pending: dict[int, Counter]) -> None:
-        """HINCRBY every delta into run:<run>:acct, in one pipeline (in a thread)."""
+        One write at a time.  With the journal, a failed write stays
+        *unconfirmed* (it may have been applied) and the next write settles
+        it by its epoch (:mod:`minard.dispatcher.journal`).
+        """
+        async with self._flush_lock:
+            pending = {run: c for run, c in self.acct.items() if c}
+            journal = self.journal
+            if not self.redis_url or not (pending or (journal is not None and journal.unconfirmed)):
+                return True
+            self.acct = {run: c for run, c in self.acct.items() if not c}
+            epoch, earlier = 0, []
+            if journal is not None:
+                epoch, _, earlier = journal.begin(pending)
+                self._journal_pending()
+            try:
+                await asyncio.to_thread(self._store_accounting, pending, epoch, earlier)
+            except Exception as exc:  # noqa: BLE001 - redis down, bad URL...: keep the counts
+                if journal is None:
+                    merge(self.acct, pending)
+                self.counters["redis_failures"] += 1
+                log.warning("cannot store the event accounting in Redis (%s): %s; kept for the next try",
+                            config_mod.redact(self.redis_url), exc)
+                return False
+            if journal is not None:
+                journal.confirmed()
+                self._journal_pending()
+            return True
+
+    def _store_accounting(self, pending: dict[int, Counter], epoch: int = 0, earlier=()) -> None:
+        """HINCRBY every delta into run:<run>:acct, in one transaction (in a thread).
+
+        *earlier* unconfirmed writes whose epoch Redis has not seen are added
+        again; the transaction raises this journal's epoch to *epoch*.
+        """
         from minard.store import runs as runs_store
 
-        pipe = self._redis_client().pipeline(transaction=True)
-        for run, counts in pending.items():
+        redis = self._redis_client()
+        writes = merge({}, pending)
+        if earlier:
+            applied = int(redis.zscore(schema.DISPATCHER_ACCT_EPOCHS, self.journal.ident) or 0)
+            for e, runs in earlier:
+                if e > applied:
+                    merge(writes, runs)
+        pipe = redis.pipeline(transaction=True)
+        for run, counts in writes.items():
             runs_store.add_accounting(pipe, run, counts)
+        if epoch:
+            pipe.zadd(schema.DISPATCHER_ACCT_EPOCHS, {self.journal.ident: epoch}, gt=True)
         pipe.execute()
 
     def _redis_client(self):
@@ -1248,6 +1303,8 @@ async def serve(cfg, host: str, port: int, ready=None) -> int:
         ready(bound, dispatcher)
     await dispatcher.done.wait()
     await dispatcher.flush_accounting()
+    if dispatcher.journal is not None:
+        dispatcher.journal.close()
     if exporter is not None:
         exporter.shutdown()
     log.info("dispatcher exiting: %s", json.dumps(

@@ -153,6 +153,8 @@ ORCA_BASE_CRATE_TIME = _single("orca:{base}:crate_time", "hash", "crate -> ORCA 
 # --- dispatcher (minard/dispatcher/server.py) ------------------------------------
 DISPATCHER_SCALERS = Family("dispatcher:scalers:{run}", "hash", "Scaler sums of one run (SCALERREC).")
 DISPATCHER_SCALER_RUNS = _single("dispatcher:scaler_runs", "zset", "runs that have scaler records")
+DISPATCHER_ACCT_EPOCHS = _single("dispatcher:acct_epochs", "zset",
+                                 "accounting journal id -> epoch of its last write applied (minard/dispatcher/journal.py)")
 
 # --- the website's shared cache (minard/web/data.py) ------------------------------
 WEB_BLOCK = Family("webcache:rows:{step}:{block}:{group}:{fields}", "string",

@@ -13,6 +13,11 @@ local file (``<dispatcher_accounting_dir>/pending_accounting.json``, mode
 process is killed.  A restarted dispatcher reads it back and adds what its
 predecessor had not written.
 
+The journal names the Redis it counts for (its URL without password) and
+is locked while a dispatcher uses it: a journal left for another Redis is
+not added to this one, and a second dispatcher on the same directory runs
+without one (logged).
+
 A write to Redis that failed may still have been applied (the connection
 broke after ``EXEC``), so each write carries an *epoch*: the journal keeps
 the writes not yet confirmed, with their epochs, and each Redis write also
@@ -25,6 +30,7 @@ order.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -74,8 +80,9 @@ class AccountingJournal:
     ``unconfirmed`` the Redis writes not known to have been applied.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, target: str = ""):
         self.path = Path(directory) / FILE_NAME
+        self.target = target  # the Redis the counts are for (URL without password)
         self.fd: int | None = None
         self.ident = ""
         self.epoch = 0
@@ -88,7 +95,18 @@ class AccountingJournal:
         write to settle (:meth:`to_write`).
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OSError(f"{self.path} is in use by another dispatcher") from None
+        os.fchmod(fd, 0o600)
         state = self._read()
+        if state is not None and state.get("target") != self.target:
+            log.warning("accounting journal %s was written for Redis %s, not %s: its counts are not added",
+                        self.path, state.get("target"), self.target)
+            state = None
         pending: Runs = {}
         if state is not None:
             self.ident = state["id"]
@@ -101,8 +119,7 @@ class AccountingJournal:
                             len(self.unconfirmed))
         else:
             self.ident = f"{socket.gethostname()}:{secrets.token_hex(6)}"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.fchmod(self.fd, 0o600)
+        self.fd = fd
         return pending
 
     def _read(self) -> dict | None:
@@ -126,7 +143,8 @@ class AccountingJournal:
         """Record the pending counts and the unconfirmed writes (one ``pwrite``)."""
         if self.fd is None:
             return
-        body = json.dumps({"id": self.ident, "epoch": self.epoch, "pending": _encode(pending),
+        body = json.dumps({"id": self.ident, "target": self.target, "epoch": self.epoch,
+                           "pending": _encode(pending),
                            "unconfirmed": [[e, _encode(d)] for e, d in self.unconfirmed]},
                           separators=(",", ":")).encode()
         os.pwrite(self.fd, b"%d\n" % len(body) + body, 0)
@@ -146,7 +164,7 @@ class AccountingJournal:
         self.unconfirmed = []
 
     def close(self) -> None:
-        """Close the file (its content stays for the next start)."""
+        """Close the file and release its lock (its content stays for the next start)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -427,7 +427,8 @@ class Dispatcher:
         # also kept in a journal file that survives kill -9 (minard.dispatcher.journal).
         self.acct: dict[int, Counter] = {}
         self.accounting_period = float(cfg["dispatcher_accounting_period"])
-        self.journal = AccountingJournal(self.accounting_dir) if self.redis_url else None
+        self.journal = (AccountingJournal(self.accounting_dir, config_mod.redact(self.redis_url))
+                        if self.redis_url else None)
         self._flush_lock = asyncio.Lock()
         first = str(cfg["dispatcher_analyzer_programs"]).split(",")[0].strip()
         #: The analyzer program whose deliveries are accounted (None: every analyzer).

@@ -110,9 +110,13 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server on a free loopback port with its data in a temp dir."""
 
-    def __init__(self, port: int | None = None, password: str | None = None):
+    def __init__(self, port: int | None = None, password: str | None = None, appendonly: bool = False):
+        """*appendonly*: persist every write in an append-only file as the stack's
+        redis.conf does (``appendfsync everysec``), so that a server killed with
+        ``kill -9`` and started again has every write it acknowledged."""
         self.port = port or free_port()
         self.password = password
+        self.appendonly = appendonly
         self.dir = Path(tempfile.mkdtemp(prefix="minard-redis-"))
         self.proc: subprocess.Popen | None = None
 
@@ -125,7 +129,8 @@ class RedisServer:
         """Start the server and wait until it answers."""
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+            "--dir", str(self.dir), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
         ]
         if self.password:

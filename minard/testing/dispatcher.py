@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from minard.config import ROOT
@@ -16,13 +17,19 @@ class DispatcherProcess:
 
     *settings* are configuration keys (e.g. ``dispatcher_analyzer_queue=100``)
     passed as ``MINARD_*`` environment variables; stderr goes to *log_path*.
+    ``dispatcher_accounting_dir`` defaults to a directory of its own beside the
+    log (or in a temporary directory).
     Stopped by its pid.
     """
 
     def __init__(self, port: int | None = None, log_path=None, **settings):
         self.port = port or free_port()
-        self.settings = settings
         self.log_path = Path(log_path) if log_path else None
+        # Its own accounting directory (Accounting.dat and the accounting journal), kept
+        # across restarts of this process, never shared with another test's dispatcher.
+        where = self.log_path.parent if self.log_path else Path(tempfile.mkdtemp(prefix="minard-dispatcher-"))
+        settings.setdefault("dispatcher_accounting_dir", str(where / f"dispatcher-{self.port}"))
+        self.settings = settings
         self.proc = None
 
     @property

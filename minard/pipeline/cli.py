@@ -24,8 +24,10 @@ from minard.store import connection, status
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--pools", "per_pool", is_flag=True,
               help="Per consumer pool instead: {\"pools\": {HOST:PID: heartbeat and counters}}.")
+@click.option("--orca", "orca", is_flag=True,
+              help="What became of each ORCA stream's records instead: received, stored, dropped, unaccounted.")
 @config_mod.pass_config
-def stats_cmd(cfg, as_json, per_pool):
+def stats_cmd(cfg, as_json, per_pool, orca):
     """Print the loss counters of every pipeline stage (stats:<stage> in Redis), or per pool."""
     try:
         client = connection.redis(cfg, "admin")
@@ -33,6 +35,8 @@ def stats_cmd(cfg, as_json, per_pool):
         raise click.ClickException(str(exc)) from None
     try:
         data = {"pools": status.pools(client)} if per_pool else status.stats(client)
+        if orca:
+            data = status.orca_accounting(data if not per_pool else status.stats(client))
     except redis_py.RedisError as exc:
         raise click.ClickException(f"Redis {config_mod.redact(cfg['redis_url'])}: {exc}") from None
     if per_pool and not as_json:
@@ -43,6 +47,10 @@ def stats_cmd(cfg, as_json, per_pool):
         return
     if as_json:
         click.echo(json.dumps(data))
+        return
+    if orca:
+        for stream, acct in data.items():
+            click.echo(f"{stream:<6} " + " ".join(f"{k}={v}" for k, v in acct.items()))
         return
     for stage, counters in data.items():
         main = " ".join(f"{k}={counters.get(k, 0)}" for k in status.COUNTERS)

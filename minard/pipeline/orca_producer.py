@@ -23,7 +23,10 @@ Counters (``stats:orca_producer``, received = processed + dropped + errors):
 records framed by the parser plus parser errors; processed = CMOS/base
 records handed to ZMQ and other records skipped on purpose; dropped =
 refused at the high-water mark; errors = garbage, truncated or malformed
-input (``error_<reason>``).
+input (``error_<reason>``).  Per stream: ``received_<stream>`` (read),
+``<stream>`` (handed to ZMQ) and ``dropped_<stream>``; with the consumer
+pools' counters they say what became of each stream's records
+(:func:`minard.store.status.orca_accounting`, ``minard stats --orca``).
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ class OrcaProducer(Producer):
         for rec in records:
             self.counts["received"] += 1
             if rec.kind in self.pending:
+                self.counts[f"received_{rec.kind}"] += 1  # where status.orca_accounting starts
                 if rec.byteorder != self.byteorder:
                     self.send_pending()
                     self.byteorder = rec.byteorder

@@ -260,6 +260,35 @@ class Reporter:
         return True
 
 
+#: The ORCA streams whose records :func:`orca_accounting` follows.
+ORCA_STREAMS = ("cmos", "base")
+
+
+def orca_accounting(counters: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """What became of each ORCA stream's records, from the stage counters (*counters* = :func:`stats`).
+
+    The ORCA stream carries no sequence numbers, so minard's account of a
+    stream starts at ``data_producer``: ``received`` = records of the stream
+    it read (``received_<stream>``); ``stored`` = records the consumer pool
+    wrote to Redis (its ``processed``); ``dropped`` = records counted lost on
+    the way (the producer's ``dropped_<stream>``, the pool's ``dropped`` and
+    ``errors``); ``unaccounted`` = ``received`` - ``stored`` - ``dropped``
+    (never negative): records that no counter saw lost (held by a producer or
+    a pool manager killed with them, or in a ZMQ queue).  Meaningful once the
+    stream is idle (records in flight are not stored yet).
+    """
+    out = {}
+    producer = counters.get("orca_producer", {})
+    for stream in ORCA_STREAMS:
+        pool = counters.get(stream, {})
+        received = producer.get(f"received_{stream}", 0)
+        stored = pool.get("processed", 0)
+        dropped = producer.get(f"dropped_{stream}", 0) + pool.get("dropped", 0) + pool.get("errors", 0)
+        out[stream] = {"received": received, "stored": stored, "dropped": dropped,
+                       "unaccounted": max(0, received - stored - dropped)}
+    return out
+
+
 def _split(field: str) -> tuple[str, str]:
     """``(counter, writer)`` of a ``stats:<stage>`` field (``""`` for a field without a writer)."""
     name, _, writer = field.partition("|")

@@ -444,7 +444,14 @@ def test_a_killed_consumer_worker_is_restarted_and_what_it_held_is_counted_dropp
         log = tmp_path / "var" / f"orca_{stream}_pool.log"
         wait_for(lambda: stack.stats().get(stream, {}).get("processed", 0) >= total // 4, 30, "data flowing")
         victim = _worker_pids(log)[0]
-        wait_for(lambda: _holds_unflushed(stack.redis, stream, victim), 30, "records handed but not flushed")
+
+        def stopped_holding():  # stopped, it cannot flush between the check and the kill
+            os.kill(victim, signal.SIGSTOP)
+            if _holds_unflushed(stack.redis, stream, victim):
+                return True
+            os.kill(victim, signal.SIGCONT)
+            return False
+        wait_for(stopped_holding, 30, "records handed but not flushed", interval=0.2)
         os.kill(victim, signal.SIGKILL)
         thread.join(60)
         assert not thread.is_alive()

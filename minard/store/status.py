@@ -360,10 +360,13 @@ def pools(redis, now: float | None = None) -> dict[str, dict]:
 def components(redis, now: float | None = None) -> dict[str, dict[str, str]]:
     """Last heartbeat of every known component; ``alive`` says whether it is current."""
     now = time.time() if now is None else now
+    names = [raw.decode() for raw in sorted(redis.smembers(schema.COMPONENTS))]
+    pipe = redis.pipeline(transaction=False)  # every heartbeat in one round trip
+    for name in names:
+        pipe.hgetall(schema.STATUS.key(component=name))
     out = {}
-    for raw_name in sorted(redis.smembers(schema.COMPONENTS)):
-        name = raw_name.decode()
-        fields = {k.decode(): v.decode() for k, v in redis.hgetall(schema.STATUS.key(component=name)).items()}
+    for name, raw in zip(names, pipe.execute() if names else []):
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
         fields["alive"] = bool(fields) and now - float(fields.get("time", 0)) < 10
         out[name] = fields
     return out

@@ -129,6 +129,14 @@ def floats(values, digits: int = 4) -> np.ndarray:
         return np.ascontiguousarray(np.round(arr, digits))
 
 
+def floats_by_name(series: dict, digits: int) -> dict:
+    """:func:`floats` of every series of *series* ({name: array}), rounded together in one numpy call."""
+    if not series:
+        return {}
+    rounded = floats(np.vstack(list(series.values())), digits)
+    return dict(zip(series, rounded))
+
+
 def sigfigs(values, digits: int = 5) -> np.ndarray:
     """A float array rounded to *digits* significant figures (small occupancies keep theirs)."""
     arr = np.asarray(values, dtype=float)
@@ -197,9 +205,8 @@ def stream():
     out = {"start": start, "stop": stop, "step": view["step"], "now": now, "t": ints(view["t"]),
            "complete_until": view["complete_until"], "headline": data.headline(redis, now),
            "triggers": view["triggers"],
-           "rate": {n: floats(v, 3) for n, v in view["rate"].items()},
-           "nhit": {n: floats(v, 2) for n, v in view["nhit"].items()},
-           "qhs": {n: floats(v, 1) for n, v in view["qhs"].items()},
+           "rate": floats_by_name(view["rate"], 3), "nhit": floats_by_name(view["nhit"], 2),
+           "qhs": floats_by_name(view["qhs"], 1),
            "run": ints(view["run"]), "subrun": ints(view["subrun"]), "gtid": ints(view["gtid"]),
            "boundaries": view["boundaries"], "latest": data.latest_state(redis, now),
            "heartbeat": heartbeat(redis, now), "dispatcher": data.dispatcher_name(redis)}
@@ -279,7 +286,7 @@ def detector():
            "now": now, "events": view["events"], "values": sigfigs(view["values"]),
            "baseline": sigfigs(view["baseline"]), "hot": view["hot"].tolist(), "dead": view["dead"].tolist(),
            "crate": {"mean": sigfigs(st["crate_mean"]), "max": sigfigs(st["crate_max"])},
-           "card": {"mean": [sigfigs(r) for r in st["card_mean"]], "max": [sigfigs(r) for r in st["card_max"]]},
+           "card": {"mean": sigfigs(st["card_mean"]), "max": sigfigs(st["card_max"])},  # nested lists in JSON
            "selection": {"crate": crate, "card": card},
            "flags": {str(k): sorted(v) for k, v in channels_store.status(_redis()).items()}}
     return json_response(out, name)

@@ -161,6 +161,10 @@ WEB_BLOCK = Family("webcache:rows:{step}:{block}:{group}:{fields}", "string",
                    "Settled scalar rows of one block of buckets, decoded once for every web worker: float64 "
                    "array (buckets x fields, NaN where absent); fields is a digest of the field list. Expires "
                    "after a day.")
+WEB_BASELINE = Family("webcache:base:{quantity}:{step}:{anchor}:{span}", "string",
+                      "Rolling baseline of the Detector page (per-channel median of the windows of length span "
+                      "before anchor), computed once for every web worker when all its buckets are settled: "
+                      "float64 per channel. Expires after a day.")
 
 # --- alarms (minard/store/alarms.py) ---------------------------------------------
 ALARM = Family("minard:alarm:{id}", "hash", "One alarm: level, message, source, states and their times.")

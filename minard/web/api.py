@@ -152,7 +152,10 @@ def ints(values):
     ok = np.isfinite(arr)
     if ok.all():
         return np.ascontiguousarray(arr.astype(np.int64))
-    return [int(x) if f else None for x, f in zip(arr.tolist(), ok.tolist())]
+    out = np.where(ok, arr, 0).astype(np.int64).tolist()
+    for i in np.flatnonzero(~ok).tolist():  # only the gaps are visited in Python
+        out[i] = None
+    return out
 
 
 def json_response(obj, filename: str | None = None) -> Response:

@@ -44,7 +44,7 @@ from minard.formats.detector import NCHANNELS_TOTAL, NCRATES
 from minard.formats.pmt import TRIGGER_NAMES
 from minard.store import schema
 from minard.store import timeseries as ts
-from minard.store.schema import NHIT_LEVELS, WEB_BLOCK
+from minard.store.schema import NHIT_LEVELS, WEB_BASELINE, WEB_BLOCK
 
 #: Seconds after its end when a bucket is final (flushes happen every second).
 SETTLE = 3.0
@@ -186,31 +186,43 @@ def _read_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int) ->
     return _floats([list(map(row.get, names)) for row in pipe.execute()]).reshape(b1 - b0 + 1, len(fields))
 
 
+def _shared(redis, key: str, size: int, compute) -> np.ndarray:
+    """A float64 array of *size* entries through the cache every web worker shares in Redis.
+
+    Only for data that can no longer change (settled buckets): the first
+    worker to need it computes it and stores it (one binary string under a
+    ``webcache:`` key, a day of TTL); every other worker reads it with one GET.
+    Without the right to write (an older ACL) or with Redis refusing, it just
+    computes it: the shared cache is an optimisation, never a source of errors.
+    """
+    try:
+        raw = redis.get(key)
+    except Exception:  # noqa: BLE001 - the shared cache is an optimisation only
+        raw = None
+    if raw is not None and len(raw) == size * 8:
+        return np.frombuffer(raw, "<f8")
+    value = compute()
+    try:
+        redis.set(key, np.ascontiguousarray(value, "<f8").tobytes(), ex=WEB_BLOCK_TTL)
+    except Exception:  # noqa: BLE001 - e.g. NOPERM for a user without the webcache families
+        pass
+    return value
+
+
 def _shared_block(redis, group: str, fields: tuple, step: int, block: int) -> np.ndarray:
     """Rows of one settled block, through the cache all web workers share in Redis.
 
     A settled block never changes, so the first worker to need it stores its
-    decoded rows (one binary string, :data:`minard.store.schema.WEB_BLOCK`)
-    and every other worker reads them with one GET instead of BLOCK HMGETs.
-    Without the right to write (an older ACL) it just reads the rows itself.
+    decoded rows (:data:`minard.store.schema.WEB_BLOCK`) and every other worker
+    reads them with one GET instead of BLOCK HGETALLs.
     """
     lo = block * BLOCK
     if not isinstance(redis, Source):
         return _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1)
     digest = hashlib.blake2b("\0".join(fields).encode(), digest_size=6).hexdigest()
     key = WEB_BLOCK.key(step=step, block=block, group=group, fields=digest)
-    try:
-        raw = redis.get(key)
-    except Exception:  # noqa: BLE001 - the shared cache is an optimisation only
-        raw = None
-    if raw is not None and len(raw) == BLOCK * len(fields) * 8:
-        return np.frombuffer(raw, "<f8").reshape(BLOCK, len(fields))
-    rows = _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1)
-    try:
-        redis.set(key, rows.astype("<f8").tobytes(), ex=WEB_BLOCK_TTL)
-    except Exception:  # noqa: BLE001 - e.g. NOPERM for a user without the webcache family
-        pass
-    return rows
+    rows = _shared(redis, key, BLOCK * len(fields), lambda: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
+    return rows.reshape(BLOCK, len(fields))
 
 
 def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, now: float) -> np.ndarray:
@@ -480,14 +492,28 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
     """
     span = stop - start
     anchor = math.floor(start / span) * span
-    base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
-                  lambda: _median_of_windows(redis, quantity, anchor, span, now, level))
+    settled = ts.bucket(anchor, level.step) <= last_settled(level.step, now)
+    base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL if settled else SETTLE,
+                  lambda: _shared_median(redis, quantity, anchor, span, now, level, settled))
+    missing = np.isnan(base)
+    if not missing.any():
+        base.setflags(write=False)  # the cached array itself: no caller may change it
+        return base
     with np.errstate(all="ignore"), _quiet():
         crate_median = np.nanmedian(current.reshape(NCRATES, -1), axis=1)
     base = base.copy()
-    missing = np.isnan(base)
     base[missing] = np.repeat(crate_median, NCHANNELS_TOTAL // NCRATES)[missing]
     return base
+
+
+def _shared_median(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level,
+                   settled: bool) -> np.ndarray:
+    """:func:`_median_of_windows`, through the workers' shared cache once all its buckets are settled."""
+    compute = lambda: _median_of_windows(redis, quantity, anchor, span, now, level)  # noqa: E731
+    if not settled or not isinstance(redis, Source):
+        return compute()
+    key = WEB_BASELINE.key(quantity=quantity, step=level.step, anchor=repr(float(anchor)), span=repr(float(span)))
+    return _shared(redis, key, NCHANNELS_TOTAL, compute)
 
 
 def _median_of_windows(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:

@@ -54,6 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, default=20, help="concurrent clients (threads) [20]")
     p.add_argument("--requests", type=int, default=None, help="requests per target [600; 200 with --quick]")
     p.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1), help="gunicorn workers [2 x cores]")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per gunicorn worker; above 1 the gthread worker class, as `minard up` runs it [1: sync]")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="each target's requests are split into this many rounds, interleaved with the other "
+                        "targets', so that every target (and the static reference) sees the same load on a shared "
+                        "machine [5]")
     p.add_argument("--days", type=float, default=None, help="days of data [1; 2 h with --quick]")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 200:
@@ -195,8 +201,9 @@ def main(argv=None) -> int:
             port = free_port()
             var = tempfile.mkdtemp(prefix="minard-bench-web-")
             env = {**os.environ, "MINARD_REDIS_URL": server.url, "MINARD_VAR_DIR": var, "MINARD_LOG_LEVEL": "WARNING"}
+            kind = ["--worker-class", "gthread", "--threads", str(args.threads)] if args.threads > 1 else []
             procs.append(subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-b", f"127.0.0.1:{port}",
-                                           "-w", str(args.workers), "--log-level", "warning", "minard:app"],
+                                           "-w", str(args.workers), *kind, "--log-level", "warning", "minard:app"],
                                           cwd=REPO, env=env))
             wait_port(port, timeout=20)
             _, _, size = get(port, "/api/detector?quantity=occupancy&window=10m")
@@ -207,23 +214,42 @@ def main(argv=None) -> int:
             load(port, ["/api/detector?quantity=occupancy&window=10m", "/api/stream?window=1d"] * args.workers * 2,
                  args.clients)
             now = int(time.time())
-            print(f"gunicorn: {args.workers} sync workers; {args.clients} concurrent clients;"
-                  f" {args.requests} requests per target and mode; occupancy answer {size / 1024:.0f} KiB")
-            results = {}
+            kind = f"gthread workers x {args.threads} threads" if args.threads > 1 else "sync workers"
+            print(f"gunicorn: {args.workers} {kind}; {args.clients} concurrent clients;"
+                  f" {args.requests} requests per target and mode in {args.rounds} interleaved rounds;"
+                  f" occupancy answer {size / 1024:.0f} KiB; load average before: {os.getloadavg()[0]:.1f}")
             plan = targets(now, args.requests, static_path, args.days)
-            for name, modes in plan.items():
-                for mode, paths in modes.items():
-                    t0 = time.perf_counter()
-                    lat = load(port, paths, args.clients)
-                    wall = time.perf_counter() - t0
-                    results[(name, mode)] = (pct(lat, 50) * 1000, pct(lat, 95) * 1000, len(lat) / wall)
+            results = measure(port, plan, args.clients, args.rounds)
             report(results)
+            print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
             where_time_goes(server.url, plan)
         finally:
             for p in procs:
                 stop_pid(p)
             static_file.unlink(missing_ok=True)
     return 0
+
+
+def measure(port: int, plan: dict, clients: int, rounds: int) -> dict:
+    """p50, p95 (ms) and req/s of every target and mode, the targets' rounds interleaved.
+
+    Round r of every target runs before round r + 1 of any, so a burst of load
+    from elsewhere on the machine falls on all of them alike.
+    """
+    out = {}
+    for mode in ("same", "distinct"):
+        lat: dict[str, list[float]] = {name: [] for name in plan}
+        wall = dict.fromkeys(plan, 0.0)
+        for r in range(rounds):
+            for name, modes in plan.items():
+                paths = modes[mode]
+                chunk = paths[r * len(paths) // rounds: (r + 1) * len(paths) // rounds]
+                t0 = time.perf_counter()
+                lat[name] += load(port, chunk, clients)
+                wall[name] += time.perf_counter() - t0
+        for name in plan:
+            out[(name, mode)] = (pct(lat[name], 50) * 1000, pct(lat[name], 95) * 1000, len(lat[name]) / wall[name])
+    return dict(sorted(out.items(), key=lambda kv: list(plan).index(kv[0][0])))
 
 
 def report(results: dict) -> None:

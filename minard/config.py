@@ -238,6 +238,8 @@ TABLE: tuple[Key | Section, ...] = (
         'proxies (nginx) in front of gunicorn whose `X-Forwarded-For`/`-Proto` are trusted, for the client address and HTTPS; 0 when gunicorn faces clients itself'),
     Key("web_threads", int, 8,
         'threads per gunicorn worker (`gthread` worker class) of both web apps'),
+    Key("web_warm_hours", float, 24.0,
+        'hours of settled Stream-page data that the gunicorn workers of the dashboard decode into the shared cache (`webcache:rows:…`) ahead of any request, so that the first view of any window in them is fast (docs/web.md); 0 turns it off'),
     Key("nginx_tls", bool, False,
         'serve the site over HTTPS on `nginx_tls_port` with HSTS; plain HTTP on `nginx_port` only redirects (`minard up --tls` sets it and makes a self-signed certificate)'),
     Key("nginx_tls_port", int, 50443,

@@ -165,6 +165,8 @@ WEB_BASELINE = Family("webcache:base:{quantity}:{step}:{anchor}:{span}", "string
                       "Rolling baseline of the Detector page (per-channel median of the windows of length span "
                       "before anchor), computed once for every web worker when all its buckets are settled: "
                       "float64 per channel. Expires after a day.")
+WEB_WARM_LOCK = _single("webcache:warm", "string",
+                        "held (a minute at most) by the one web worker filling webcache:rows ahead of requests")
 
 # --- alarms (minard/store/alarms.py) ---------------------------------------------
 ALARM = Family("minard:alarm:{id}", "hash", "One alarm: level, message, source, states and their times.")

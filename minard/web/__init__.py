@@ -131,8 +131,22 @@ def create_app(cfg: dict | None = None) -> Flask:
 
     dq.register(app)  # data quality: report cards, run registry, channel status
     _site(app)
+    _warm_under_gunicorn(app)
     metrics.instrument(app, "web")  # requests per route, served by gunicorn's master
     return app
+
+
+def _warm_under_gunicorn(app: Flask) -> None:
+    """Under gunicorn, the worker's first request starts its warmer of the shared cache
+    (:mod:`minard.web.warm`); never in tests' apps, which are not served by gunicorn."""
+    if float(app.config["MINARD"]["web_warm_hours"]) <= 0:
+        return
+    from minard.web import warm
+
+    @app.before_request
+    def start_warmer():
+        if "minard_warmer" not in app.extensions and "gunicorn.socket" in request.environ:
+            warm.start(app)
 
 
 def _behind_proxy(app: Flask, hops: int) -> None:

@@ -202,11 +202,16 @@ def _shared(redis, key: str, size: int, compute) -> np.ndarray:
     if raw is not None and len(raw) == size * 8:
         return np.frombuffer(raw, "<f8")
     value = compute()
+    store_shared(redis, key, value)
+    return value
+
+
+def store_shared(redis, key: str, value: np.ndarray) -> None:
+    """Keep *value* (float64) under *key* of the shared cache for WEB_BLOCK_TTL s; refusals are ignored."""
     try:
         redis.set(key, np.ascontiguousarray(value, "<f8").tobytes(), ex=WEB_BLOCK_TTL)
     except Exception:  # noqa: BLE001 - e.g. NOPERM for a user without the webcache families
         pass
-    return value
 
 
 def _shared_block(redis, group: str, fields: tuple, step: int, block: int) -> np.ndarray:
@@ -219,10 +224,15 @@ def _shared_block(redis, group: str, fields: tuple, step: int, block: int) -> np
     lo = block * BLOCK
     if not isinstance(redis, Source):
         return _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1)
-    digest = hashlib.blake2b("\0".join(fields).encode(), digest_size=6).hexdigest()
-    key = WEB_BLOCK.key(step=step, block=block, group=group, fields=digest)
-    rows = _shared(redis, key, BLOCK * len(fields), lambda: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
+    rows = _shared(redis, block_key(group, fields, step, block), BLOCK * len(fields),
+                   lambda: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
     return rows.reshape(BLOCK, len(fields))
+
+
+def block_key(group: str, fields: tuple, step: int, block: int) -> str:
+    """The shared-cache key of one block of *fields* of *group* (fields named by a digest)."""
+    digest = hashlib.blake2b("\0".join(fields).encode(), digest_size=6).hexdigest()
+    return WEB_BLOCK.key(step=step, block=block, group=group, fields=digest)
 
 
 def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, now: float) -> np.ndarray:

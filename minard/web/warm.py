@@ -1,0 +1,137 @@
+"""Fill the web workers' shared cache of settled Stream-page blocks ahead of any request.
+
+The first view of a window that no worker had shown paid for decoding every
+settled block of scalar rows it covers (:func:`minard.web.data._shared_block`:
+32 HGETALLs of the 84 trigger fields, about a millisecond a block, some 140
+blocks for a 6-hour rate plot); that was the slow tail of ``bench/web.py``'s
+distinct windows.  Under gunicorn every worker of the site starts a
+:class:`Warmer` with its first request (:func:`minard.web._warm_under_gunicorn`); a
+short-lived Redis lock (:data:`minard.store.schema.WEB_WARM_LOCK`) lets one
+of them at a time store the blocks of the last ``web_warm_hours`` hours that
+no worker has stored yet (``webcache:rows:…``, the same keys and values a
+request would store), then each new block as it settles.  Blocks are stored
+only once settled, so a warmed block is exactly what a request would read
+(``tests/web/test_web_warm.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import numpy as np
+
+from minard.store import timeseries as ts
+from minard.store.schema import SCALAR_LEVELS, WEB_WARM_LOCK
+from minard.web import data
+
+log = logging.getLogger("minard.web.warm")
+
+#: The (group, fields) block sets of the Stream page, the ones worth decoding ahead.
+WARM_SETS = (("trig", data.TRIG_FIELDS), ("stream", data.STREAM_FIELDS))
+#: Seconds between two passes of a worker's warmer.
+INTERVAL = 20.0
+#: At most this many blocks are decoded per pass (a pass stays under a second of CPU).
+PASS_BLOCKS = 400
+
+
+def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
+    """Every settled block of the Stream page's sets within the last *hours*: (group, fields, step, block)."""
+    out = []
+    for level in SCALAR_LEVELS:
+        first = ts.bucket(now - min(hours * 3600, level.keep), level.step) // data.BLOCK
+        last = (data.last_settled(level.step, now) + 1) // data.BLOCK - 1  # the newest block wholly settled
+        for block in range(last, first - 1, -1):  # newest first: the views most looked at
+            out.extend((group, fields, level.step, block) for group, fields in WARM_SETS)
+    return out
+
+
+def warm_once(reads, writes, now: float, hours: float, done: set, limit: int = PASS_BLOCKS) -> int:
+    """Store the shared rows of up to *limit* settled blocks not yet in Redis; returns how many.
+
+    Rows are read from *reads* (the dashboard's Redis, maybe a replica) and
+    stored through *writes* (the primary).  Blocks without any data are not
+    stored (a request stores them if anyone looks).  *done* holds the blocks
+    already handled (kept by the caller across passes, so each pass only looks
+    at blocks that settled since).
+    """
+    todo = [b for b in blocks(now, hours) if b not in done]
+    if not todo:
+        return 0
+    pipe = reads.pipeline(transaction=False)
+    for group, fields, step, block in todo:
+        pipe.exists(data.block_key(group, fields, step, block))
+    stored = decoded = 0
+    for item, exists in zip(todo, pipe.execute()):
+        if not exists:
+            if decoded >= limit:
+                continue
+            group, fields, step, block = item
+            rows = data._read_rows(reads, group, fields, step, block * data.BLOCK, block * data.BLOCK + data.BLOCK - 1)
+            decoded += 1
+            if np.isfinite(rows).any():
+                data.store_shared(writes, data.block_key(group, fields, step, block), rows)
+                stored += 1
+        done.add(item)
+    oldest = min(now - hours * 3600, now - SCALAR_LEVELS[0].keep)
+    done.difference_update({b for b in done if (b[3] + 1) * data.BLOCK * b[2] < oldest})  # out of the horizon
+    return stored
+
+
+class Warmer(threading.Thread):
+    """A daemon thread of one web worker: a warm pass every INTERVAL s while it holds the lock."""
+
+    def __init__(self, reads, writes, hours: float, interval: float = INTERVAL):
+        super().__init__(name="minard-web-warmer", daemon=True)
+        self.reads, self.writes, self.hours, self.interval = reads, writes, hours, interval
+        self.done: set = set()
+        self.stopped = threading.Event()
+        self.passes = self.stored = 0
+
+    def run(self) -> None:
+        """Warm until stopped; Redis errors are logged and retried at the next pass (never fatal)."""
+        while not self.stopped.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - an optimisation: a failed pass is retried later
+                log.warning("warming the shared cache failed: %s: %s", type(exc).__name__, exc)
+            self.stopped.wait(self.interval * random.uniform(0.8, 1.2))  # workers spread their passes
+
+    def step(self) -> int:
+        """One pass if no other worker is warming; returns the blocks stored."""
+        if not self.writes.set(WEB_WARM_LOCK, str(threading.get_native_id()), nx=True, ex=int(self.interval * 3)):
+            return 0
+        try:
+            n = warm_once(self.reads, self.writes, time.time(), self.hours, self.done)
+        finally:
+            self.writes.delete(WEB_WARM_LOCK)
+        self.passes += 1
+        self.stored += n
+        if n:
+            log.info("stored %d settled blocks in the shared cache", n)
+        return n
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+_STARTING = threading.Lock()
+
+
+def start(app) -> Warmer | None:
+    """Start the warmer of the web *app* once (``web_warm_hours`` > 0); returns it."""
+    hours = float(app.config["MINARD"]["web_warm_hours"])
+    if hours <= 0:
+        return None
+    with _STARTING:  # gthread workers: two first requests at once start one warmer
+        warmer = app.extensions.get("minard_warmer")
+        if warmer is None:
+            warmer = app.extensions["minard_warmer"] = Warmer(app.extensions["minard_source"].redis,
+                                                              app.extensions["minard_redis"], hours)
+            warmer.start()
+    return warmer
+
+
+__all__ = ["Warmer", "blocks", "start", "warm_once"]

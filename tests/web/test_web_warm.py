@@ -1,0 +1,91 @@
+"""The warmer fills the shared cache with exactly what a request would store, and only settled blocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import wait_for
+
+from minard.store import schema
+from minard.testing import free_port, sample, stop_pid, wait_port
+from minard.web import data, warm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_warm_pass_stores_what_a_request_reads_and_only_settled_blocks(redis_client):
+    now = time.time()
+    sample.write_day(redis_client, now, days=3 / 24, run_seconds=600)
+    done: set = set()
+    stored = warm.warm_once(redis_client, redis_client, now, 3, done, limit=10_000)
+    keys = {k.decode() for k in redis_client.scan_iter(schema.WEB_BLOCK.pattern)}
+    assert stored == len(keys) > 100
+    for group, fields, step, block in warm.blocks(now, 3):
+        key = data.block_key(group, fields, step, block)
+        if key not in keys:
+            continue
+        assert (block + 1) * data.BLOCK - 1 <= data.last_settled(step, now)
+        rows = data._read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
+        shared = np.frombuffer(redis_client.get(key), "<f8").reshape(rows.shape)
+        assert np.array_equal(shared, rows, equal_nan=True), key
+    assert warm.warm_once(redis_client, redis_client, now, 3, done) == 0  # nothing new has settled
+    fresh = data.Source(redis_client)  # a worker reading the warmed blocks
+    for start, stop in ((now - 3 * 3600, now), (now - 7000, now - 3000), (now - 900, now - 5)):
+        _same_stream(data.stream_view(fresh, start, stop, now), data.stream_view(redis_client, start, stop, now))
+
+
+def _same_stream(a: dict, b: dict) -> None:
+    for key in ("t", "run", "subrun", "gtid"):
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
+    for key in ("rate", "nhit", "qhs"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert np.array_equal(a[key][name], b[key][name], equal_nan=True), (key, name)
+    assert a["boundaries"] == b["boundaries"]
+
+
+def test_blocks_without_data_are_not_stored(redis_client):
+    assert warm.warm_once(redis_client, redis_client, time.time(), 1, set()) == 0
+    assert not list(redis_client.scan_iter("webcache:*"))
+
+
+def test_only_one_worker_warms_at_a_time(redis_client):
+    """A warmer that finds the lock held does nothing; once it is free, it warms."""
+    sample.write_day(redis_client, time.time(), days=1 / 24)
+    first, second = warm.Warmer(redis_client, redis_client, 1), warm.Warmer(redis_client, redis_client, 1)
+    redis_client.set(schema.WEB_WARM_LOCK, "another worker", ex=60)
+    assert second.step() == 0 and not list(redis_client.scan_iter(schema.WEB_BLOCK.pattern))
+    redis_client.delete(schema.WEB_WARM_LOCK)
+    assert first.step() > 0 and redis_client.get(schema.WEB_WARM_LOCK) is None
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_warm_the_shared_cache_after_their_first_request(redis_url, redis_client, tmp_path):
+    now = time.time()
+    sample.write_day(redis_client, now, days=2 / 24)
+    port = free_port()
+    env = {**os.environ, "MINARD_REDIS_URL": redis_url, "MINARD_VAR_DIR": str(tmp_path), "MINARD_WEB_WARM_HOURS": "2"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2",
+                             "minard:app"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=20)
+        assert not list(redis_client.scan_iter(schema.WEB_BLOCK.pattern))  # nothing before a request
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/banner", timeout=10).read()
+        expected = {data.block_key(*b) for b in warm.blocks(now, 1.5) if _has_data(redis_client, *b)}
+        assert len(expected) > 100
+        wait_for(lambda: expected <= {k.decode() for k in redis_client.scan_iter(schema.WEB_BLOCK.pattern)}, 30,
+                 "every settled block of the last 2 h in the shared cache")
+    finally:
+        stop_pid(proc)
+
+
+def _has_data(redis_client, group, fields, step, block) -> bool:
+    rows = data._read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
+    return bool(np.isfinite(rows).any())

@@ -440,7 +440,13 @@ def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: flo
     n = np.zeros(NCHANNELS_TOTAL, np.int64)
     if b1 < b0:
         return total, n
-    arrays = _bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now)
+    return _sum_arrays(_bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now), kind)
+
+
+def _sum_arrays(arrays: list[tuple], kind: str):
+    """(sum, n) of decoded bucket arrays (:func:`_decode_bucket`); for counts n is zero."""
+    total = np.zeros(NCHANNELS_TOTAL, np.int64)
+    n = np.zeros(NCHANNELS_TOTAL, np.int64)
     first = [a[0] for a in arrays if a[0] is not None]
     if first:
         total = np.stack(first).sum(axis=0, dtype=np.int64)
@@ -502,9 +508,11 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
     """
     span = stop - start
     anchor = math.floor(start / span) * span
-    settled = ts.bucket(anchor, level.step) <= last_settled(level.step, now)
-    base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL if settled else SETTLE,
-                  lambda: _shared_median(redis, quantity, anchor, span, now, level, settled))
+    if ts.bucket(anchor, level.step) <= last_settled(level.step, now):
+        base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
+                      lambda: _shared_median(redis, quantity, anchor, span, now, level))
+    else:  # windows still filling (spans of a few seconds): never from a cache
+        base = _median_of_windows(redis, quantity, anchor, span, now, level)
     missing = np.isnan(base)
     if not missing.any():
         base.setflags(write=False)  # the cached array itself: no caller may change it
@@ -516,22 +524,50 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
     return base
 
 
-def _shared_median(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level,
-                   settled: bool) -> np.ndarray:
-    """:func:`_median_of_windows`, through the workers' shared cache once all its buckets are settled."""
+def _shared_median(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
+    """:func:`_median_of_windows` of settled windows, through the workers' shared cache."""
     compute = lambda: _median_of_windows(redis, quantity, anchor, span, now, level)  # noqa: E731
-    if not settled or not isinstance(redis, Source):
+    if not isinstance(redis, Source):
         return compute()
     key = WEB_BASELINE.key(quantity=quantity, step=level.step, anchor=repr(float(anchor)), span=repr(float(span)))
     return _shared(redis, key, NCHANNELS_TOTAL, compute)
 
 
 def _median_of_windows(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
-    """Per-channel median of the BASELINE_WINDOWS windows of length *span* before *anchor*."""
-    prev = [window_values(redis, quantity, anchor - k * span, anchor - (k - 1) * span, now, level)[0]
-            for k in range(1, BASELINE_WINDOWS + 1)]
-    with np.errstate(all="ignore"), _quiet():
-        return np.nanmedian(np.vstack(prev), axis=0)
+    """Per-channel median of the BASELINE_WINDOWS windows of length *span* before *anchor*.
+
+    Each window's value is :func:`window_values`'s; the buckets of all the
+    windows are read in one round trip (and their events in one more).
+    """
+    name, kind, _ = CHANNEL_SOURCES[quantity]
+    step = level.step
+    bounds = [(ts.bucket(anchor - k * span, step), ts.bucket(anchor - (k - 1) * span, step))
+              for k in range(1, BASELINE_WINDOWS + 1)]
+    lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    arrays = _bucket_arrays(redis, name, kind, step, range(lo, hi + 1), now)
+    events = scalar_rows(redis, "occ", ("events",), step, lo, hi, now)[:, 0] if kind == "counts" else None
+    prev = []
+    for b0, b1 in bounds:
+        total, n = _sum_arrays(arrays[b0 - lo:b1 - lo + 1], kind)
+        ev = float(np.nansum(events[b0 - lo:b1 - lo + 1])) if events is not None else 0.0
+        prev.append(channel_values(quantity, total, n, ev))
+    return nanmedian_rows(np.vstack(prev))
+
+
+def nanmedian_rows(stack: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(stack, axis=0)``, value for value, without its masked-array path (3x faster here).
+
+    Sorting puts NaN last, so each column's median is taken among its first
+    ``n`` (not NaN) entries; NaN where a column has none.
+    """
+    k = stack.shape[0]
+    s = np.sort(stack, axis=0)
+    n = k - np.isnan(stack).sum(axis=0)
+    lo = np.take_along_axis(s, np.maximum(n - 1, 0)[None] // 2, 0)[0]
+    hi = np.take_along_axis(s, np.minimum(n // 2, k - 1)[None], 0)[0]
+    with np.errstate(invalid="ignore"):
+        med = np.where(n % 2 == 1, lo, (lo + hi) / 2)
+    return np.where(n > 0, med, np.nan)
 
 
 class _quiet:

@@ -119,3 +119,17 @@ def test_a_shared_baseline_is_what_a_new_worker_reads(redis_client, day):
     second = data.detector_view(data.Source(redis_client), "occupancy", start, stop, now)
     assert (second["baseline"] == 0.5).all()
     assert not np.array_equal(first["baseline"], second["baseline"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 8), nan_share=st.floats(0, 1), kind=st.sampled_from(["unit", "small", "integers", "wide"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_fast_median_equals_numpys_nanmedian(rows, nan_share, kind, seed):
+    """The baseline's median (sort-based) is np.nanmedian's value for value, NaN where a channel has none."""
+    rng = np.random.default_rng(seed)
+    values = {"unit": rng.random((rows, 512)), "small": rng.random((rows, 512)) * 1e-4,
+              "integers": np.round(rng.random((rows, 512)) * 5), "wide": rng.standard_normal((rows, 512)) * 1e3}[kind]
+    values[rng.random(values.shape) < nan_share] = np.nan
+    with np.errstate(all="ignore"), data._quiet():
+        expected = np.nanmedian(values, axis=0)
+    assert np.array_equal(data.nanmedian_rows(values), expected, equal_nan=True)

@@ -213,6 +213,7 @@ def main(argv=None) -> int:
                 get(port, path)  # warm every worker's imports
             load(port, ["/api/detector?quantity=occupancy&window=10m", "/api/stream?window=1d"] * args.workers * 2,
                  args.clients)
+            wait_warm(server.url)
             now = int(time.time())
             kind = f"gthread workers x {args.threads} threads" if args.threads > 1 else "sync workers"
             print(f"gunicorn: {args.workers} {kind}; {args.clients} concurrent clients;"
@@ -228,6 +229,27 @@ def main(argv=None) -> int:
                 stop_pid(p)
             static_file.unlink(missing_ok=True)
     return 0
+
+
+def wait_warm(url: str, timeout: float = 120.0) -> None:
+    """Wait until the workers' warmer (minard.web.warm) has filled the shared cache: no worker
+    holds its lock and the key count has not moved for 2 s.  The site is measured as one
+    that has been up for a minute, not in its first seconds."""
+    from minard.store.schema import WEB_WARM_LOCK
+
+    client = redis_py.Redis.from_url(url)
+    t0 = time.monotonic()
+    first = last = client.dbsize()
+    still = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(0.5)  # polling a process we do not control; bounded by timeout
+        size, held = client.dbsize(), client.exists(WEB_WARM_LOCK)
+        if size != last or held:
+            last, still = size, time.monotonic()
+        elif time.monotonic() - still >= 2.0:
+            break
+    print(f"shared cache warmed: {last - first} keys in {time.monotonic() - t0:.1f} s")
+    client.close()
 
 
 def measure(port: int, plan: dict, clients: int, rounds: int) -> dict:

@@ -109,7 +109,8 @@ def create_app(cfg: dict | None = None) -> Flask:
     # Sentinels) the dashboards' data is read from a replica.
     reads = (connection.redis(cfg, "dashboard", replica=True) if cfg["web_redis_replica"]
              else app.extensions["minard_redis"])
-    app.extensions["minard_source"] = Source(reads, Cache(1024))
+    # 2048 entries: a day of settled Stream-page blocks (about 1100, 25 MB) plus baselines and heads.
+    app.extensions["minard_source"] = Source(reads, Cache(2048))
     app.extensions["minard_responses"] = Cache(256)
     app.extensions["minard_keys"] = KeyStore.from_config(cfg)
     app.extensions["minard_registry"] = Registry.from_config(cfg)

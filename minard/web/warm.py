@@ -33,8 +33,11 @@ log = logging.getLogger("minard.web.warm")
 WARM_SETS = (("trig", data.TRIG_FIELDS), ("stream", data.STREAM_FIELDS))
 #: Seconds between two passes of a worker's warmer.
 INTERVAL = 20.0
-#: At most this many blocks are decoded per pass (a pass stays under a second of CPU).
+#: At most this many blocks are decoded per pass (a pass stays under a second of CPU);
+#: while blocks remain, the next pass follows after PAUSE s (a day's first warm-up
+#: takes a few passes), then every INTERVAL s.
 PASS_BLOCKS = 400
+PAUSE = 0.2
 
 
 def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
@@ -48,8 +51,8 @@ def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
     return out
 
 
-def warm_once(reads, writes, now: float, hours: float, done: set, limit: int = PASS_BLOCKS) -> int:
-    """Store the shared rows of up to *limit* settled blocks not yet in Redis; returns how many.
+def warm_once(reads, writes, now: float, hours: float, done: set, limit: int = PASS_BLOCKS) -> tuple[int, int]:
+    """Store the shared rows of up to *limit* settled blocks not yet in Redis; returns (stored, decoded).
 
     Rows are read from *reads* (the dashboard's Redis, maybe a replica) and
     stored through *writes* (the primary).  Blocks without any data are not
@@ -59,7 +62,7 @@ def warm_once(reads, writes, now: float, hours: float, done: set, limit: int = P
     """
     todo = [b for b in blocks(now, hours) if b not in done]
     if not todo:
-        return 0
+        return 0, 0
     pipe = reads.pipeline(transaction=False)
     for group, fields, step, block in todo:
         pipe.exists(data.block_key(group, fields, step, block))
@@ -77,7 +80,7 @@ def warm_once(reads, writes, now: float, hours: float, done: set, limit: int = P
         done.add(item)
     oldest = min(now - hours * 3600, now - SCALAR_LEVELS[0].keep)
     done.difference_update({b for b in done if (b[3] + 1) * data.BLOCK * b[2] < oldest})  # out of the horizon
-    return stored
+    return stored, decoded
 
 
 class Warmer(threading.Thread):
@@ -93,25 +96,26 @@ class Warmer(threading.Thread):
     def run(self) -> None:
         """Warm until stopped; Redis errors are logged and retried at the next pass (never fatal)."""
         while not self.stopped.is_set():
+            more = False
             try:
-                self.step()
+                more = self.step() >= PASS_BLOCKS
             except Exception as exc:  # noqa: BLE001 - an optimisation: a failed pass is retried later
                 log.warning("warming the shared cache failed: %s: %s", type(exc).__name__, exc)
-            self.stopped.wait(self.interval * random.uniform(0.8, 1.2))  # workers spread their passes
+            self.stopped.wait(PAUSE if more else self.interval * random.uniform(0.8, 1.2))  # workers spread out
 
     def step(self) -> int:
-        """One pass if no other worker is warming; returns the blocks stored."""
+        """One pass if no other worker is warming; returns the blocks decoded."""
         if not self.writes.set(WEB_WARM_LOCK, str(threading.get_native_id()), nx=True, ex=int(self.interval * 3)):
             return 0
         try:
-            n = warm_once(self.reads, self.writes, time.time(), self.hours, self.done)
+            stored, decoded = warm_once(self.reads, self.writes, time.time(), self.hours, self.done)
         finally:
             self.writes.delete(WEB_WARM_LOCK)
         self.passes += 1
-        self.stored += n
-        if n:
-            log.info("stored %d settled blocks in the shared cache", n)
-        return n
+        self.stored += stored
+        if stored:
+            log.info("stored %d settled blocks in the shared cache", stored)
+        return decoded
 
     def stop(self) -> None:
         self.stopped.set()

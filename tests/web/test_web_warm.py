@@ -24,7 +24,7 @@ def test_a_warm_pass_stores_what_a_request_reads_and_only_settled_blocks(redis_c
     now = time.time()
     sample.write_day(redis_client, now, days=3 / 24, run_seconds=600)
     done: set = set()
-    stored = warm.warm_once(redis_client, redis_client, now, 3, done, limit=10_000)
+    stored, _ = warm.warm_once(redis_client, redis_client, now, 3, done, limit=10_000)
     keys = {k.decode() for k in redis_client.scan_iter(schema.WEB_BLOCK.pattern)}
     assert stored == len(keys) > 100
     for group, fields, step, block in warm.blocks(now, 3):
@@ -35,7 +35,7 @@ def test_a_warm_pass_stores_what_a_request_reads_and_only_settled_blocks(redis_c
         rows = data._read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
         shared = np.frombuffer(redis_client.get(key), "<f8").reshape(rows.shape)
         assert np.array_equal(shared, rows, equal_nan=True), key
-    assert warm.warm_once(redis_client, redis_client, now, 3, done) == 0  # nothing new has settled
+    assert warm.warm_once(redis_client, redis_client, now, 3, done) == (0, 0)  # nothing new has settled
     fresh = data.Source(redis_client)  # a worker reading the warmed blocks
     for start, stop in ((now - 3 * 3600, now), (now - 7000, now - 3000), (now - 900, now - 5)):
         _same_stream(data.stream_view(fresh, start, stop, now), data.stream_view(redis_client, start, stop, now))
@@ -52,7 +52,7 @@ def _same_stream(a: dict, b: dict) -> None:
 
 
 def test_blocks_without_data_are_not_stored(redis_client):
-    assert warm.warm_once(redis_client, redis_client, time.time(), 1, set()) == 0
+    assert warm.warm_once(redis_client, redis_client, time.time(), 1, set())[0] == 0
     assert not list(redis_client.scan_iter("webcache:*"))
 
 

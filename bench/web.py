@@ -17,6 +17,10 @@ with N concurrent clients (threads, one HTTP connection per request):
 Each query is run twice: every client asking for the *same* live view (many
 screens showing one view, as in a control room) and every request asking for
 a *distinct* fixed window anywhere in the day of data (no response reuse).
+The targets' requests run in interleaved rounds (``--rounds``), so load from
+elsewhere on the machine falls on each target and on the static reference
+alike, and only once the workers' warmer has filled the shared cache
+(``minard.web.warm``; a site that has been up for a minute).
 Prints p50/p95 per target and the ratio of API p95 to static p95 (goal: API
 p95 < 50 ms and <= 3x static), then where the time of one request goes
 (Redis round trips, JSON encoding, the rest) measured in one process.

@@ -19,7 +19,9 @@ kept in a small cache owned by the web app (a :class:`Cache` on
 ``app.extensions``, reached through :class:`Source`; no module state); only
 the last few buckets of a live window are read from Redis on every request.
 Scalar rows are cached in aligned blocks of :data:`BLOCK` buckets, so a
-sliding window reuses them.  Functions given a plain Redis client read
+sliding window reuses them.  Settled blocks and baselines are also shared by
+every worker through Redis (``webcache:``, :func:`_shared`; filled ahead of
+requests by :mod:`minard.web.warm`).  Functions given a plain Redis client read
 everything from Redis.
 
 **Complete buckets.**  A bucket still filling (it ends less than

@@ -38,6 +38,7 @@ import click
 
 from minard import config as config_mod
 from minard import metrics
+from minard.dispatcher.journal import AccountingJournal, merge
 from minard.formats import handshake
 from minard.formats.framing import (
     AUTH,
@@ -56,7 +57,6 @@ from minard.formats.framing import (
     expand_rawbatches,
     rawbatch_count,
 )
-from minard.dispatcher.journal import AccountingJournal, merge
 from minard.store import schema
 
 log = logging.getLogger("minard.dispatcher.server")

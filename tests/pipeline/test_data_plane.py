@@ -26,7 +26,13 @@ import zmq
 import zmq.auth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_dispatch_stream import Stack, comparable, file_totals, synthetic
+from test_dispatch_stream import (
+    Stack,
+    accounted_run,
+    comparable,
+    file_totals,
+    synthetic,
+)
 
 from minard.formats import orca, wire
 from minard.formats.pmt import encode_event, pack_dispatch
@@ -280,8 +286,7 @@ def test_a_backlog_beyond_its_bound_is_counted_as_dropped(cfg, tmp_path, redis_u
         s = stats(redis_client)["push"]
         assert s["dropped"] == 2000 and s["processed"] == 1000
         # counted against the run they belong to: dropped, not unaccounted
-        got = wait_for(lambda: (lambda r: r if r and r["source_events"] == 3000 else None)(
-            get_run(redis_client, 2200)), 10, "the run's accounting")
+        got = wait_for(lambda: accounted_run(redis_client, 2200, 3000), 10, "the run's accounting")
         assert got["dropped_by"] == {"push_backlog_full": 2000} and got["unaccounted"] == 0
     finally:
         stack.stop()

@@ -23,7 +23,6 @@ import redis as redis_py
 from minard import config
 from minard.formats.pmt import TRIGGER_NAMES, decode_event, encode_event
 from minard.formats.zdab import ZdabWriter, read_events
-from minard.store import schema
 from minard.store import timeseries as ts
 from minard.store.runs import get_run
 from minard.store.status import stats
@@ -292,33 +291,30 @@ def _worker_pids(log_path):
     return [int(p) for p in re.findall(r"(?:STARTING|RESTARTING): D\d+ S\d+\n\s+Pid: (\d+)", text)]
 
 
-def _unflushed(redis_client, pid):
-    """Records the pool handed worker *pid* that it has not flushed yet, as far as
-    Redis shows: the pool's heartbeat count of records its workers finished (at
-    most a second old, so a lower bound) minus the worker's flushed total."""
-    beat = redis_client.hgetall("status:minard_dispatch_pull")
-    handed = int(float(beat.get(b"records_processed", 0)))
-    keys = redis_client.keys(schema.POOL_FLUSHED.key(name="dispatch", host="*", pid="*"))
-    flushed = sum(int(redis_client.hget(k, str(pid)) or 0) for k in keys)
-    return handed - flushed
+def kill_worker_holding_records(redis_client, pid, component="minard_dispatch_pull", timeout=30):
+    """kill -9 the pool's only worker *pid* while it holds records it never processed.
 
-
-def kill_worker_holding_records(redis_client, pid, timeout=30):
-    """kill -9 worker *pid* while it holds records it has not flushed.
-
-    The worker is stopped (SIGSTOP) so that it cannot flush between the check
-    and the kill; if it holds nothing it is continued and checked again.
+    The worker is stopped (SIGSTOP) first; the manager, which keeps receiving
+    data, hands it the next batch (or it already held one), and the pool's
+    heartbeat (*component*) shows it in flight.  That batch dies with the worker,
+    so the kill always loses records, whatever the worker had flushed.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        os.kill(pid, signal.SIGSTOP)
-        if _unflushed(redis_client, pid) > 0:
-            os.kill(pid, signal.SIGKILL)
-            return
-        os.kill(pid, signal.SIGCONT)
-        assert time.monotonic() < deadline, "the worker never held unflushed records"
-        wait_for(lambda: _unflushed(redis_client, pid) > 0, max(0.1, deadline - time.monotonic()),
-                 "the worker holding unflushed records")
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.time() + 0.05
+
+    def holding():
+        beat = redis_client.hgetall(f"status:{component}")
+        return float(beat.get(b"time", 0)) > stopped and int(beat.get(b"inflight_records", 0)) > 0
+    try:
+        wait_for(holding, timeout, "a batch handed to the stopped worker")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def accounted_run(redis_client, run, n):
+    """Run *run*'s summary once the dispatcher's accounting shows its *n* events, else None."""
+    got = get_run(redis_client, run)
+    return got if got and got["source_events"] == n else None
 
 
 def test_killed_worker_is_restarted_and_its_records_are_counted_lost(make_stack, tmp_path, redis_client):
@@ -338,8 +334,7 @@ def test_killed_worker_is_restarted_and_its_records_are_counted_lost(make_stack,
     assert got["events"] + pull["dropped"] == 8000
     assert pull["processed"] == 8000 - pull["dropped"]
     # the run's own accounting names the loss: counted against run 2000, nothing unaccounted
-    got = wait_for(lambda: (lambda r: r if r["source_events"] == 8000 else None)(get_run(redis_client, 2000)),
-                   10, "the dispatcher's accounting of the run")
+    got = wait_for(lambda: accounted_run(redis_client, 2000, 8000), 10, "the dispatcher's accounting of the run")
     assert got["dropped_by"].get("pull_worker_lost") == pull["dropped"]
     assert got["unaccounted"] == 0 and got["dropped"] == 8000 - got["events"]
     check_invariants(redis_client)
@@ -573,7 +568,7 @@ def test_kill_9_mid_run_every_lost_event_is_counted_or_unaccounted_exactly(
     got = settled_run(redis_client, 2100)
     lost = n - got["events"]  # the file's own count minus what reached Redis
     # The push always holds events in flight at 5000 events/s, and the worker is killed
-    # holding unflushed records; a killed pool manager may lose nothing: the push keeps
+    # holding a batch; a killed pool manager may lose nothing: the push keeps
     # what ZMQ refuses in its backlog until the restarted pool connects.
     assert lost > 0 or not must_lose, "the kill lost nothing: the test did not test anything"
     assert got["source_events"] == n  # the dispatcher saw every event of the file

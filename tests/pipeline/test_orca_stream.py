@@ -12,7 +12,6 @@ import calendar
 import datetime as dt
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis as redis_py
+from test_dispatch_stream import kill_worker_holding_records
 
 from minard.formats import orca, wire
 from minard.formats.detector import NCHANNELS_TOTAL
@@ -419,17 +419,6 @@ def _worker_pids(log_path):
     return [int(p) for p in re.findall(r"(?:STARTING|RESTARTING): D\d+ S\d+\n\s+Pid: (\d+)", text)]
 
 
-def _holds_unflushed(redis, stream, pid):
-    """True if worker *pid* has been handed records it has not accounted for in
-    Redis yet: the pool's heartbeat (a second old at most) counts more records
-    done than the worker's entry in the pool's flushed hash (current)."""
-    beat = redis.hgetall(f"status:data_consumer_{stream}")
-    handed = int(float(beat.get(b"records_processed", 0)))
-    (key,) = redis.keys(f"pool:orca:{stream}:*:flushed") or [None]
-    flushed = int(redis.hget(key, str(pid)) or 0) if key else 0
-    return handed > flushed
-
-
 @pytest.mark.parametrize("stream", ["cmos", "base"])
 def test_a_killed_consumer_worker_is_restarted_and_what_it_held_is_counted_dropped(cfg, tmp_path, stream):
     sim = OrcaSimulator(23, cmos_id=CMOS_ID, base_id=BASE_ID, poll_period=0.25, crates=[1, 4, 9])
@@ -444,15 +433,7 @@ def test_a_killed_consumer_worker_is_restarted_and_what_it_held_is_counted_dropp
         log = tmp_path / "var" / f"orca_{stream}_pool.log"
         wait_for(lambda: stack.stats().get(stream, {}).get("processed", 0) >= total // 4, 30, "data flowing")
         victim = _worker_pids(log)[0]
-
-        def stopped_holding():  # stopped, it cannot flush between the check and the kill
-            os.kill(victim, signal.SIGSTOP)
-            if _holds_unflushed(stack.redis, stream, victim):
-                return True
-            os.kill(victim, signal.SIGCONT)
-            return False
-        wait_for(stopped_holding, 30, "records handed but not flushed", interval=0.2)
-        os.kill(victim, signal.SIGKILL)
+        kill_worker_holding_records(stack.redis, victim, f"data_consumer_{stream}")
         thread.join(60)
         assert not thread.is_alive()
 

@@ -145,9 +145,9 @@ SERIES = ("ch:*:cmos:sum", "ch:*:cmos:n", "ch:*:base:sum", "ch:*:base:n", "ch:*:
 
 def family(key: str) -> tuple[str, int | None]:
     """``(family, step)`` of an ORCA key (step None for keys that are not series)."""
-    parts = key.split(":")
-    if parts[0] == "ch" and len(parts) >= 4:
-        return f"ch:*:{':'.join(parts[3:])}", int(parts[1])
+    head, _, rest = key.partition("}:")  # ch:{<step>:<bucket>}:<name>
+    if head.startswith("ch:{") and rest:
+        return f"ch:*:{rest}", int(head[4:].split(":")[0])
     if key.startswith("orca:{cmos}:state:"):
         return "orca:{cmos}:state:<crate>", None
     if key.startswith("pool:"):

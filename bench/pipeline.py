@@ -59,7 +59,7 @@ from minard.pipeline.dispatch_pull import PullHandler, write_second
 from minard.store import status
 from minard.store import timeseries as ts
 from minard.store.channels import ChannelWriter
-from minard.store.runs import write_run
+from minard.store.runs import run_key, write_run
 from minard.store.schema import NHIT_LEVELS
 from minard.testing import RedisServer, export_dispatcher_keys, free_port, stop_pid
 from minard.testing.dispatcher import DispatcherProcess
@@ -383,7 +383,7 @@ def source_client(stack: Stack, run: int) -> DispatchClient:
 
 def stored_events(client, run: int) -> int:
     """Events of *run* in its Redis summary (written in the same transaction as the time series)."""
-    return int(client.hget(f"run:{run}", "events") or 0)
+    return int(client.hget(run_key(run), "events") or 0)
 
 
 def wait_stored(client, run: int, events: int, timeout: float = 30.0) -> float:
@@ -477,10 +477,11 @@ def full_second(t: int, rng) -> SecondAgg:
 
 
 def family(key: str) -> tuple[str, int] | None:
-    """(family, step) of a time-series key, None for others."""
-    parts = key.split(":")
-    if parts[0] in ("ts", "ch") and len(parts) >= 4:
-        return f"{parts[0]}:*:{':'.join(parts[3:])}", int(parts[1])
+    """(family, step) of a time-series key (``ts:{<step>:<bucket>}:<group>``), None for others."""
+    head, _, rest = key.partition("}:")
+    kind, _, tag = head.partition(":{")
+    if kind in ("ts", "ch") and rest and ":" in tag:
+        return f"{kind}:*:{rest}", int(tag.split(":")[0])
     return None
 
 
@@ -511,7 +512,7 @@ def bench_storage(redis_url: str, seconds: int = 30) -> dict:
         fam = family(k)
         if fam:
             sizes[fam].append(used)
-        elif k.startswith("run:"):
+        elif k.startswith("{run:"):
             run_bytes += used
     levels = {"ts:*:trig": ts.SCALAR_LEVELS, "ts:*:stream": ts.SCALAR_LEVELS, "ts:*:crate": ts.SCALAR_LEVELS,
               "ts:*:nhit": NHIT_LEVELS, "ts:*:occ": ts.CHANNEL_LEVELS, "ch:*:hits": ts.CHANNEL_LEVELS,

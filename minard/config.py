@@ -171,6 +171,8 @@ TABLE: tuple[Key | Section, ...] = (
         'pull: pool event log (default var_dir/dispatch_pool.log)'),
     Key("dispatch_close_retry", float, 3.0,
         'pull: seconds a stopping worker retries its last flush'),
+    Key("dispatch_retry_records", int, 2000000,
+        'pull: records whose aggregates a worker holds for a retry while Redis is unreachable (beyond: counted lost, retry_full)'),
     Section('ORCA stream monitoring (data_producer, data_consumer 5557|5558, docs/storage.md)'),
     Key("orca_batch_records", int, 200,
         'producer: records per ZMQ batch at most'),

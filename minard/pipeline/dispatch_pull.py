@@ -5,10 +5,13 @@ PULLs the push's batches and hands them to workers that run
 :class:`PullHandler`: decode batches in vectorized passes (the batches of one
 second a few at a time, :func:`minard.formats.pmt.decode_buffer`), aggregate
 (:mod:`minard.analysis.aggregate`) and, once a second, write everything
-pending in ONE Redis transaction: time series, run summaries and the loss
-counters.  If Redis is unreachable the aggregates of that flush are dropped
-and their records counted as ``stats:redis`` errors once Redis is back;
-nothing is silent.
+pending: the aggregates as one MULTI/EXEC per Redis Cluster hash slot
+(:mod:`minard.store.slots`, all in one round trip), then the loss counters.
+If Redis is unreachable (down, or a Sentinel failover under way) the
+aggregates are held -- at most ``dispatch_retry_records`` records -- and sent
+again at the next flush without applying any part twice
+(:meth:`PullHandler.flush`); what cannot be held is counted lost by reason.
+Nothing is silent.
 
 Loss accounting (invariant received = processed + dropped + errors once
 queues are empty):
@@ -17,8 +20,10 @@ queues are empty):
   aggregated; errors = corrupt records or batches; dropped = records held
   by a worker that died before its flush (counted by the manager from the
   per-worker ``pool:...:flushed`` hash the workers write in their flush).
-* ``redis``: records whose aggregates were to be written; errors = the write
-  failed (Redis down).
+* ``redis``: records whose aggregates were to be written; processed = written
+  (at once or by a retry); errors = given up, by reason: ``retry_full``
+  (more held than ``dispatch_retry_records``), ``retry_at_exit`` (still held
+  when the worker stopped), ``redis_error`` (Redis refused the transaction).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections import Counter
 
 import click
 import numpy as np
+import redis as redis_py
 
 from minard import config as config_mod
 from minard import metrics
@@ -40,14 +46,15 @@ from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, segme
 from minard.formats import wire
 from minard.formats.pmt import decode_buffer, split_dispatch
 from minard.pipeline.base import Handler
-from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, run_pool
+from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, record_flushed, run_pool
 from minard.pipeline.pool import PoolManager, PoolSpec
-from minard.store import status
+from minard.store import runs, status
 from minard.store import timeseries as ts
 from minard.store.bursts import BurstMonitor
 from minard.store.channels import ChannelWriter
 from minard.store.runs import write_run
 from minard.store.schema import NHIT_LEVELS
+from minard.store.slots import SlotBatch, SlotWriter
 
 log = logging.getLogger("minard.pipeline.dispatch_pull")
 
@@ -152,8 +159,10 @@ class PullHandler(Handler):
         keep_freed_memory()  # this process is a worker: see the function
         self.channels = ChannelWriter(self.redis)
         self.agg = Aggregator()
-        self.redis_failed = 0  # records whose aggregates could not be written
+        self.redis_counts = Counter()  # stats:redis deltas not yet in Redis
         self.redis_written = 0
+        self.slots = SlotWriter(self.redis, status.writer_id(self.redis), int(cfg["dispatch_retry_records"]))
+        self.burst_windows: dict[int, tuple[int, int]] = {}  # burst windows written, not yet evaluated
         self.taken = 0  # records of the aggregates in the current flush
         self.first_batch = True  # no batch processed yet by this worker
         self.held: list[Held] = []  # 'PMT ' messages not decoded yet
@@ -217,7 +226,7 @@ class PullHandler(Handler):
 
     # -------------------------------------------------------- flush
     def has_pending(self) -> bool:
-        return bool(self.held or self.agg or self.redis_failed)
+        return bool(self.held or self.agg or self.redis_counts or self.slots.held)
 
     def begin_flush(self, now: float) -> None:
         """Decode what is held, then take the pending aggregates for this flush."""
@@ -226,32 +235,96 @@ class PullHandler(Handler):
         self.flush_now = now
 
     def write_pending(self, pipe, now: float) -> None:
-        """Time series, run summaries and the ``stats:redis`` counters."""
+        """Time series, run summaries and burst candidates into *pipe* (a SlotBatch)."""
         for sec in self.seconds.values():
             write_second(pipe, sec, self.channels)
         for agg in self.runs.values():
             write_run(pipe, agg, now, self.channels)
         self.channels.add(pipe)
-        status.count(pipe, "redis", received=self.taken + self.redis_failed,
-                     processed=self.taken, errors=self.redis_failed)
         self.burst.write(pipe)
+        for run, (lo, hi) in self.burst.written.items():
+            old = self.burst_windows.get(run)
+            self.burst_windows[run] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
 
-    def flush_failed(self, now: float) -> None:
-        """The aggregates of this flush are lost: count their records as Redis errors,
-        and against their runs (``dropped:pull_redis_down``) with the next flush."""
-        self.channels.clear()
-        self.redis_failed += self.taken
-        for run, agg in self.runs.items():
-            self.drop_runs({run: agg.events + agg.orphans + agg.integrity.get("corrupt", 0)}, "redis_down")
-        self.runs = {}
-        log.warning("%d records not stored (Redis down)", self.taken)
+    def flush(self, now: float) -> bool:
+        """Write the aggregates per hash slot (minard.store.slots), then the counters.
 
-    def flush_done(self) -> None:
-        metrics.add_stage("redis", {"received": self.taken + self.redis_failed, "processed": self.taken,
-                                    "errors": self.redis_failed})  # what stats:redis just gained
+        The data goes first, one MULTI/EXEC per slot group in one round trip
+        (:class:`minard.store.slots.SlotWriter`); a flush that Redis did not
+        take -- down, or a failover under way -- is held and sent again at
+        the next flush (a group whose reply was lost only if its flush mark
+        says it was not applied), so an outage of a few seconds loses nothing.
+        Only when nothing is held are the counters written (``stats:pull``,
+        ``stats:redis`` with the records written and lost by reason, and the
+        pool's ``flushed`` hash), as absolute totals in a plain pipeline: the
+        records of a held flush are then neither counted processed nor
+        accounted, so a worker that dies holding them has them counted lost
+        by its pool manager.  Returns True when everything is written.
+        """
+        if not self.has_pending() and not self.counts and not self.unaccounted and not self.run_drops:
+            return True
+        self.begin_flush(now)
+        batch = SlotBatch()
+        if self.seconds or self.runs:
+            self.write_pending(batch, now)
+        by_run = {run: agg.events + agg.orphans + agg.integrity.get("corrupt", 0) for run, agg in self.runs.items()}
+        result = self.slots.write(batch, self.taken, by_run)
+        for reason, lost_runs in result.lost_runs.items():  # counted against their runs too
+            self.drop_runs(lost_runs, reason)
+        self.redis_counts.update({"received": result.written, "processed": result.written})
+        for reason, n in result.lost.items():
+            self.redis_counts.update({"received": n, "errors": n, reason: n})
+            log.warning("%d records not stored (%s)", n, reason)
+        if result.error:
+            if not self.failing:
+                log.warning("Redis write failed (%s); %d records held for a retry", result.error,
+                            result.held_records)
+            self.failing = True
+        if self.slots.held:
+            return False
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                status.count(pipe, self.stage, **self.counts)
+                status.count(pipe, "redis", **self.redis_counts)
+                runs.add_drops(pipe, self.run_drops)
+                record_flushed(pipe, self.flushed_key, self.unaccounted, self.unaccounted_runs)
+                pipe.execute()
+        except redis_py.RedisError as exc:
+            if not self.failing:
+                log.warning("Redis write of the counters failed (%s); retrying every second", exc)
+            self.failing = True
+            return False
+        if self.failing:
+            log.info("Redis is back: held data and counters written (%d groups sent again, %d found applied)",
+                     self.slots.retried, self.slots.resolved)
+        self.failing = False
+        metrics.add_stage(self.stage, self.counts)
+        metrics.add_stage("redis", self.redis_counts)  # what stats:redis just gained
+        self.redis_written += self.redis_counts["processed"]
+        self.counts.clear()
+        self.redis_counts.clear()
+        self.unaccounted = 0
+        self.unaccounted_runs.clear()
+        self.run_drops = {}
+        self.burst.written, self.burst_windows = self.burst_windows, {}
         self.burst.evaluate(self.flush_now)
-        self.redis_written += self.taken
-        self.redis_failed = 0
+        return True
+
+    def close(self) -> None:
+        """Final flush, retried for ``dispatch_close_retry`` s; what is still held is then lost.
+
+        The lost records are counted (``retry_at_exit``) in one last attempt
+        to write the counters; if Redis is still down that fails too, and the
+        pool manager counts them from the ``flushed`` hash (``worker_lost``).
+        """
+        super().close()
+        lost, lost_runs = self.slots.give_up("retry_at_exit")
+        if lost:
+            n = sum(lost.values())
+            log.warning("%d records not stored (Redis unreachable at exit)", n)
+            self.redis_counts.update({"received": n, "errors": n, **lost})
+            self.drop_runs(lost_runs, "retry_at_exit")
+            self.flush(time.time())
 
 
 def write_second(pipe, sec: SecondAgg, channels: ChannelWriter) -> None:

@@ -34,7 +34,8 @@ ROLES = ("pipeline", "dashboard", "logserver", "admin")
 #: accounting, heartbeats and loss counters, dispatcher scalers, DQ results and
 #: the alarms/bursts the pipeline raises.  (Families of minard/store/schema.py
 #: by their pattern; prefixes of families declared elsewhere as prefixes.)
-PIPELINE_WRITES = (schema.SCALAR.pattern, schema.CHANNEL.pattern, schema.RUN.pattern, "runs:*", "orca:*",
+PIPELINE_WRITES = (schema.SCALAR.pattern, schema.CHANNEL.pattern, schema.RUN.pattern, schema.RUN_PART.pattern,
+                   schema.FLUSH_MARK.pattern, "runs:*", "orca:*",
                    "pool:*", schema.STATUS.pattern, schema.STATS.pattern, schema.COMPONENTS, schema.POOLS,
                    "dispatcher:*", "accounting:*", "dq:*", schema.ALARM.pattern, _ALARMS, schema.BURST.pattern,
                    "minard:bursts:*")

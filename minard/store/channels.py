@@ -11,8 +11,8 @@ arrays and written in one of two ways that combine exactly across workers:
 * :meth:`ChannelWriter.add` — atomic adds that read nothing: one
   ``BITFIELD ... OVERFLOW SAT INCRBY`` per key for sparse arrays (few nonzero
   entries), and for dense ``u32`` arrays ONE script call (:data:`ADD_U32_LUA`)
-  that adds the same array to every key sharing it (all the levels of a
-  series).  Used by the dispatch pull, whose arrays are counts.
+  that adds the same array to every key sharing it and its hash slot (one
+  call per level of a series, since each level's bucket has its own tag).  Used by the dispatch pull, whose arrays are counts.
 * :meth:`ChannelWriter.read` then :meth:`ChannelWriter.write` — optimistic
   read-modify-write: the stored arrays are read under ``WATCH`` before
   ``MULTI`` and their sums ``SET`` inside it; a concurrent writer makes
@@ -28,10 +28,12 @@ an array was written.
 from __future__ import annotations
 
 import numpy as np
+from redis.crc import key_slot
 
 from minard.formats.detector import NCHANNELS, NCHANNELS_TOTAL
 from minard.store import timeseries as ts
 from minard.store.schema import ORCA_LATEST_KEY, ORCA_LATEST_TIME_KEY
+from minard.store.slots import SlotBatch
 
 #: Adds an array of big-endian uint32 (ARGV[1]) to the array stored at each of
 #: KEYS, saturating at 2**32-1, in 1024-entry chunks: one command for all the
@@ -81,6 +83,14 @@ return #KEYS
 SPARSE_MAX = 256
 #: Stored element types: big-endian dtype and saturation limits (BITFIELD SAT).
 TYPES = {"i64": (np.dtype(">i8"), -(1 << 63), (1 << 63) - 1), "u32": (np.dtype(">u4"), 0, (1 << 32) - 1)}
+
+
+def _by_slot(keys: list[str]) -> list[list[str]]:
+    """*keys* split by Redis Cluster hash slot: one script call may only touch one slot."""
+    out: dict[int, list[str]] = {}
+    for key in keys:
+        out.setdefault(key_slot(key.encode()), []).append(key)
+    return list(out.values())
 
 
 def bitfield_incr(pipe, key: str, kind: str, lcn: np.ndarray, delta: np.ndarray) -> None:
@@ -180,7 +190,11 @@ class ChannelWriter:
                 continue
             if entry.kind == "u32" and self.script is not None and len(nz) > SPARSE_MAX:
                 blob = np.minimum(counts[:nz[-1] + 1], 0xFFFFFFFF).astype(">u4").tobytes()
-                self.script(keys=[key for key, _ in keys], args=[blob], client=pipe)
+                for same_slot in _by_slot([key for key, _ in keys]):
+                    if isinstance(pipe, SlotBatch):  # EVAL: the script travels with its transaction
+                        pipe.eval(ADD_U32_LUA, len(same_slot), *same_slot, blob)
+                    else:
+                        self.script(keys=same_slot, args=[blob], client=pipe)
             else:
                 for key, _ in keys:
                     bitfield_incr(pipe, key, entry.kind, nz, counts[nz])

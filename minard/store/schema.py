@@ -77,9 +77,12 @@ CHANNEL_LEVELS = (
 NHIT_LEVELS = (Level(10, 2 * HOUR), Level(300, 2 * DAY), Level(3600, 30 * DAY))
 
 # --- time series (minard/store/timeseries.py) ------------------------------------
-SCALAR = Family("ts:{step}:{bucket}:{group}", "hash",
+#: Hash tag ``{<step>:<bucket>}`` (docs/storage.md, "Redis Cluster"): every key of one
+#: (resolution, bucket), scalar and per-channel, is in one hash slot and written in one
+#: transaction.
+SCALAR = Family("ts:{{{step}:{bucket}}}:{group}", "hash",
                 "Scalar series: one hash of fields per (resolution, bucket, group).")
-CHANNEL = Family("ch:{step}:{bucket}:{name}", "string",
+CHANNEL = Family("ch:{{{step}:{bucket}}}:{name}", "string",
                  "Per-channel series: an array over the channels per (resolution, bucket, name); "
                  "averaged values keep ``<name>:sum`` and ``<name>:n`` arrays.")
 
@@ -98,8 +101,10 @@ CHANNEL_BASE = "base"
 CHANNEL_BASE_BUSY = "base_busy"
 
 # --- run summaries (minard/store/runs.py) ----------------------------------------
-RUN = Family("run:{run}", "hash", "Run summary: events, orphans, hits, trig:<NAME>.")
-RUN_PART = Family("run:{run}:{part}", "hash, string or set",
+#: Hash tag ``{run:<run>}``: a run's summary and its parts (and its burst candidates) are
+#: in one hash slot and written in one transaction.
+RUN = Family("{{run:{run}}}", "hash", "Run summary: events, orphans, hits, trig:<NAME>.")
+RUN_PART = Family("{{run:{run}}}:{part}", "hash, string or set",
                   "Run summary parts: nhit (hash), channels (string array), subruns (set),"
                   " acct (hash: the dispatcher's event accounting, source_events, dispatched, dropped:<reason>),"
                   " nhit_trig (hash <NAME>:<lo> -> events, for the data-quality checks).")
@@ -133,6 +138,12 @@ POOL_STATUS = Family("status:pool:{pool}", "hash",
 POOLS = _single("pipeline:pools", "zset", "consumer pool <host>:<pid> -> time of its last heartbeat")
 POOL_FLUSHED = Family("pool:{name}:{host}:{pid}:flushed", "hash",
                       "Records each worker of one pool has accounted for in Redis.")
+
+#: Written in each slot group's transaction of a flush (minard/store/slots.py): the last flush
+#: sequence number of that writer applied in that slot, so a retry after a lost reply applies nothing twice.
+FLUSH_MARK = Family("flush:{{{tag}}}:{writer}", "string",
+                    "Last flush (sequence number) of one writer applied in the hash slot of tag; expires "
+                    "after 10 min.")
 
 # --- ORCA stream (minard/pipeline/orca_cmos.py, orca_base.py) ----------------------
 #: Redis Cluster hash tags (docs/storage.md, "Redis Cluster"): the keys of one WATCH/MULTI
@@ -190,9 +201,9 @@ STREAM_SEEN = _single("minard:alarms:stream_seen", "hash",
                       "pipeline stage -> 'processed:time' its processed counter last moved (staleness monitor)")
 
 # --- supernova burst monitor (minard/store/bursts.py) ------------------------------
-BURST_EVENTS = Family("minard:burst:ev:{run}:{bucket}", "string",
+BURST_EVENTS = Family("minard:burst:ev:{{run:{run}}}:{bucket}", "string",
                       "Selected events (clock10 u8, GTID u4, nhit u2) of a run's 10 s clock bucket; expires 1 h.")
-BURST_BACKGROUND = Family("minard:burst:bg:{run}", "hash", "clock second -> selected events of a run (background).")
+BURST_BACKGROUND = Family("minard:burst:bg:{{run:{run}}}", "hash", "clock second -> selected events of a run (background).")
 BURST = Family("minard:burst:{id}", "string", "JSON burst record: run, gtid_first, gtid_last, start, end, count, window.")
 BURST_RECORD_EVENTS = Family("minard:burst:{id}:events", "string", "The events of one burst record (as BURST_EVENTS).")
 BURSTS_INDEX = _single("minard:bursts:index", "zset", "burst id -> start time (Unix s)")

@@ -111,6 +111,11 @@ def _writer(client) -> _Writer:
     return w
 
 
+def writer_id(client) -> str:
+    """The writer name of *client* in ``stats:<stage>`` fields (also used by flush marks)."""
+    return _writer(client).id
+
+
 def _pending(pipe, writer: _Writer) -> dict | None:
     """The totals *pipe* will commit for *writer* when its ``execute`` succeeds.
 

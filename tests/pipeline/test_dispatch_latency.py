@@ -19,6 +19,7 @@ from test_dispatch_stream import check_invariants, make_stack  # noqa: F401 - ma
 from minard.dispatcher.client import DispatchClient, query
 from minard.formats.framing import encode_rawbatch
 from minard.formats.pmt import encode_batch, pack_dispatch
+from minard.store.runs import run_key
 from minard.store.status import stats
 from minard.testing import wait_for
 
@@ -46,7 +47,7 @@ def dispatch_records(n: int, run: int, gtid0: int = 1, mean_nhit: float = 40, se
 
 def stored_events(redis_client, run: int) -> int:
     """Events of *run* in its Redis summary (written in the same transaction as the time series)."""
-    return int(redis_client.hget(f"run:{run}", "events") or 0)
+    return int(redis_client.hget(run_key(run), "events") or 0)
 
 
 def seconds_until_stored(redis_client, run: int, events: int, sent: float, timeout: float = 10.0) -> float:

@@ -24,7 +24,7 @@ from minard import config
 from minard.formats.pmt import TRIGGER_NAMES, decode_event, encode_event
 from minard.formats.zdab import ZdabWriter, read_events
 from minard.store import timeseries as ts
-from minard.store.runs import get_run
+from minard.store.runs import get_run, run_key
 from minard.store.status import stats
 from minard.testing import RedisServer, stop_pid, wait_for
 from minard.testing.dispatcher import DispatcherProcess
@@ -392,12 +392,12 @@ def test_dense_and_sparse_count_arrays_combine_exactly_with_bitfield_writes(redi
             counts[rng.integers(0, 10240, 40)] = 3  # sparse: BITFIELD path
         total += counts
         pipe = redis_client.pipeline(transaction=True)
-        writer.add_array("ch:10:1:hits", counts, 100)
+        writer.add_array(ts.channel_key(10, 1, "hits"), counts, 100)
         writer.add(pipe)
         pipe.execute()
     got, _ = ts.read_counts(redis_client, "hits", 10, 19)
     assert np.array_equal(got, total)
-    assert 0 < redis_client.ttl("ch:10:1:hits") <= 100
+    assert 0 < redis_client.ttl(ts.channel_key(10, 1, "hits")) <= 100
     big = np.full(10240, 0xFFFFFFF0, np.int64)
     for _ in range(2):
         pipe = redis_client.pipeline()
@@ -493,11 +493,11 @@ def test_a_new_worker_writes_its_first_batch_at_once_then_once_a_second(redis_cl
 
     handler = PullHandler(config.load({"redis_url": redis_url}, env={}))
     handler.process(message(61))
-    assert redis_client.hget("run:61", "events") == b"3"  # no flush called: written with the first batch
+    assert redis_client.hget(run_key(61), "events") == b"3"  # no flush called: written with the first batch
     handler.process(message(62))
-    assert redis_client.hget("run:62", "events") is None  # later batches wait for the worker's flush
+    assert redis_client.hget(run_key(62), "events") is None  # later batches wait for the worker's flush
     handler.flush(time.time())
-    assert redis_client.hget("run:62", "events") == b"3"
+    assert redis_client.hget(run_key(62), "events") == b"3"
 
 
 def test_messages_held_and_decoded_together_count_gtid_gaps_as_if_decoded_alone(redis_url):

@@ -90,21 +90,24 @@ def test_every_key_family_of_the_schema_has_a_writer_and_the_dashboard_writes_no
     assert acl.writers(sessions.SESSION_KEY.format(digest="ab")) == ["dashboard"]
 
 
+TS_KEY, RUN_KEY = ts.scalar_key(1, 100, "trig"), schema.RUN.key(run=7)
+
+
 def test_the_dashboard_user_cannot_flush_configure_or_write_pipeline_keys(clients):
     pipe_client, dash = clients["pipeline"], clients["dashboard"]
-    pipe_client.hset("ts:1:100:trig", "TOTAL", 5)
-    pipe_client.set("run:7", "x")
+    pipe_client.hset(TS_KEY, "TOTAL", 5)
+    pipe_client.set(RUN_KEY, "x")
     assert denied(dash.flushall) and denied(dash.flushdb)
     assert denied(lambda: dash.config_get("*")) and denied(lambda: dash.config_set("appendonly", "no"))
     assert denied(lambda: dash.execute_command("ACL", "LIST")) and denied(lambda: dash.execute_command("MONITOR"))
     assert denied(lambda: dash.execute_command("SHUTDOWN", "NOSAVE")) and denied(lambda: dash.bgsave())
-    assert denied(lambda: dash.hset("ts:1:100:trig", "TOTAL", 0))
-    assert denied(lambda: dash.delete("run:7")) and denied(lambda: dash.set("status:minard_dispatch_pull", "x"))
+    assert denied(lambda: dash.hset(TS_KEY, "TOTAL", 0))
+    assert denied(lambda: dash.delete(RUN_KEY)) and denied(lambda: dash.set("status:minard_dispatch_pull", "x"))
     assert denied(lambda: dash.hincrby("stats:dispatch", "dropped", -5))
-    assert denied(lambda: dash.expire("ts:1:100:trig", 1))
+    assert denied(lambda: dash.expire(TS_KEY, 1))
     # It still reads everything the pages show.
-    assert dash.hget("ts:1:100:trig", "TOTAL") == b"5" and dash.get("run:7") == b"x"
-    assert dash.scan(0, match="ts:*", count=100)[1] == [b"ts:1:100:trig"]
+    assert dash.hget(TS_KEY, "TOTAL") == b"5" and dash.get(RUN_KEY) == b"x"
+    assert dash.scan(0, match="ts:*", count=100)[1] == [bTS_KEY]
 
 
 def test_no_role_but_admin_may_flush_or_configure(clients):

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from minard.analysis import aggregate as ag
 from minard.cli import main
 from minard.formats.pmt import decode_events
-from minard.store.runs import RUN_KEEP, get_run, list_runs, write_run
+from minard.store.runs import RUN_KEEP, get_run, list_runs, run_key, write_run
 from minard.testing.records import make_records
 
 T0 = 1_700_000_000.0
@@ -66,17 +66,17 @@ def test_unknown_run_is_none_and_runs_are_listed_newest_first(redis_client):
 
 def test_run_keys_expire_after_a_year_or_more(redis_client):
     _write(redis_client, _aggs(make_records(10, run=3), T0))
-    keys = redis_client.keys("run*")
-    assert {k.decode() for k in keys} >= {"run:3", "run:3:nhit", "run:3:channels", "run:3:subruns",
-                                          "runs:start", "runs:end"}
+    keys = redis_client.keys("*run*")
+    assert {k.decode() for k in keys} >= {run_key(3), run_key(3, "nhit"), run_key(3, "channels"),
+                                          run_key(3, "subruns"), "runs:start", "runs:end"}
     for key in keys:
         assert 365 * 86400 <= redis_client.ttl(key) <= RUN_KEEP
 
 
 def test_channel_hits_are_one_compact_binary_array(redis_client):
     _write(redis_client, _aggs(make_records(50, run=4, mean_nhit=100), T0))
-    assert redis_client.type("run:4:channels") == b"string"
-    assert redis_client.strlen("run:4:channels") <= 10240 * 4
+    assert redis_client.type(run_key(4, "channels")) == b"string"
+    assert redis_client.strlen(run_key(4, "channels")) <= 10240 * 4
 
 
 def test_cli_prints_the_same_object_as_get_run(redis_client, redis_url, monkeypatch):
@@ -108,7 +108,7 @@ def test_accounting_fields_follow_the_dispatcher_counters_and_unaccounted_is_nev
     add_accounting(pipe, 8, {"dropped:analyzer_lost": 10})  # more counted than lost: clamped
     pipe.execute()
     assert get_run(redis_client, 8)["unaccounted"] == 0
-    assert redis_client.ttl("run:8:acct") > 0
+    assert redis_client.ttl(run_key(8, "acct")) > 0
 
 
 def test_orphans_and_corrupt_records_reached_redis_and_are_not_unaccounted(redis_client):

@@ -25,14 +25,17 @@ def test_every_family_has_a_type_and_a_docstring():
 
 
 def test_family_keys_and_patterns():
-    assert schema.SCALAR.key(step=10, bucket=5, group="trig") == "ts:10:5:trig"
+    assert schema.SCALAR.key(step=10, bucket=5, group="trig") == "ts:{10:5}:trig"
+    assert schema.CHANNEL.key(step=10, bucket=5, name="hits") == "ch:{10:5}:hits"
+    assert schema.RUN_PART.key(run=3510, part="nhit") == "{run:3510}:nhit"
+    assert schema.RUN.pattern == "{run:*}" and schema.SCALAR.pattern == "ts:{*:*}:*"
     assert schema.STATS.pattern == "stats:*"
     assert schema.POOL_FLUSHED.pattern == "pool:*:*:*:flushed"
 
 
 def test_no_key_literal_outside_the_schema():
     """Modules build key names through the schema, never by spelling a family's prefix."""
-    forms = [re.sub(r"\\\{[^}]*\\\}", "[^\"']*", re.escape(f.template)) for f in schema.families().values()]
+    forms = [re.escape(f.pattern).replace(r"\*", "[^\"']*") for f in schema.families().values()]
     forms += [re.escape(key) for key in schema.single_keys()]
     pattern = re.compile(r"""["'](%s)["']""" % "|".join(forms))
     offenders = []

@@ -25,7 +25,7 @@ from conftest import UPDATE_DOCS_IMG
 from minard.formats.pmt import encode_event
 from minard.formats.zdab import ZdabWriter
 from minard.store import status as pipeline_status
-from minard.store.runs import get_run
+from minard.store.runs import get_run, run_key
 from minard.testing import RedisServer, free_port, sample, stop_pid, wait_for, wait_port
 from minard.testing.dispatcher import DispatcherProcess
 
@@ -82,7 +82,7 @@ def stack(tmp_path_factory, demo_zdab_path):
         for f, extra in ((path, ["--rate", "1000"]), (demo_zdab_path, ["--speed", "max"])):
             subprocess.run([sys.executable, "-m", "minard.cli", "replay", str(f), "--dispatcher", dispatcher.address,
                             "--no-progress", *extra], env=env, check=True, timeout=60, capture_output=True)
-        wait_for(lambda: int(client.hget(f"run:{REPLAY_RUN}", "events") or 0) == REPLAY_EVENTS, 30, "replayed run in Redis")
+        wait_for(lambda: int(client.hget(run_key(REPLAY_RUN), "events") or 0) == REPLAY_EVENTS, 30, "replayed run in Redis")
         wait_for(lambda: client.zscore("runs:start", "3510") is not None, 30, "demo run in Redis")
         pipe = client.pipeline()
         pipeline_status.beat(pipe, XSS, {"state": "running"}, ttl=600)  # data shown must be escaped

@@ -173,6 +173,8 @@ TABLE: tuple[Key | Section, ...] = (
         'pull: seconds a stopping worker retries its last flush'),
     Key("dispatch_retry_records", int, 2000000,
         'pull: records whose aggregates a worker holds for a retry while Redis is unreachable (beyond: counted lost, retry_full)'),
+    Key("dispatch_wait_replicas", int, 0,
+        'pull: replicas that must have a flush (Redis WAIT, 200 ms) before it counts as written; 1 with Sentinel loses nothing in a failover'),
     Section('ORCA stream monitoring (data_producer, data_consumer 5557|5558, docs/storage.md)'),
     Key("orca_batch_records", int, 200,
         'producer: records per ZMQ batch at most'),

@@ -21,10 +21,11 @@ without one (logged).
 A write to Redis that failed may still have been applied (the connection
 broke after ``EXEC``), so each write carries an *epoch*: the journal keeps
 the writes not yet confirmed, with their epochs, and each Redis write also
-raises this journal's entry in the sorted set ``dispatcher:acct_epochs``
-(``ZADD GT``, in the same transaction).  Before the next write, a pending
-write whose epoch is at most the stored one was applied; any other is added
-again.  Writes are serialized by the dispatcher, so epochs reach Redis in
+raises this journal's entry in each run's sorted set ``{run:<run>}:epochs``
+(``ZADD GT``, in the same transaction as that run's counts: one transaction
+per run, since each run has its own Redis Cluster hash slot).  Before the
+next write, a pending write whose epoch is at most the one stored for a run
+was applied to that run; any other is added again.  Writes are serialized by the dispatcher, so epochs reach Redis in
 order.
 """
 
@@ -75,7 +76,7 @@ def merge(into: Runs, more: Runs) -> Runs:
 class AccountingJournal:
     """The journal file of one dispatcher (see the module).
 
-    ``ident`` names this journal in ``dispatcher:acct_epochs`` (host and a
+    ``ident`` names this journal in the runs' ``{run:<run>}:epochs`` (host and a
     random part, new for a new file); ``epoch`` is the last epoch given out;
     ``unconfirmed`` the Redis writes not known to have been applied.
     """

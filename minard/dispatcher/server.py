@@ -732,26 +732,36 @@ class Dispatcher:
             return True
 
     def _store_accounting(self, pending: dict[int, Counter], epoch: int = 0, earlier=()) -> None:
-        """HINCRBY every delta into run:<run>:acct, in one transaction (in a thread).
+        """HINCRBY every delta into {run:<run>}:acct, one transaction per run (in a thread).
 
-        *earlier* unconfirmed writes whose epoch Redis has not seen are added
-        again; the transaction raises this journal's epoch to *epoch*.
+        A run's keys share one Redis Cluster hash slot (``{run:<run>}``), several
+        runs do not, so each run is its own transaction, which also raises this
+        journal's epoch in the run's ``{run:<run>}:epochs`` to *epoch*.  The
+        counts of *earlier* unconfirmed writes are added again for each run whose
+        stored epoch is below theirs (a write may have reached some runs only).
         """
         from minard.store import runs as runs_store
 
         redis = self._redis_client()
-        writes = merge({}, pending)
-        if earlier:
-            applied = int(redis.zscore(schema.DISPATCHER_ACCT_EPOCHS, self.journal.ident) or 0)
+        targets = sorted(set(pending) | {run for _, runs in earlier for run in runs})
+        applied = dict.fromkeys(targets, 0)
+        if earlier and targets:
+            with redis.pipeline(transaction=False) as pipe:
+                for run in targets:
+                    pipe.zscore(runs_store.run_key(run, runs_store.EPOCHS), self.journal.ident)
+                applied = {run: int(score or 0) for run, score in zip(targets, pipe.execute())}
+        for run in targets:
+            counts = Counter(pending.get(run, {}))
             for e, runs in earlier:
-                if e > applied:
-                    merge(writes, runs)
-        pipe = redis.pipeline(transaction=True)
-        for run, counts in writes.items():
+                if e > applied[run] and run in runs:
+                    counts.update(runs[run])
+            pipe = redis.pipeline(transaction=True)
             runs_store.add_accounting(pipe, run, counts)
-        if epoch:
-            pipe.zadd(schema.DISPATCHER_ACCT_EPOCHS, {self.journal.ident: epoch}, gt=True)
-        pipe.execute()
+            if epoch:
+                key = runs_store.run_key(run, runs_store.EPOCHS)
+                pipe.zadd(key, {self.journal.ident: epoch}, gt=True)
+                pipe.expire(key, runs_store.RUN_KEEP)
+            pipe.execute()
 
     def _redis_client(self):
         """The dispatcher's Redis client (role ``pipeline``, created on first use)."""

@@ -104,27 +104,35 @@ class AccountedPool(Pool):
         key = self.spec.flushed_key
         lost = 0
         by_run: dict[int, Counter] = {}
+        fields: dict[int, list[str]] = {}
         for pid, handed, handed_runs in self.ended:
             lost += max(0, handed - int(redis.hget(key, str(pid)) or 0))
-            fields = [f"{pid}:{run}" for run in handed_runs]
-            flushed = redis.hmget(key, fields) if fields else []
+            fields[pid] = [f"{pid}:{run}" for run in handed_runs]
+            flushed = redis.hmget(key, fields[pid]) if fields[pid] else []
             for (run, n), done in zip(handed_runs.items(), flushed):
                 if n > int(done or 0):
                     by_run.setdefault(run, Counter())[f"{self.stage}_worker_lost"] += n - int(done or 0)
-            pipe.hdel(key, str(pid), *fields)
         if lost:
             log.warning("%d records were lost with ended workers (counted as dropped)", lost)
             status.count(pipe, self.stage, dropped=lost, worker_lost=lost)
         runs.add_drops(pipe, by_run)
+        # Last: a report cut short before these is retried with the same flushed values, so
+        # the same absolute stage totals (the pipeline is not a transaction: its keys are in
+        # several hash slots); only the per-run drops (HINCRBY) of such a report could be
+        # added twice.
+        for pid, fs in fields.items():
+            pipe.hdel(key, str(pid), *fs)
         return lost
 
 
 class PoolReporter:
     """A consumer pool's heartbeat and counters, as the pool's ``tick`` (about once a second).
 
-    Writes, in one transaction, the settlement of ended workers, the records
+    Writes, in one pipeline, the settlement of ended workers, the records
     received since the last report and the heartbeat *component* (the pool
-    status plus *extra_fields*).  While Redis is down nothing is lost: the
+    status plus *extra_fields*).  Not a transaction: its keys are in several
+    Redis Cluster hash slots, and every write is absolute (counter totals,
+    heartbeat fields), so a report retried after a partial write changes nothing.  While Redis is down nothing is lost: the
     next successful report writes the whole difference.
     """
 
@@ -151,7 +159,7 @@ class PoolReporter:
         received = self.pool.stats.records_received
         ended = list(self.pool.ended)
         try:
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)
             lost = self.pool.settle(pipe, self.redis) if ended else 0
             status.count(pipe, self.pool.stage, received=received - self.written_received)
             status.beat(pipe, self.component, fields, started=self.started)

@@ -161,8 +161,10 @@ class PullHandler(Handler):
         self.agg = Aggregator()
         self.redis_counts = Counter()  # stats:redis deltas not yet in Redis
         self.redis_written = 0
-        self.slots = SlotWriter(self.redis, status.writer_id(self.redis), int(cfg["dispatch_retry_records"]))
+        self.slots = SlotWriter(self.redis, status.writer_id(self.redis), int(cfg["dispatch_retry_records"]),
+                                int(cfg["dispatch_wait_replicas"]))
         self.burst_windows: dict[int, tuple[int, int]] = {}  # burst windows written, not yet evaluated
+        self.unreplicated = 0
         self.taken = 0  # records of the aggregates in the current flush
         self.first_batch = True  # no batch processed yet by this worker
         self.held: list[Held] = []  # 'PMT ' messages not decoded yet
@@ -271,6 +273,9 @@ class PullHandler(Handler):
         result = self.slots.write(batch, self.taken, by_run)
         for reason, lost_runs in result.lost_runs.items():  # counted against their runs too
             self.drop_runs(lost_runs, reason)
+        if self.slots.unreplicated > self.unreplicated:  # flushes no replica acknowledged in time
+            self.redis_counts["unreplicated_flushes"] += self.slots.unreplicated - self.unreplicated
+            self.unreplicated = self.slots.unreplicated
         self.redis_counts.update({"received": result.written, "processed": result.written})
         for reason, n in result.lost.items():
             self.redis_counts.update({"received": n, "errors": n, reason: n})

@@ -59,6 +59,8 @@ CLOCK_START_KEY, CLOCK_END_KEY = schema.RUNS_CLOCK_START, schema.RUNS_CLOCK_END
 
 #: The part of a run's summary that holds its event accounting (``run:<run>:acct``).
 ACCT = "acct"
+#: The part holding the dispatcher journal's epochs of the run (``{run:<run>}:epochs``, minard.dispatcher.journal).
+EPOCHS = "epochs"
 DROPPED_PREFIX = "dropped:"
 
 

@@ -104,10 +104,11 @@ CHANNEL_BASE_BUSY = "base_busy"
 #: Hash tag ``{run:<run>}``: a run's summary and its parts (and its burst candidates) are
 #: in one hash slot and written in one transaction.
 RUN = Family("{{run:{run}}}", "hash", "Run summary: events, orphans, hits, trig:<NAME>.")
-RUN_PART = Family("{{run:{run}}}:{part}", "hash, string or set",
+RUN_PART = Family("{{run:{run}}}:{part}", "hash, string, set or zset",
                   "Run summary parts: nhit (hash), channels (string array), subruns (set),"
                   " acct (hash: the dispatcher's event accounting, source_events, dispatched, dropped:<reason>),"
-                  " nhit_trig (hash <NAME>:<lo> -> events, for the data-quality checks).")
+                  " nhit_trig (hash <NAME>:<lo> -> events, for the data-quality checks),"
+                  " epochs (zset: dispatcher accounting journal -> epoch of its last write applied to the run).")
 RUNS_START = _single("runs:start", "zset", "run -> arrival time of its first event")
 RUNS_END = _single("runs:end", "zset", "run -> arrival time of its last event")
 RUNS_CLOCK_START = _single("runs:clock_start", "zset", "run -> lowest 10 MHz clock (ticks) of its events")
@@ -164,8 +165,6 @@ ORCA_BASE_CRATE_TIME = _single("orca:{base}:crate_time", "hash", "crate -> ORCA 
 # --- dispatcher (minard/dispatcher/server.py) ------------------------------------
 DISPATCHER_SCALERS = Family("dispatcher:scalers:{run}", "hash", "Scaler sums of one run (SCALERREC).")
 DISPATCHER_SCALER_RUNS = _single("dispatcher:scaler_runs", "zset", "runs that have scaler records")
-DISPATCHER_ACCT_EPOCHS = _single("dispatcher:acct_epochs", "zset",
-                                 "accounting journal id -> epoch of its last write applied (minard/dispatcher/journal.py)")
 
 # --- the website's shared cache (minard/web/data.py) ------------------------------
 WEB_BLOCK = Family("webcache:rows:{step}:{block}:{group}:{fields}", "string",

@@ -57,6 +57,8 @@ log = logging.getLogger("minard.store.slots")
 
 #: Seconds a flush mark lives: far longer than any retry waits.
 MARK_TTL = 600
+#: Milliseconds a flush waits for its replicas (``WAIT``) before it is treated as unknown.
+WAIT_MS = 200
 #: Outcomes of one group's transaction.
 OK, REFUSED, READONLY = "ok", "refused", "readonly"
 #: Commands whose first key is not their first argument: name -> index of the key count.
@@ -162,12 +164,14 @@ class SlotWriter:
     the flushes held for a retry.
     """
 
-    def __init__(self, redis, writer: str, limit: int):
-        self.redis, self.writer, self.limit = redis, writer, int(limit)
+    def __init__(self, redis, writer: str, limit: int, replicas: int = 0):
+        self.redis, self.writer, self.limit, self.replicas = redis, writer, int(limit), int(replicas)
         self.held: list[Held] = []
         self.seq = itertools.count(1)
         self.retried = 0  # groups sent again after a failure
         self.resolved = 0  # groups sent without an answer and found applied by their mark
+        self.unreplicated = 0  # flushes fewer than *replicas* replicas acknowledged in time
+        self.replica_ok = True
 
     @property
     def held_records(self) -> int:
@@ -244,6 +248,8 @@ class SlotWriter:
                 commands.append(("EXEC",))
                 held.unknown.add(g.slot)  # from here on the outcome is unknown until its reply is read
                 self.retried += held.seq != newest
+            if self.replicas:
+                commands.append(("WAIT", self.replicas, WAIT_MS))
             conn.send_packed_command(conn.pack_commands(commands))
             readonly = False
             for held, g in todo:
@@ -258,11 +264,26 @@ class SlotWriter:
                     log.error("Redis refused a flush transaction (slot %d); its records are counted lost", g.slot)
             if readonly:  # a demoted primary: reconnect (through Sentinel) and send those again
                 raise redis_py.ConnectionError("the server is a read-only replica")
+            if self.replicas:
+                self._wait(conn)
         except _CONNECTION_ERRORS:
             conn.disconnect()
             raise
         finally:
             pool.release(conn)
+
+    def _wait(self, conn) -> None:
+        """``WAIT``'s reply.  Fewer replicas than asked (none left after a failover, or one
+        lagging): the flush stays written -- holding it would hold every later one too --
+        and is counted in :attr:`unreplicated`, logged when it starts."""
+        acked = int(conn.read_response())
+        if acked >= self.replicas:
+            self.replica_ok = True
+            return
+        self.unreplicated += 1
+        if self.replica_ok:
+            log.warning("only %d of %d replicas acknowledged a flush within %d ms", acked, self.replicas, WAIT_MS)
+        self.replica_ok = False
 
     @staticmethod
     def _read_group(conn, queued: int) -> str:

@@ -225,7 +225,11 @@ def beat_pool(pipe, component: str, fields: Mapping[str, object], started: float
 
 
 class Reporter:
-    """A producer's heartbeat and its stage-counter deltas, written in one transaction.
+    """A producer's heartbeat and its stage-counter deltas, written in one pipeline.
+
+    Not a transaction (the keys are in several Redis Cluster hash slots): every
+    write is absolute (counter totals, heartbeat fields), so a retry after a
+    partial write changes nothing.
 
     The deltas are cleared only once written, so nothing is lost while Redis
     is down; the outage is logged when it starts and when it ends.  Written
@@ -243,7 +247,7 @@ class Reporter:
         *also*, if given, queues more writes (``also(pipe)``) in the same transaction.
         """
         try:
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)  # absolute writes over several slots
             beat(pipe, self.component, fields, started=self.started)
             for stage, counts in deltas.items():
                 count(pipe, stage, **counts)

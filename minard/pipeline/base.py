@@ -13,10 +13,10 @@
   say how to read one upstream connection and what goes in the heartbeat.
 * :class:`Handler` — what a consumer-pool worker runs for each batch
   (:mod:`minard.pipeline.pool`): *open* a wire message (decode it, counting a
-  bad one by reason), *process* it (subclasses), *flush* everything pending in
-  one Redis transaction together with the stage counters and the records
-  accounted for (retried when a WATCHed key changed), and *close* with a final
-  flush retried for a few seconds while Redis is down.  Subclasses
+  bad one by reason), *process* it (subclasses), *flush* everything pending as
+  one Redis transaction per hash-slot group (retried when a WATCHed key
+  changed), then the stage counters and the records accounted for, and *close*
+  with a final flush retried for a few seconds while Redis is down.  Subclasses
   (:mod:`minard.pipeline.dispatch_pull`, :mod:`minard.pipeline.orca_cmos`,
   :mod:`minard.pipeline.orca_base`) add their decoding and their writes.
 """
@@ -254,9 +254,10 @@ class Handler:
     """A consumer-pool worker's handler: open / process / flush-with-retry / close.
 
     Subclasses set :attr:`stage` (``stats:<stage>``) and implement
-    :meth:`process`, :meth:`has_pending` and :meth:`write_pending`; they may
-    override :meth:`prepare` (WATCH and read before ``MULTI``),
-    :meth:`begin_flush`, :meth:`flush_failed` and :meth:`flush_done`.
+    :meth:`process`, :meth:`has_pending`, :meth:`slot_groups` and
+    :meth:`write_pending`; they may override :meth:`prepare` (WATCH and read
+    before ``MULTI``), :meth:`begin_flush`, :meth:`group_done`,
+    :meth:`flush_failed` and :meth:`flush_done`.
     *close_option* names the configuration key of the final flush's retry
     time; *flushed_key* is the pool's ``flushed`` hash (``PoolSpec.flushed_key``,
     empty outside a pool with loss accounting).
@@ -321,15 +322,26 @@ class Handler:
         raise NotImplementedError
 
     def begin_flush(self, now: float) -> None:
-        """Hook called once before the flush transaction."""
+        """Hook called once before the flush's transactions."""
 
-    def prepare(self, pipe) -> None:
-        """WATCH and read what the writes depend on, then ``MULTI`` (the default only MULTIs)."""
+    def slot_groups(self) -> list:
+        """The groups of this flush, each written in its own transaction (subclasses).
+
+        Each group's keys are in one Redis Cluster hash slot (docs/storage.md,
+        "Redis Cluster"), so a transaction never spans slots.
+        """
+        return []
+
+    def prepare(self, pipe, group) -> None:
+        """WATCH and read what *group*'s writes depend on, then ``MULTI`` (the default only MULTIs)."""
         pipe.multi()
 
-    def write_pending(self, pipe, now: float) -> None:
-        """Queue this handler's writes in *pipe* (inside ``MULTI``; subclasses)."""
+    def write_pending(self, pipe, group, now: float) -> None:
+        """Queue the writes of *group* in *pipe* (inside ``MULTI``; subclasses)."""
         raise NotImplementedError
+
+    def group_done(self, group) -> None:
+        """Hook: *group* was written; forget its data (a later failure must not send it again)."""
 
     def flush_failed(self, now: float) -> None:
         """Hook: the flush failed (Redis down); decide what to keep."""
@@ -338,31 +350,30 @@ class Handler:
         """Hook: the flush was written; forget what it wrote."""
 
     def flush(self, now: float) -> bool:
-        """Write pending data, counters and accounted records in one MULTI/EXEC.
+        """Write pending data per slot group, then the counters and accounted records.
 
-        A WATCHed key changed by another worker makes ``EXEC`` fail: the
-        transaction is rebuilt (:meth:`prepare`) and tried again.  Returns
-        False if Redis failed; the data is then kept or counted as the
-        subclass decides (:meth:`flush_failed`).
+        Each group is one WATCH/MULTI/EXEC; a WATCHed key changed by another
+        worker makes ``EXEC`` fail and the group is rebuilt (:meth:`prepare`)
+        and tried again.  A group written is forgotten at once
+        (:meth:`group_done`), so a failure later in the flush sends only the
+        rest again.  The counters (absolute totals, :func:`minard.store.status.count`)
+        and the pool's ``flushed`` hash follow in a plain pipeline once every
+        group is written.  Returns False if Redis failed; the data is then
+        kept or counted as the subclass decides (:meth:`flush_failed`).
         """
         if not self.has_pending() and not self.counts and not self.unaccounted and not self.run_drops:
             return True
         self.begin_flush(now)
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                for _ in range(MAX_RETRIES):
-                    try:
-                        self.prepare(pipe)
-                        self.write_pending(pipe, now)
-                        status.count(pipe, self.stage, **self.counts)
-                        runs.add_drops(pipe, self.run_drops)
-                        record_flushed(pipe, self.flushed_key, self.unaccounted, self.unaccounted_runs)
-                        pipe.execute()
-                        break
-                    except redis_py.WatchError:  # another worker wrote a watched key: recompute
-                        self.counts["flush_conflicts"] += 1
-                else:
-                    raise redis_py.RedisError("flush transaction kept conflicting")
+                for group in self.slot_groups():
+                    self._write_group(pipe, group, now)
+                    self.group_done(group)
+            with self.redis.pipeline(transaction=False) as pipe:
+                status.count(pipe, self.stage, **self.counts)
+                runs.add_drops(pipe, self.run_drops)
+                record_flushed(pipe, self.flushed_key, self.unaccounted, self.unaccounted_runs)
+                pipe.execute()
         except redis_py.RedisError as exc:
             if not self.failing:
                 log.warning("Redis write failed (%s); retrying every second", exc)
@@ -379,6 +390,18 @@ class Handler:
         self.unaccounted_runs.clear()
         self.run_drops = {}
         return True
+
+    def _write_group(self, pipe, group, now: float) -> None:
+        """One group's optimistic transaction, rebuilt while another worker gets in between."""
+        for _ in range(MAX_RETRIES):
+            try:
+                self.prepare(pipe, group)
+                self.write_pending(pipe, group, now)
+                pipe.execute()
+                return
+            except redis_py.WatchError:  # another worker wrote a watched key: recompute
+                self.counts["flush_conflicts"] += 1
+        raise redis_py.RedisError("flush transaction kept conflicting")
 
     def close(self) -> None:
         """Final flush, retried for a few seconds (*close_option*) if Redis is down."""

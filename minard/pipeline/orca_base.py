@@ -19,7 +19,7 @@ from minard.formats import orca
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL
 from minard.pipeline.orca_consumer import OrcaHandler
 from minard.store import schema
-from minard.store.channels import ChannelWriter, write_latest
+from minard.store.channels import write_latest
 
 log = logging.getLogger("minard.pipeline.orca_base")
 
@@ -38,7 +38,6 @@ class BaseHandler(OrcaHandler):
         super().__init__(cfg, flushed_key)
         self.series: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.busy: dict[int, list[np.ndarray]] = {}
-        self.writer = ChannelWriter()
         #: crate -> (record time µs, arrival t, 512 values, 512 busy) of its newest reading
         self.latest: dict[int, tuple[int, float, np.ndarray, np.ndarray]] = {}
 
@@ -87,32 +86,38 @@ class BaseHandler(OrcaHandler):
             self.latest[crate] = (t_us, t, vals, flags)
 
     def has_pending(self) -> bool:
-        return bool(self.series or self.busy or self.latest)
+        return bool(self.series or self.busy or self.latest or self.writer)
 
     def pending_stores(self) -> list[dict]:
         return [self.series, self.busy]
 
-    def prepare(self, pipe) -> None:
-        """WATCH the per-crate times of the latest map, so that only newer readings
-        win, and read the stored series arrays (see :class:`minard.store.channels.ChannelWriter`)."""
-        self.writer.clear()
+    def fold_pending(self) -> None:
+        """Series ``base`` and ``base_busy`` of each second into the writer."""
         for sec, parts in self.series.items():
             self.writer.add_values("base", sec, np.concatenate([p[0] for p in parts]),
                                    np.concatenate([p[1] for p in parts]))
         for sec, parts in self.busy.items():
             self.writer.add_counts(BUSY_SERIES, sec, np.concatenate(parts), 1)
-        self.newer = list(self.latest)
-        if self.latest:
-            pipe.watch(BASE_CRATE_TIME_KEY)
-            stored = pipe.hmget(BASE_CRATE_TIME_KEY, [str(c) for c in self.latest])
-            self.newer = [c for c, s in zip(self.latest, stored) if s is None or int(s) <= self.latest[c][0]]
-        if self.writer:
-            self.writer.read(pipe)
+        self.series.clear()
+        self.busy.clear()
+
+    def slot_groups(self) -> list:
+        """The series' slot groups, and the latest map (tag ``{base}``) when a reading is new."""
+        return super().slot_groups() + (["latest"] if self.latest else [])
+
+    def prepare(self, pipe, group) -> None:
+        """For the latest map: WATCH the per-crate times, so that only newer readings win."""
+        if group != "latest":
+            return super().prepare(pipe, group)
+        pipe.watch(BASE_CRATE_TIME_KEY)
+        stored = pipe.hmget(BASE_CRATE_TIME_KEY, [str(c) for c in self.latest])
+        self.newer = [c for c, s in zip(self.latest, stored) if s is None or int(s) <= self.latest[c][0]]
         pipe.multi()
 
-    def write_pending(self, pipe, now: float) -> None:
-        """Series ``base`` and ``base_busy`` per second; latest map of newer crates."""
-        self.writer.write(pipe)
+    def write_pending(self, pipe, group, now: float) -> None:
+        """The series' arrays, or the latest map of the newer crates (absolute writes)."""
+        if group != "latest":
+            return super().write_pending(pipe, group, now)
         if not self.newer:
             return
         values = np.full(NCHANNELS_TOTAL, np.nan)
@@ -130,8 +135,8 @@ class BaseHandler(OrcaHandler):
         pipe.hset(BASE_CRATE_TIME_KEY, mapping=times)
         pipe.expire(BASE_CRATE_TIME_KEY, self.ttl)
 
-    def flush_done(self) -> None:
-        self.series.clear()
-        self.busy.clear()
-        self.latest.clear()
-        self.writer.clear()
+    def group_done(self, group) -> None:
+        if group == "latest":
+            self.latest.clear()
+        else:
+            super().group_done(group)

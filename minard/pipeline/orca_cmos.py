@@ -26,7 +26,7 @@ from minard.formats import orca
 from minard.formats.detector import NCARDS, NCHANNELS, NCHANNELS_TOTAL
 from minard.pipeline.orca_consumer import OrcaHandler
 from minard.store import schema
-from minard.store.channels import ChannelWriter, write_latest_valid
+from minard.store.channels import write_latest_valid
 
 log = logging.getLogger("minard.pipeline.orca_cmos")
 
@@ -89,7 +89,6 @@ class CmosHandler(OrcaHandler):
         self.max_dt = float(cfg["cmos_max_dt"])
         self.max_dt_us = round(self.max_dt * 1e6)
         self.pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        self.writer = ChannelWriter()
         self.conflicts = 0
 
     def process(self, frames) -> None:
@@ -218,27 +217,14 @@ class CmosHandler(OrcaHandler):
 
     # -- the flush -------------------------------------------------------------
     def has_pending(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending or self.writer)
 
     def pending_stores(self) -> list[dict]:
         return [self.pending]
 
-    def prepare(self, pipe) -> None:
-        """Read the stored series arrays under WATCH (see :class:`minard.store.channels.ChannelWriter`);
-        rebuilt from the pending rates at each try (they may have grown, or
-        been trimmed, since a failed flush)."""
-        self.writer.clear()
+    def fold_pending(self) -> None:
+        """The rates of each second into the per-channel series ``cmos`` (the writer)."""
         for sec, parts in self.pending.items():
             self.writer.add_values("cmos", sec, np.concatenate([p[0] for p in parts]),
                                    np.concatenate([p[1] for p in parts]))
-        if self.writer:
-            self.writer.read(pipe)
-        pipe.multi()
-
-    def write_pending(self, pipe, now: float) -> None:
-        """The rates of each second into the per-channel series ``cmos``."""
-        self.writer.write(pipe)
-
-    def flush_done(self) -> None:
         self.pending.clear()
-        self.writer.clear()

@@ -5,8 +5,8 @@ of ``zmq_cmos`` or ``zmq_base``) or ``--stream``; its workers run
 :class:`minard.pipeline.orca_cmos.CmosHandler` (rates from counts, baselines
 shared through Redis) or :class:`minard.pipeline.orca_base.BaseHandler`
 (value − 127 per channel, busy flags).  Both derive from
-:class:`OrcaHandler` and flush once a second, in ONE ``MULTI/EXEC``, into the
-multi-resolution per-channel series ``cmos`` / ``base`` (bucketed by the
+:class:`OrcaHandler` and flush once a second, one ``MULTI/EXEC`` per Redis
+Cluster hash slot (:class:`OrcaHandler`), into the multi-resolution per-channel series ``cmos`` / ``base`` (bucketed by the
 producer's send time like the dispatch stream, written whole by
 :class:`minard.store.channels.ChannelWriter`), plus the stage counters.  Each
 also keeps a *latest map*: the value of every channel at its most recent
@@ -35,11 +35,14 @@ from minard.pipeline.base import Handler
 from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, run_pool
 from minard.pipeline.dispatch_pull import batch_time
 from minard.pipeline.pool import PoolManager, PoolSpec
+from minard.store import schema, status
+from minard.store.channels import ChannelWriter
+from minard.store.slots import MARK_TTL, hash_tag
 
 log = logging.getLogger("minard.pipeline.orca_consumer")
 
 STREAMS = ("cmos", "base")
-#: Seconds of series data a handler keeps while Redis is down.
+#: Seconds of failures after which a handler gives up the series data it keeps (Redis down).
 KEEP_PENDING = 300
 HANDLERS = {"cmos": "minard.pipeline.orca_cmos:CmosHandler", "base": "minard.pipeline.orca_base:BaseHandler"}
 
@@ -51,12 +54,32 @@ def consumer_component(stream: str) -> str:
 
 class OrcaHandler(Handler):
     """What both ORCA stream handlers share: the batch's kind and byte order, decode
-    errors counted by reason, and series data kept (up to KEEP_PENDING s) while
-    Redis is down."""
+    errors counted by reason, and the series written per hash slot, kept (up to
+    KEEP_PENDING s of failures) while Redis is down.
+
+    The per-second data of a subclass is folded into one
+    :class:`~minard.store.channels.ChannelWriter` at each flush
+    (:meth:`fold_pending`).  Its keys are written one hash slot at a time
+    (a ``{<step>:<bucket>}`` tag: the levels' buckets of one resolution), each
+    as WATCH, MGET, MULTI, SET, EXEC with a *flush mark*
+    (``flush:{<tag>}:<writer>`` = this flush's number, as
+    :mod:`minard.store.slots`).  A group written is dropped from the writer; a
+    group whose transaction failed keeps a copy of what it sent, and before
+    it is sent again its mark is read under the same WATCH: if Redis had
+    applied it (the reply was lost), that copy is taken out of the pending
+    deltas, so nothing is added twice; otherwise it is all sent again.
+    """
 
     def __init__(self, cfg, flushed_key: str = ""):
         super().__init__(cfg, "orca_close_retry", flushed_key)
         self.ttl = int(cfg["orca_state_ttl"])
+        self.writer = ChannelWriter()
+        self.writer_id = status.writer_id(self.redis)
+        self.seq = 0  # this worker's flush number (the value of its flush marks)
+        self.sent: dict[int, tuple[int, dict]] = {}  # slot -> (flush number, deltas sent), outcome unknown
+        self.group_keys: dict[int, list[str]] = {}
+        self.held_seconds: set[int] = set()  # seconds of data folded into the writer, not yet written
+        self.failing_since: float | None = None
 
     @property
     def stream(self) -> str:
@@ -85,12 +108,62 @@ class OrcaHandler(Handler):
         """The per-second dicts of pending series data (subclasses)."""
         return []
 
-    def flush_failed(self, now: float) -> None:
-        """While Redis is down, keep at most KEEP_PENDING seconds of series data."""
+    def fold_pending(self) -> None:
+        """Add the per-second data of :meth:`pending_stores` to the writer, then clear them (subclasses)."""
+
+    def begin_flush(self, now: float) -> None:
         for store in self.pending_stores():
-            for sec in [s for s in store if s < now - KEEP_PENDING]:
-                del store[sec]
-                self.counts["lost_seconds"] += 1
+            self.held_seconds.update(store)
+        self.fold_pending()
+        self.seq += 1
+
+    def slot_groups(self) -> list:
+        """The writer's keys by hash slot (one transaction each)."""
+        self.group_keys = self.writer.slots()
+        return sorted(self.group_keys)
+
+    def mark_key(self, slot) -> str:
+        """The flush mark of this worker in the slot of group *slot*."""
+        tag = hash_tag(self.group_keys[slot][0]).decode(errors="replace")
+        return schema.FLUSH_MARK.key(tag=tag, writer=self.writer_id)
+
+    def prepare(self, pipe, group) -> None:
+        """WATCH the group's keys and its mark; settle a transaction of unknown outcome; read; MULTI."""
+        mark = self.mark_key(group)
+        pipe.watch(mark)
+        applied = pipe.get(mark)
+        sent = self.sent.pop(group, None)
+        if sent is not None and applied is not None and int(applied) >= sent[0]:
+            self.writer.subtract(sent[1])  # Redis had it: the reply was lost
+            self.counts["flush_found_applied"] += 1
+        self.writer.read(pipe, self.group_keys[group])
+        pipe.multi()
+
+    def write_pending(self, pipe, group, now: float) -> None:
+        """SET the group's merged arrays and its mark; remember what was sent until it is known."""
+        self.writer.write(pipe)
+        pipe.set(self.mark_key(group), self.seq, ex=MARK_TTL)
+        self.sent[group] = (self.seq, self.writer.snapshot(self.group_keys[group]))
+
+    def group_done(self, group) -> None:
+        self.sent.pop(group, None)
+        self.writer.drop(self.group_keys[group])
+
+    def flush_done(self) -> None:
+        self.failing_since = None
+        self.held_seconds.clear()
+
+    def flush_failed(self, now: float) -> None:
+        """While Redis is down keep the data; after KEEP_PENDING s of failures count it lost."""
+        if self.failing_since is None:
+            self.failing_since = now
+        if now - self.failing_since > KEEP_PENDING and self.held_seconds:
+            self.counts["lost_seconds"] += len(self.held_seconds)
+            log.warning("Redis down for %.0f s: %d seconds of series data given up",
+                        now - self.failing_since, len(self.held_seconds))
+            self.writer.clear()
+            self.sent.clear()
+            self.held_seconds.clear()
 
 
 # =================================================================== the pool

@@ -203,9 +203,12 @@ class ChannelWriter:
         self.clear()
 
     # ------------------------------------------------------------ read-modify-write
-    def read(self, pipe) -> None:
-        """WATCH the keys and compute their new contents (call before ``MULTI``)."""
-        keys = list(self.deltas)
+    def read(self, pipe, keys: list[str] | None = None) -> None:
+        """WATCH *keys* (default: all) and compute their new contents (call before ``MULTI``)."""
+        keys = list(self.deltas) if keys is None else [k for k in keys if k in self.deltas]
+        if not keys:
+            self.merged = {}
+            return
         pipe.watch(*keys)
         self.merged = {key: self._merge(self.deltas[key], raw) for key, raw in zip(keys, pipe.mget(keys))}
 
@@ -214,6 +217,37 @@ class ChannelWriter:
         for key, blob in self.merged.items():
             if blob is not None:
                 pipe.set(key, blob, ex=self.deltas[key].ttl)
+
+    # ------------------------------------------------------------ retries
+    def slots(self) -> dict[int, list[str]]:
+        """The collected keys by Redis Cluster hash slot (each slot: one transaction)."""
+        out: dict[int, list[str]] = {}
+        for key in self.deltas:
+            out.setdefault(key_slot(key.encode()), []).append(key)
+        return out
+
+    def snapshot(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Copies of the deltas of *keys*, as sent in a transaction whose outcome may be unknown."""
+        return {key: self.deltas[key].array.copy() for key in keys if key in self.deltas}
+
+    def subtract(self, sent: dict[str, np.ndarray]) -> None:
+        """Take deltas that Redis turned out to have applied (a :meth:`snapshot`) out of the pending ones."""
+        for key, array in sent.items():
+            entry = self.deltas.get(key)
+            if entry is None:
+                continue
+            rest = entry.array.copy()
+            rest[:len(array)] -= array
+            if not rest.any():
+                del self.deltas[key]
+            else:
+                entry.array, entry.shared = rest, False
+
+    def drop(self, keys: list[str]) -> None:
+        """Forget the deltas of *keys* (written)."""
+        for key in keys:
+            self.deltas.pop(key, None)
+            self.merged.pop(key, None)
 
     @staticmethod
     def _merge(entry: _Delta, raw: bytes | None) -> bytes | None:

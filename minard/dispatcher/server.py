@@ -1220,12 +1220,13 @@ class Dispatcher:
         """HSET dispatcher:scalers:<run> and index the run (runs in a thread)."""
         fields = {k: ("" if v is None else v) for k, v in data.items()}
         fields["ended"] = time.time()
-        pipe = self._redis_client().pipeline()
+        client = self._redis_client()
         key = schema.DISPATCHER_SCALERS.key(run=data["run"])
+        pipe = client.pipeline()  # one key: one Redis Cluster hash slot
         pipe.delete(key)
         pipe.hset(key, mapping=fields)
-        pipe.zadd(schema.DISPATCHER_SCALER_RUNS, {str(data["run"]): int(data["run"])})
         pipe.execute()
+        client.zadd(schema.DISPATCHER_SCALER_RUNS, {str(data["run"]): int(data["run"])})  # idempotent
 
     # -- shutdown ----------------------------------------------------------
     async def shutdown(self) -> None:

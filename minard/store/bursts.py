@@ -10,10 +10,10 @@ arrive.
 
 Redis keys (docs/storage.md):
 
-- ``minard:burst:ev:RUN:B``  string of EVENT_DTYPE records (clock10, GTID,
+- ``minard:burst:ev:{run:RUN}:B``  string of EVENT_DTYPE records (clock10, GTID,
   nhit) of the selected events of clock bucket B (10 s of the 10 MHz clock),
   appended by the workers; expires after an hour
-- ``minard:burst:bg:RUN``    hash clock second -> selected events (the measured
+- ``minard:burst:bg:{run:RUN}`` hash clock second -> selected events (the measured
   background); expires after a day
 - ``minard:bursts:index``    sorted set of burst ids by start time (Unix s)
 - ``minard:burst:ID``        JSON of one burst record; ``minard:burst:ID:events``

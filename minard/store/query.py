@@ -10,7 +10,7 @@
   that arrived longer ago than that; ``--with-age`` shows each value's age.
 * ``occupancy``: hits / events of the dispatch stream over the latest
   interval: the newest bucket of the finest per-channel level (10 s) that has
-  events (``ts:10:<b>:occ`` field ``events`` and ``ch:10:<b>:hits``), looking
+  events (``ts:{10:<b>}:occ`` field ``events`` and ``ch:{10:<b>}:hits``), looking
   back at most ``--max-age`` seconds (default one hour).  Every channel has a
   value when there were events (0.0 for a silent channel).
 

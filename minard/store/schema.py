@@ -36,6 +36,14 @@ class Family:
         return self.template.format(**parts)
 
     @property
+    def shape(self) -> str:
+        """The key as docs show it: placeholders as ``<name>``, hash tags as the literal ``{...}``."""
+        import string
+
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        return self.template.format(**{name: f"<{name}>" for name in fields})
+
+    @property
     def pattern(self) -> str:
         """A ``SCAN``/ACL glob matching every key of the family (hash tags kept literally)."""
         import string
@@ -236,7 +244,7 @@ def doc_table() -> str:
     """The key index of docs/storage.md, generated from this module (a test keeps it current)."""
     rows = ["| key | type | content |", "|---|---|---|"]
     for family in families().values():
-        rows.append(f"| `{family.template}` | {family.type} | {family.doc} |")
+        rows.append(f"| `{family.shape}` | {family.type} | {family.doc} |")
     for key, (type_, doc) in single_keys().items():
         rows.append(f"| `{key}` | {type_} | {doc} |")
     return "\n".join(rows) + "\n"

@@ -79,7 +79,7 @@ def test_the_redis_config_holds_no_password_in_clear():
 
 
 def test_every_key_family_of_the_schema_has_a_writer_and_the_dashboard_writes_no_pipeline_family():
-    keys = {name: re.sub(r"\{[a-z]+\}", "7", f.template) for name, f in schema.families().items()}
+    keys = {name: re.sub(r"<[a-z]+>", "7", f.shape) for name, f in schema.families().items()}
     keys.update({k: k for k in schema.single_keys()})
     orphans = [name for name, key in keys.items() if not acl.writers(key)]
     assert not orphans, f"no role may write {orphans}: add them to minard/store/acl.py"
@@ -107,7 +107,7 @@ def test_the_dashboard_user_cannot_flush_configure_or_write_pipeline_keys(client
     assert denied(lambda: dash.expire(TS_KEY, 1))
     # It still reads everything the pages show.
     assert dash.hget(TS_KEY, "TOTAL") == b"5" and dash.get(RUN_KEY) == b"x"
-    assert dash.scan(0, match="ts:*", count=100)[1] == [bTS_KEY]
+    assert dash.scan(0, match="ts:*", count=100)[1] == [TS_KEY.encode()]
 
 
 def test_no_role_but_admin_may_flush_or_configure(clients):

@@ -50,6 +50,7 @@ import redis as redis_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minard import config
 from minard.analysis.aggregate import NHIT_BINS, NTRIG, TOTAL, RunAgg, SecondAgg
 from minard.dispatcher.client import DispatchClient
 from minard.formats import pmt, wire
@@ -201,7 +202,7 @@ def bench_consumer(redis_url: str, nhit: float, n: int, seconds: float, rounds: 
     records = make_records(n, nhit)
     hits = sum(struct.unpack_from(">I", r, 12)[0] & 0xFFFF for r in records) / len(records)
     batches = wire_batches(records)
-    cfg = {"redis_url": redis_url, "zmq_max_frame": 64 << 20}
+    cfg = config.load({"redis_url": redis_url, "zmq_max_frame": 64 << 20}, env={})
     fast, slow = [], []
     for _ in range(rounds):
         handler = PullHandler(cfg)  # a fresh worker each round

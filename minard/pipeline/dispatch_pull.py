@@ -46,7 +46,13 @@ from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, segme
 from minard.formats import wire
 from minard.formats.pmt import decode_buffer, split_dispatch
 from minard.pipeline.base import Handler
-from minard.pipeline.consumer import AccountedPool, PoolReporter, flushed_key, record_flushed, run_pool
+from minard.pipeline.consumer import (
+    AccountedPool,
+    PoolReporter,
+    flushed_key,
+    record_flushed,
+    run_pool,
+)
 from minard.pipeline.pool import PoolManager, PoolSpec
 from minard.store import runs, status
 from minard.store import timeseries as ts

@@ -18,9 +18,9 @@ import threading
 
 import redis as redis_py
 
-_LINE = re.compile(rb'^[\d.]+ \[\d+ ([^\]]+)\] (.*)$', re.S)
-_ARG = re.compile(rb'"((?:\\.|[^"\\])*)"', re.S)
-_ESCAPE = re.compile(rb'\\(x[0-9a-fA-F]{2}|.)', re.S)
+_LINE = re.compile(rb'^[\d.]+ \[\d+ ([^\]]+)\] (.*)$', re.DOTALL)
+_ARG = re.compile(rb'"((?:\\.|[^"\\])*)"', re.DOTALL)
+_ESCAPE = re.compile(rb'\\(x[0-9a-fA-F]{2}|.)', re.DOTALL)
 _SIMPLE = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
 
 
@@ -56,7 +56,7 @@ class TransactionRecorder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
 
-    def __enter__(self) -> TransactionRecorder:
+    def __enter__(self):
         self.conn.send_command("MONITOR")
         assert self.conn.read_response() in (b"OK", "OK")
         self._thread.start()

@@ -30,7 +30,7 @@ N = 12000
 
 
 def test_a_pull_pool_loses_no_aggregate_and_counts_nothing_twice_when_the_primary_is_killed(
-        make_stack, tmp_path):
+        make_stack, tmp_path):  # noqa: F811 - the fixture imported above
     path = synthetic(tmp_path / "failover.zdab", n=N, seed=13, run=2100)
     with RedisHA() as ha:
         settings = {"redis_sentinels": ha.sentinels_value, "redis_master_name": ha.master_name}

@@ -61,7 +61,7 @@ def _touches(keys: set[bytes], pattern: str) -> bool:
 
 
 def test_every_transaction_of_a_pool_the_dispatcher_and_the_orca_workers_stays_in_one_hash_slot(
-        make_stack, demo_zdab, tmp_path, cfg, redis_url, redis_client):
+        make_stack, demo_zdab, tmp_path, cfg, redis_url, redis_client):  # noqa: F811 - the fixture imported above
     path = synthetic(tmp_path / "run2000.zdab", n=3000, seed=5, run=2000)
     want = {**file_totals(demo_zdab)[0], **file_totals(path)[0]}
     with TransactionRecorder(redis_url) as rec:

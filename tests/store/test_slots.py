@@ -1,20 +1,26 @@
 """minard.store.slots: a flush is one MULTI/EXEC per hash slot, and what Redis did not take is
 retried without applying anything twice (issue 18) -- against real redis-servers, with a real TCP
-proxy between client and server that loses the server's reply or the client's request."""
+proxy between client and server that loses the server's reply or the client's request; the ORCA
+workers' WATCH/MULTI groups the same way (minard.pipeline.orca_consumer.OrcaHandler)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 
+import numpy as np
 import redis as redis_py
 from redis.crc import key_slot
 
+from minard.pipeline.orca_base import BaseHandler
+from minard.simulate.orca import OrcaSimulator
 from minard.store import schema
 from minard.store import timeseries as ts
 from minard.store.slots import SlotBatch, SlotWriter, hash_tag
+from minard.store.status import stats
 from minard.testing import RedisServer
 from minard.testing.monitor import TransactionRecorder
+from tests.pipeline.test_orca_stream import BASE_ID, CMOS_ID, _frames, _sim_records
 
 T0 = 1_790_000_000.0
 
@@ -82,7 +88,7 @@ def totals(client) -> tuple[int, int]:
     """(run 7 events, records summed over the 1 s buckets written by one_flush)."""
     events = int(client.hget(schema.RUN.key(run=7), "events") or 0)
     _, vals, _ = ts.fetch(client, "stream", ["records"], T0, T0 + 60, step=1)
-    return events, int(sum(v for v in vals["records"] if v == v))
+    return events, int(np.nansum(vals["records"]))
 
 
 def test_hash_tags_follow_the_cluster_rule():
@@ -185,3 +191,60 @@ def test_a_transaction_redis_refuses_is_counted_lost_not_retried(redis_client):
     writer = SlotWriter(redis_client, "test.6", limit=1000)
     result = writer.write(one_flush(0), 10)
     assert result.lost == {"redis_error": 10} and result.written == 0 and not writer.held
+
+
+class ExecReplyProxy(Proxy):
+    """A Proxy that, once armed, loses the reply to the next ``EXEC`` (Redis has applied it)."""
+
+    def __init__(self, target: int):
+        super().__init__(target)
+        self.armed = False
+        self.exec_sent = False
+
+    def _pump(self, src, dst, direction):
+        try:
+            while data := src.recv(1 << 16):
+                if direction == "request" and self.armed and b"EXEC" in data:
+                    self.exec_sent = True
+                if direction == "reply" and self.exec_sent:
+                    self.armed = self.exec_sent = False
+                    self.cut.set()
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _base_series(cfg, redis_url: str | None, proxy: ExecReplyProxy | None) -> dict[str, bytes]:
+    """Run a simulated base-current stream through one BaseHandler; return the stored series."""
+    sim = OrcaSimulator(5, cmos_id=CMOS_ID, base_id=BASE_ID, poll_period=0.5, crates=[1, 4, 9],
+                        flag_probability=0, counter_reset=False, masked_fraction=0)
+    recs = [r for r in _sim_records(sim, 2.0) if r.kind == "base"]
+    handler = BaseHandler(cfg.replace(redis_url=redis_url) if redis_url else cfg)
+    handler.process(_frames("base", recs[: len(recs) // 2]))
+    assert handler.flush(T0)
+    handler.process(_frames("base", recs[len(recs) // 2:]))
+    if proxy is not None:
+        proxy.armed = True
+    assert handler.flush(T0)  # the lost EXEC reply is settled inside this flush
+    assert proxy is None or proxy.cut.is_set()
+    client = handler.redis
+    return {k.decode(): client.get(k) for k in client.scan_iter(match="ch:*")}
+
+
+def test_an_orca_worker_whose_exec_reply_was_lost_adds_its_readings_once(cfg, redis_url, redis_client):
+    want = _base_series(cfg, None, None)
+    assert want
+    redis_client.flushdb()
+    proxy = ExecReplyProxy(redis_py.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"])
+    try:
+        got = _base_series(cfg, f"redis://127.0.0.1:{proxy.port}/0", proxy)
+        assert got == want  # the group Redis applied was not added a second time
+        assert stats(redis_client)["base"].get("flush_found_applied", 0) >= 1
+    finally:
+        proxy.close()

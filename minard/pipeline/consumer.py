@@ -13,10 +13,11 @@ worker managed to write to Redis before it ended.  So:
   ``worker_lost`` of the pool's stage (``stats:<stage>``);
 * once a second :class:`PoolReporter` writes that settlement, the stage's
   ``received`` counter, the heartbeat of the pool's component and the pool's
-  own heartbeat (``status:pool:<host>:<pid>``) in one transaction, keeping
+  own heartbeat (``status:pool:<host>:<pid>``) in one pipeline (not a
+  transaction: the keys are in several Redis Cluster hash slots), keeping
   them until Redis is back if it is down; every counter is written as an
   absolute total per writer (:func:`minard.store.status.count`), so a retried
-  transaction never counts twice;
+  report never counts twice;
 * :func:`run_pool` runs a pool until SIGTERM/SIGINT and reports a last time.
 
 Key and counter names are listed in ``docs/storage.md``.
@@ -52,11 +53,12 @@ def flushed_key(name: str) -> str:
 def record_flushed(pipe, key: str, n: int, by_run=None) -> None:
     """Worker side: add *n* records accounted for by this worker (its pid) to *key*.
 
-    Called inside the worker's flush transaction, so the count is written if
-    and only if the data is.  *by_run* ({run: records}) adds the same per run
-    (fields ``<pid>:<run>``), so that the manager can count a dead worker's
-    losses against their runs.  Nothing is written without a key (a handler
-    run outside a pool) or without records.
+    Called in the worker's flush after every data group is written (with the
+    stage counters), so records are accounted only once their data is in
+    Redis.  *by_run* ({run: records}) adds the same per run (fields
+    ``<pid>:<run>``), so that the manager can count a dead worker's losses
+    against their runs.  Nothing is written without a key (a handler run
+    outside a pool) or without records.
     """
     if key and n:
         pid = os.getpid()

@@ -34,10 +34,18 @@ The one case it cannot see is a transaction still travelling on the old TCP
 connection to the *same* server after the retry (a cut link that comes back
 while the kernel still retransmits): that needs the old connection to stay
 open past the socket timeout, and a failover (the case this guards) never has
-it.  What is held is bounded (``redis_retry_records``): beyond it, the oldest
-held flush is given up and its records counted lost (``retry_full``); a group
+it.  What is held is bounded (*limit* records, ``dispatch_retry_records``,
+and :data:`MAX_HELD_FLUSHES` flushes): beyond it, the oldest held flush is
+given up and its records counted lost (``retry_full``); a group
 Redis refused (an error reply inside ``EXEC``, e.g. out of memory) is not
 retried and is counted lost (``redis_error``).
+
+With *replicas* > 0 (``dispatch_wait_replicas``) the round trip ends with
+``WAIT <replicas> 200``: a flush counts as written once a replica has it, so
+a failover cannot drop a flush the worker already counted (a flush that no
+replica acknowledged in time is counted in :attr:`SlotWriter.unreplicated`
+and stays written: holding it would hold every later one while a replica is
+missing).
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ log = logging.getLogger("minard.store.slots")
 
 #: Seconds a flush mark lives: far longer than any retry waits.
 MARK_TTL = 600
+#: Flushes held at most (5 min of a worker's once-a-second flushes): bounds the memory
+#: of an outage at low rates, where the record limit would take hours to reach.
+MAX_HELD_FLUSHES = 300
 #: Milliseconds a flush waits for its replicas (``WAIT``) before it is treated as unknown.
 WAIT_MS = 200
 #: Outcomes of one group's transaction.
@@ -202,7 +213,7 @@ class SlotWriter:
                 result.lose("redis_error", held)
             else:
                 result.written += held.records
-        while self.held and self.held_records > self.limit:
+        while self.held and (self.held_records > self.limit or len(self.held) > MAX_HELD_FLUSHES):
             result.lose("retry_full", self.held.pop(0))
         result.held_records = self.held_records
         return result

@@ -18,7 +18,8 @@ combine exactly (see docs/storage.md):
   ``no_analyzer``, ``analyzer_lost``; added by the push and the pull pool
   for records they drop, :func:`add_drops`: ``push_backlog_full``,
   ``push_backlog_at_exit``, ``pull_worker_lost``, ``pull_bad_batch``,
-  ``pull_handler_error``, ``pull_redis_down``);
+  ``pull_handler_error``, ``pull_retry_full``, ``pull_retry_at_exit``,
+  ``pull_redis_error``);
 * ``run:<run>:nhit_trig`` hash: ``<NAME>:<lo>`` -> events of that trigger
   with ``lo <= nhit < lo+5`` (the bins of the ``nhit`` time series), and the
   fields ``dq:<counter>`` of ``run:<run>`` (``gtid_gaps``, ``gtid_missing``,

@@ -180,7 +180,7 @@ def test_beyond_the_limit_the_oldest_held_flush_is_counted_lost():
         server.start()
         assert writer.write(None, 0).written == 20
         assert totals(client) == (20, 20)
-        assert writer.give_up("retry_at_exit") == {}
+        assert writer.give_up("retry_at_exit") == ({}, {})
         client.close()
     finally:
         server.close()

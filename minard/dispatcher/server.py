@@ -423,7 +423,7 @@ class Dispatcher:
         self.handshake_timeout = float(cfg["dispatcher_handshake_timeout"])
         self.idle_timeout = float(cfg["dispatcher_idle_timeout"])
         self.keys = self._key_store(cfg) if self.auth else None
-        # Per-run event accounting (docs/storage.md run:<run>:acct): deltas not yet in Redis,
+        # Per-run event accounting (docs/storage.md {run:<run>}:acct): deltas not yet in Redis,
         # also kept in a journal file that survives kill -9 (minard.dispatcher.journal).
         self.acct: dict[int, Counter] = {}
         self.accounting_period = float(cfg["dispatcher_accounting_period"])

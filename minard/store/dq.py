@@ -10,7 +10,7 @@ Keys (docs/dq.md, docs/storage.md):
 * ``dq:reference`` hash: run type (``none`` for runs without one) -> the
   reference run an expert chose.
 
-A run's check inputs (:func:`run_data`) come from its summary (``run:<run>``
+A run's check inputs (:func:`run_data`) come from its summary (``{run:<run>}``
 and its parts, written by every pull worker's flush) and, for the CMOS and
 base-current checks, from the per-channel ORCA series over the run's time
 window; nothing is read from events.
@@ -127,7 +127,7 @@ def _duration(start, end, clock_start, clock_end) -> float:
 def run_data(redis, run: int, now: float | None = None, final: bool = False) -> dq.RunData | None:
     """The check inputs of *run* from Redis, or None if the run is unknown.
 
-    The dispatcher's accounting of the run (``run:<run>:acct``) adds its
+    The dispatcher's accounting of the run (``{run:<run>}:acct``) adds its
     counted losses (``dropped``) and, for a *final* judgement or a run whose
     last event is older than :data:`UNACCOUNTED_AFTER` s, ``unaccounted``.
     """

@@ -4,14 +4,14 @@ One summary per run, kept :data:`RUN_KEEP` seconds (400 days) after its last
 update.  Workers add to it with atomic commands, so any number of workers
 combine exactly (see docs/storage.md):
 
-* ``run:<run>`` hash: ``events``, ``orphans``, ``hits`` and ``trig:<NAME>``
+* ``{run:<run>}`` hash: ``events``, ``orphans``, ``hits`` and ``trig:<NAME>``
   (HINCRBY);
-* ``run:<run>:nhit`` hash: NPmtHit value -> events (HINCRBY, nonzero only);
-* ``run:<run>:channels`` string: 10240 big-endian uint32 hit counts, index
+* ``{run:<run>}:nhit`` hash: NPmtHit value -> events (HINCRBY, nonzero only);
+* ``{run:<run>}:channels`` string: 10240 big-endian uint32 hit counts, index
   ``crate*512 + card*32 + channel`` (added by :class:`minard.store.channels.ChannelWriter`,
   as the per-channel time series);
-* ``run:<run>:subruns`` set of sub-run numbers;
-* ``run:<run>:acct`` hash: the run's event accounting, written by the
+* ``{run:<run>}:subruns`` set of sub-run numbers;
+* ``{run:<run>}:acct`` hash: the run's event accounting, written by the
   dispatcher (:func:`add_accounting`): ``source_events`` (events received from
   the data source), ``dispatched`` (handed to the monitoring analyzer) and
   ``dropped:<reason>`` (counted losses, e.g. ``dispatcher_queue``,
@@ -20,9 +20,9 @@ combine exactly (see docs/storage.md):
   ``push_backlog_at_exit``, ``pull_worker_lost``, ``pull_bad_batch``,
   ``pull_handler_error``, ``pull_retry_full``, ``pull_retry_at_exit``,
   ``pull_redis_error``);
-* ``run:<run>:nhit_trig`` hash: ``<NAME>:<lo>`` -> events of that trigger
+* ``{run:<run>}:nhit_trig`` hash: ``<NAME>:<lo>`` -> events of that trigger
   with ``lo <= nhit < lo+5`` (the bins of the ``nhit`` time series), and the
-  fields ``dq:<counter>`` of ``run:<run>`` (``gtid_gaps``, ``gtid_missing``,
+  fields ``dq:<counter>`` of ``{run:<run>}`` (``gtid_gaps``, ``gtid_missing``,
   ``gtid_jumps``, ``corrupt``, ``bad_hits``, ``gtid_mismatch``): what the
   data-quality checks read (docs/dq.md);
 * ``runs:clock_start`` / ``runs:clock_end`` sorted sets: run -> lowest /
@@ -58,7 +58,7 @@ START_KEY, END_KEY = schema.RUNS_START, schema.RUNS_END
 CLOCK_START_KEY, CLOCK_END_KEY = schema.RUNS_CLOCK_START, schema.RUNS_CLOCK_END
 
 
-#: The part of a run's summary that holds its event accounting (``run:<run>:acct``).
+#: The part of a run's summary that holds its event accounting (``{run:<run>}:acct``).
 ACCT = "acct"
 #: The part holding the dispatcher journal's epochs of the run (``{run:<run>}:epochs``, minard.dispatcher.journal).
 EPOCHS = "epochs"

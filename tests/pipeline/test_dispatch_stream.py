@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from minard.store.runs import get_run, run_key
 from minard.store.status import stats
 from minard.testing import RedisServer, stop_pid, wait_for
 from minard.testing.dispatcher import DispatcherProcess
+from minard.testing.faults import kill_worker_holding_records
 from minard.testing.records import expected
 
 pytestmark = pytest.mark.timeout(120)
@@ -289,26 +289,6 @@ def test_fault_injections_raise_the_right_counters(make_stack, tmp_path, redis_c
 def _worker_pids(log_path):
     text = Path(log_path).read_text()
     return [int(p) for p in re.findall(r"(?:STARTING|RESTARTING): D\d+ S\d+\n\s+Pid: (\d+)", text)]
-
-
-def kill_worker_holding_records(redis_client, pid, component="minard_dispatch_pull", timeout=30):
-    """kill -9 the pool's only worker *pid* while it holds records it never processed.
-
-    The worker is stopped (SIGSTOP) first; the manager, which keeps receiving
-    data, hands it the next batch (or it already held one), and the pool's
-    heartbeat (*component*) shows it in flight.  That batch dies with the worker,
-    so the kill always loses records, whatever the worker had flushed.
-    """
-    os.kill(pid, signal.SIGSTOP)
-    stopped = time.time() + 0.05
-
-    def holding():
-        beat = redis_client.hgetall(f"status:{component}")
-        return float(beat.get(b"time", 0)) > stopped and int(beat.get(b"inflight_records", 0)) > 0
-    try:
-        wait_for(holding, timeout, "a batch handed to the stopped worker")
-    finally:
-        os.kill(pid, signal.SIGKILL)
 
 
 def accounted_run(redis_client, run, n):

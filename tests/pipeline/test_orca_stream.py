@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis as redis_py
-from test_dispatch_stream import kill_worker_holding_records
 
 from minard.formats import orca, wire
 from minard.formats.detector import NCHANNELS_TOTAL
@@ -38,6 +37,7 @@ from minard.store.channels import ChannelWriter
 from minard.store.query import latest_values
 from minard.store.status import stats
 from minard.testing import stop_pid, wait_for
+from minard.testing.faults import kill_worker_holding_records
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent

@@ -9,6 +9,7 @@ import socket
 import threading
 
 import numpy as np
+import pytest
 import redis as redis_py
 from redis.crc import key_slot
 
@@ -134,37 +135,27 @@ def test_a_flush_made_while_redis_is_down_is_held_and_written_once_when_it_is_ba
         server.close()
 
 
-def test_a_transaction_whose_reply_was_lost_is_found_applied_and_not_sent_again(redis_url, redis_client):
+@pytest.mark.parametrize("lose", ["reply", "request"], ids=["reply_lost_is_found_applied_and_not_sent_again",
+                                                         "request_lost_is_found_missing_and_sent_again"])
+def test_a_transaction_cut_short_is_written_exactly_once(redis_url, redis_client, lose):
+    """A lost reply: Redis applied it and the flush mark says so. A lost request: sent again."""
     proxy = Proxy(redis_py.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"])
     try:
         client = redis_py.Redis(port=proxy.port, socket_timeout=2)
-        writer = SlotWriter(client, "test.3", limit=1000)
+        writer = SlotWriter(client, f"test.{lose}", limit=1000)
         assert writer.write(one_flush(0), 10).written == 10
-        proxy.lose = "reply"
+        proxy.lose = lose
         lost = writer.write(one_flush(1), 10)
         assert proxy.cut.is_set() and lost.error and lost.held_records == 10
-        assert totals(redis_client) == (20, 20)  # Redis applied it; the worker does not know
+        # with a lost reply Redis applied it and the worker does not know
+        assert totals(redis_client) == ((20, 20) if lose == "reply" else (10, 10))
         done = writer.write(None, 0)
         assert done.written == 10 and not writer.held
-        assert writer.resolved >= 1 and writer.retried == 0
-        assert totals(redis_client) == (20, 20)  # not applied a second time
-    finally:
-        proxy.close()
-
-
-def test_a_transaction_that_never_reached_redis_is_found_missing_and_sent_again(redis_url, redis_client):
-    proxy = Proxy(redis_py.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"])
-    try:
-        client = redis_py.Redis(port=proxy.port, socket_timeout=2)
-        writer = SlotWriter(client, "test.4", limit=1000)
-        assert writer.write(one_flush(0), 10).written == 10
-        proxy.lose = "request"
-        lost = writer.write(one_flush(1), 10)
-        assert proxy.cut.is_set() and lost.error and lost.held_records == 10
-        assert totals(redis_client) == (10, 10)
-        done = writer.write(None, 0)
-        assert done.written == 10 and writer.resolved == 0 and writer.retried >= 1
-        assert totals(redis_client) == (20, 20)
+        if lose == "reply":
+            assert writer.resolved >= 1 and writer.retried == 0
+        else:
+            assert writer.resolved == 0 and writer.retried >= 1
+        assert totals(redis_client) == (20, 20)  # never applied a second time
     finally:
         proxy.close()
 

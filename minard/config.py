@@ -355,6 +355,8 @@ TABLE: tuple[Key | Section, ...] = (
         'seconds a control connection may stay silent before it is closed (`idle_timeouts`); 0 = never'),
     Key("dispatcher_accounting_period", float, 1.0,
         "seconds between writes of the runs' event accounting to Redis; what is not written yet is kept in the journal `pending_accounting.json` of `dispatcher_accounting_dir`, which a restarted dispatcher reads back (survives kill -9)"),
+    Key("dispatcher_accounting_interval", int, 600,
+        "seconds of one interval of a run's accounting (`minard runs show RUN --json` \"intervals\": events received, handed to each analyzer and dropped per interval, by the dispatcher's clock), so that a loss in a long run can be placed in time"),
     Key("dispatcher_unaccounted_delay", float, 30.0,
         "seconds after the end of a run (time for the pipeline to store its last events) before a non-zero `unaccounted` in the run's accounting raises a warning alarm"),
     Section('Data quality (minard dq, minard dq-live, docs/dq.md)'),

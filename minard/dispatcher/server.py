@@ -57,6 +57,7 @@ from minard.formats.framing import (
     expand_rawbatches,
     rawbatch_count,
 )
+from minard.store import runs as runs_store
 from minard.store import schema
 
 log = logging.getLogger("minard.dispatcher.server")
@@ -427,6 +428,9 @@ class Dispatcher:
         # also kept in a journal file that survives kill -9 (minard.dispatcher.journal).
         self.acct: dict[int, Counter] = {}
         self.accounting_period = float(cfg["dispatcher_accounting_period"])
+        self.interval_length = max(1, int(cfg["dispatcher_accounting_interval"]))
+        self._interval_end = 0.0
+        self._interval_names: dict[str, str] = {}
         self.journal = (AccountingJournal(self.accounting_dir, config_mod.redact(self.redis_url))
                         if self.redis_url else None)
         self._flush_lock = asyncio.Lock()
@@ -580,6 +584,7 @@ class Dispatcher:
             # Accepted for delivery, never handed over: counted as lost with the analyzer.
             acct["dispatched"] -= client.queued_events
             acct["dropped:analyzer_lost"] += client.queued_events
+            acct[self._in_interval("dropped:analyzer_lost")] += client.queued_events
             self._journal_pending()
         for group in (self.analyzers, self.writers):
             if client in group:
@@ -631,6 +636,7 @@ class Dispatcher:
         acct = self._run_acct()
         if acct is not None:
             acct["source_events"] += count
+            acct[self._in_interval("source_events")] += count
         monitored = False
         for analyzer in self.analyzers:
             if batch.packed and not analyzer.batch:
@@ -640,11 +646,18 @@ class Dispatcher:
                 sent = analyzer.send(raw, count, limit)
             if not sent:
                 counters["dropped_events"] += count
-            if acct is not None and self._monitoring(analyzer):
+            if acct is None:
+                continue
+            if sent:
+                acct[self._in_interval(f"sent:{analyzer.name or analyzer.role}")] += count
+            if self._monitoring(analyzer):
                 monitored = True
                 acct["dispatched" if sent else "dropped:dispatcher_queue"] += count
+                if not sent:
+                    acct[self._in_interval("dropped:dispatcher_queue")] += count
         if acct is not None and not monitored:
             acct["dropped:no_analyzer"] += count
+            acct[self._in_interval("dropped:no_analyzer")] += count
         if acct is not None:
             self._journal_pending()
         backlog = False
@@ -668,6 +681,24 @@ class Dispatcher:
         if acct is None:
             acct = self.acct[self.run] = Counter()
         return acct
+
+    def _in_interval(self, field: str) -> str:
+        """The accounting delta name of *field* in the current interval (runs.interval_field).
+
+        Per batch, so the names are made once per interval.  An interval's
+        ``sent:<analyzer>`` counts events handed to the analyzer's queue; those it
+        never took are ``dropped:analyzer_lost`` of the interval the loss was seen in.
+        """
+        now = time.time()
+        if now >= self._interval_end:
+            start = int(now // self.interval_length) * self.interval_length
+            self._interval_start, self._interval_end = start, start + self.interval_length
+            self._interval_names = {}
+        name = self._interval_names.get(field)
+        if name is None:
+            name = self._interval_names[field] = runs_store.interval_field(
+                self._interval_start, self.interval_length, field)
+        return name
 
     def _monitoring(self, client: Client) -> bool:
         """True if *client* is the monitoring analyzer whose deliveries are accounted."""
@@ -740,7 +771,6 @@ class Dispatcher:
         counts of *earlier* unconfirmed writes are added again for each run whose
         stored epoch is below theirs (a write may have reached some runs only).
         """
-        from minard.store import runs as runs_store
 
         redis = self._redis_client()
         targets = sorted(set(pending) | {run for _, runs in earlier for run in runs})
@@ -783,7 +813,6 @@ class Dispatcher:
     def _alarm_unaccounted(self, run: int) -> None:
         """Raise a warning alarm if run *run* has unaccounted events (in a thread)."""
         from minard.store import alarms
-        from minard.store import runs as runs_store
 
         r = self._redis_client()
         summary = runs_store.get_run(r, run)

@@ -20,6 +20,12 @@ combine exactly (see docs/storage.md):
   ``push_backlog_at_exit``, ``pull_worker_lost``, ``pull_bad_batch``,
   ``pull_handler_error``, ``pull_retry_full``, ``pull_retry_at_exit``,
   ``pull_redis_error``);
+* ``{run:<run>}:intervals`` hash: the same accounting per interval of a long
+  run (``dispatcher_accounting_interval`` seconds, by the dispatcher's clock),
+  fields ``<start>:<length>:source_events``, ``<start>:<length>:sent:<analyzer>``
+  (events handed to that analyzer's queue, every analyzer) and
+  ``<start>:<length>:dropped:<reason>`` (the dispatcher's own losses);
+  :func:`intervals` reads it;
 * ``{run:<run>}:nhit_trig`` hash: ``<NAME>:<lo>`` -> events of that trigger
   with ``lo <= nhit < lo+5`` (the bins of the ``nhit`` time series), and the
   fields ``dq:<counter>`` of ``{run:<run>}`` (``gtid_gaps``, ``gtid_missing``,
@@ -63,6 +69,10 @@ ACCT = "acct"
 #: The part holding the dispatcher journal's epochs of the run (``{run:<run>}:epochs``, minard.dispatcher.journal).
 EPOCHS = "epochs"
 DROPPED_PREFIX = "dropped:"
+#: The part holding the accounting per interval (``{run:<run>}:intervals``).
+INTERVALS = "intervals"
+#: Accounting deltas named ``interval:<start>:<field>`` go to the intervals part as ``<start>:<field>``.
+INTERVAL_PREFIX = "interval:"
 
 
 def run_key(run: int, part: str = "") -> str:
@@ -71,12 +81,57 @@ def run_key(run: int, part: str = "") -> str:
 
 
 def add_accounting(pipe, run: int, deltas) -> None:
-    """Add counter *deltas* (``source_events``, ``dispatched``, ``dropped:<reason>``) to run *run*."""
-    key = run_key(run, ACCT)
+    """Add counter *deltas* (``source_events``, ``dispatched``, ``dropped:<reason>``) to run *run*.
+
+    Deltas named ``interval:<start>:<field>`` go to the run's per-interval
+    accounting instead (same hash slot, so one transaction holds both).
+    """
+    key, per_interval = run_key(run, ACCT), run_key(run, INTERVALS)
+    touched = set()
     for name, value in deltas.items():
-        if value:
+        if not value:
+            continue
+        if name.startswith(INTERVAL_PREFIX):
+            pipe.hincrby(per_interval, name[len(INTERVAL_PREFIX):], int(value))
+            touched.add(per_interval)
+        else:
             pipe.hincrby(key, name, int(value))
-    pipe.expire(key, RUN_KEEP)
+            touched.add(key)
+    for k in touched or (key,):
+        pipe.expire(k, RUN_KEEP)
+
+
+def interval_field(start: int, length: int, field: str) -> str:
+    """The accounting delta name of *field* in the interval [*start*, *start* + *length*) (see add_accounting).
+
+    The length travels in the name, so a changed ``dispatcher_accounting_interval``
+    never misreads the intervals already stored.
+    """
+    return f"{INTERVAL_PREFIX}{int(start)}:{int(length)}:{field}"
+
+
+def intervals(fields: dict[str, int]) -> list[dict]:
+    """The rows of a run's per-interval accounting from its ``intervals`` hash, oldest first.
+
+    Each row: ``start``, ``stop`` (Unix seconds, the dispatcher's clock),
+    ``source_events``, ``sent`` (analyzer -> events handed to its queue),
+    ``dropped`` and ``dropped_by`` (the dispatcher's own losses in the interval).
+    """
+    rows: dict[tuple[int, int], dict] = {}
+    for name, value in fields.items():
+        start, length, field = (name.split(":", 2) + ["", ""])[:3]
+        try:
+            row = rows.setdefault((int(start), int(length)), {"source_events": 0, "sent": {}, "dropped_by": {}})
+        except ValueError:  # not written by add_accounting
+            continue
+        if field == "source_events":
+            row["source_events"] += value
+        elif field.startswith("sent:"):
+            row["sent"][field[5:]] = row["sent"].get(field[5:], 0) + value
+        elif field.startswith(DROPPED_PREFIX):
+            row["dropped_by"][field[len(DROPPED_PREFIX):]] = value
+    return [{"start": start, "stop": start + length, **row, "dropped": sum(row["dropped_by"].values())}
+            for (start, length), row in sorted(rows.items())]
 
 
 def add_drops(pipe, drops) -> None:
@@ -173,7 +228,8 @@ def get_run(redis, run: int) -> dict | None:
     only), ``channel_hits`` (channel index as a string -> hits, nonzero only),
     ``start``, ``end`` (Unix seconds), ``subruns`` (sorted list) and the
     accounting of :func:`accounting` (``source_events``, ``dispatched``,
-    ``dropped``, ``dropped_by``, ``unaccounted``).
+    ``dropped``, ``dropped_by``, ``unaccounted``) and ``intervals``, the
+    dispatcher's accounting per interval (:func:`intervals`).
     """
     run = int(run)
     pipe = redis.pipeline(transaction=False)
@@ -184,7 +240,8 @@ def get_run(redis, run: int) -> dict | None:
     pipe.zscore(START_KEY, str(run))
     pipe.zscore(END_KEY, str(run))
     pipe.hgetall(run_key(run, ACCT))
-    head, nhit, channels, subruns, start, end, acct = pipe.execute()
+    pipe.hgetall(run_key(run, INTERVALS))
+    head, nhit, channels, subruns, start, end, acct, per_interval = pipe.execute()
     if not head and start is None and not acct:
         return None
     head = {k.decode(): int(v) for k, v in head.items()}
@@ -202,6 +259,7 @@ def get_run(redis, run: int) -> dict | None:
         "end": end,
         "subruns": sorted(int(s) for s in subruns),
         **accounting({k.decode(): int(v) for k, v in acct.items()}, records_seen(head)),
+        "intervals": intervals({k.decode(): int(v) for k, v in per_interval.items()}),
     }
 
 

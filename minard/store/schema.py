@@ -116,7 +116,9 @@ RUN_PART = Family("{{run:{run}}}:{part}", "hash, string, set or zset",
                   "Run summary parts: nhit (hash), channels (string array), subruns (set),"
                   " acct (hash: the dispatcher's event accounting, source_events, dispatched, dropped:<reason>),"
                   " nhit_trig (hash <NAME>:<lo> -> events, for the data-quality checks),"
-                  " epochs (zset: dispatcher accounting journal -> epoch of its last write applied to the run).")
+                  " epochs (zset: dispatcher accounting journal -> epoch of its last write applied to the run),"
+                  " intervals (hash <start>:<length>:<field>: the dispatcher's accounting per interval of"
+                  " dispatcher_accounting_interval seconds: source_events, sent:<analyzer>, dropped:<reason>).")
 RUNS_START = _single("runs:start", "zset", "run -> arrival time of its first event")
 RUNS_END = _single("runs:end", "zset", "run -> arrival time of its last event")
 RUNS_CLOCK_START = _single("runs:clock_start", "zset", "run -> lowest 10 MHz clock (ticks) of its events")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from minard.dispatcher.client import DispatchClient
@@ -18,7 +21,8 @@ pytestmark = pytest.mark.timeout(60)
 def disp(cfg, tmp_path):
     proc = DispatcherProcess(log_path=tmp_path / "dispatcher.log", redis_url=cfg["redis_url"],
                              dispatcher_accounting_dir=cfg["dispatcher_accounting_dir"],
-                             dispatcher_finished_timeout=5, dispatcher_unaccounted_delay=0.5)
+                             dispatcher_finished_timeout=5, dispatcher_unaccounted_delay=0.5,
+                             dispatcher_accounting_interval=1)
     yield proc.start()
     proc.stop()
 
@@ -53,3 +57,30 @@ def test_events_delivered_but_never_stored_are_unaccounted_and_raise_an_alarm(di
     alarm = wait_for(lambda: [a for a in alarms.list_alarms(redis_client)
                               if "run 32: 300 events unaccounted" in a["message"]], 10, "the alarm")
     assert alarm[0]["level"] == alarms.WARNING
+
+
+def test_a_long_run_is_accounted_per_interval_for_each_analyzer(disp, redis_client):
+    """Per interval (1 s here): events received, handed to each analyzer, dropped; they sum to the run's."""
+    with DispatchClient.connect(disp.address, "analyzer", timeout=5.0) as analyzer, \
+            DispatchClient.connect(disp.address, "source", timeout=5.0) as source, \
+            ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(collect, analyzer, "ENDTAPE")
+        assert source.command("BEGINTAPE:35:1") == "OK:BEGINTAPE"
+        for i in range(3):  # one batch in each of three consecutive intervals
+            second = int(time.time())
+            source.send_batch(payloads(100, start=100 * i, run=35))
+            wait_for(lambda: int(time.time()) > second, 3, "the next interval")
+        source.send_command("ENDTAPE")
+        data, _ = reading.result(10)
+        assert len(data) == 300
+        analyzer.finished()
+        source.wait_command("ALLFINISHED", timeout=10.0)
+    got = wait_for(lambda: (g := get_run(redis_client, 35)) and g["source_events"] == 300 and g, 10, "the accounting")
+    rows = got["intervals"]
+    assert len(rows) >= 2 and all(r["stop"] - r["start"] == 1 for r in rows)
+    assert [r["start"] for r in rows] == sorted(r["start"] for r in rows)
+    assert sum(r["source_events"] for r in rows) == got["source_events"] == 300
+    (name,) = {name for r in rows for name in r["sent"]}  # the one analyzer, by its program name
+    assert name == "minard_dispatch_push"
+    assert sum(r["sent"].get(name, 0) for r in rows) == got["dispatched"] == 300
+    assert sum(r["dropped"] for r in rows) == got["dropped"] == 0

@@ -37,7 +37,7 @@ def test_summary_written_by_several_workers_equals_the_single_worker_summary(red
     got = get_run(redis_client, 7)
     # Without the dispatcher's accounting the accounting fields are null.
     assert got == {**ref, "source_events": None, "dispatched": None, "dropped": None,
-                   "dropped_by": {}, "unaccounted": None}
+                   "dropped_by": {}, "unaccounted": None, "intervals": []}
     assert got["events"] == 199 and got["orphans"] == 1
     assert set(got["triggers"]) == set(ag.TRIGGER_NAMES) and len(got["triggers"]) == 27
     assert got["start"] == T0 and got["end"] == T0 + 7

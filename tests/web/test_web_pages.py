@@ -123,14 +123,23 @@ def test_every_page_has_the_status_banner_and_utc_labels(client, runs):
 
 
 def test_run_and_status_pages_show_the_event_accounting_and_flag_unaccounted_events(client, redis_client):
-    from minard.store.runs import add_accounting
+    from minard.store.runs import add_accounting, interval_field
 
     pipe = redis_client.pipeline()
-    add_accounting(pipe, 4242, {"source_events": 120, "dispatched": 100, "dropped:no_analyzer": 20})
+    add_accounting(pipe, 4242, {"source_events": 120, "dispatched": 100, "dropped:no_analyzer": 20,
+                                interval_field(600, 600, "source_events"): 70,
+                                interval_field(600, 600, "sent:<b>push</b>"): 70,
+                                interval_field(1200, 600, "source_events"): 50,
+                                interval_field(1200, 600, "sent:<b>push</b>"): 30,
+                                interval_field(1200, 600, "dropped:no_analyzer"): 20})
     pipe.zadd("runs:start", {"4242": 1.0})
     pipe.execute()
     page = client.get("/runs/4242").get_data(as_text=True)
     assert 'id="run-accounting"' in page and 'id="run-unaccounted">100<' in page
     assert "no_analyzer=20" in page
+    intervals = page[page.index('id="run-intervals"'):page.index("</details>")]
+    assert "2 intervals of 600 s" in intervals and intervals.count("<tr") == 3
+    assert "&lt;b&gt;push&lt;/b&gt;=30" in intervals and "<b>" not in intervals  # names are escaped
+    assert 'class="state-down"' in intervals  # the interval with a drop
     status = client.get("/status").get_data(as_text=True)
     assert 'id="accounting-table"' in status and 'data-run="4242"' in status

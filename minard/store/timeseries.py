@@ -4,14 +4,14 @@ Two shapes of data, both bucketed at several resolutions at write time so that
 any window from a minute to a year is read in at most ``MAX_POINTS`` buckets:
 
 * **Scalar series** (trigger rates, nhit sums, loss counters, ...): one Redis
-  hash per (resolution, bucket, group), key ``ts:<step>:<bucket>:<group>``,
+  hash per (resolution, bucket, group), key ``ts:{<step>:<bucket>}:<group>``,
   fields are metric names.  Workers add with HINCRBY/HINCRBYFLOAT, which are
   atomic, so any number of workers combine exactly; "last value" fields use
   HSET.
 
 * **Per-channel series** (occupancy, CMOS rate, base current): one binary
   string per (resolution, bucket, name) holding an array over the 10240
-  channels, key ``ch:<step>:<bucket>:<name>``.  Counts are big-endian uint32,
+  channels, key ``ch:{<step>:<bucket>}:<name>``.  Counts are big-endian uint32,
   saturating; averaged values keep a fixed-point int64 sum (``<name>:sum``)
   and a uint32 count (``<name>:n``).  They are written by the one
   per-channel writer, :class:`minard.store.channels.ChannelWriter`, in ways

@@ -11,21 +11,31 @@ from minard.testing import wait_for
 
 
 def kill_worker_holding_records(redis_client, pid: int, component: str = "minard_dispatch_pull",
-                                timeout: float = 30) -> None:
+                                timeout: float = 30, attempts: int = 5) -> None:
     """kill -9 the pool's only worker *pid* while it holds records it never processed.
 
     The worker is stopped (SIGSTOP) first; the manager, which keeps receiving
     data, hands it the next batch (or it already held one), and the pool's
     heartbeat (*component*) shows it in flight.  That batch dies with the worker,
-    so the kill always loses records, whatever the worker had flushed.
+    so the kill always loses records, whatever the worker had flushed.  A worker
+    stopped between its DONE and its READY is never handed a batch: it is let run
+    on (SIGCONT) until the manager hands it one, and stopped again.
     """
-    os.kill(pid, signal.SIGSTOP)
-    stopped = time.time() + 0.05
+    def beat():
+        return redis_client.hgetall(schema.STATUS.key(component=component))
 
-    def holding():
-        beat = redis_client.hgetall(schema.STATUS.key(component=component))
-        return float(beat.get(b"time", 0)) > stopped and int(beat.get(b"inflight_records", 0)) > 0
-    try:
-        wait_for(holding, timeout, "a batch handed to the stopped worker")
-    finally:
+    for attempt in range(attempts):
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.time() + 0.05
+        try:
+            wait_for(lambda: (b := beat()) and float(b.get(b"time", 0)) > stopped
+                     and int(b.get(b"inflight_records", 0)) > 0, timeout / attempts,
+                     "a batch handed to the stopped worker")
+        except AssertionError:
+            if attempt == attempts - 1:
+                os.kill(pid, signal.SIGKILL)
+                raise
+            os.kill(pid, signal.SIGCONT)
+            continue
         os.kill(pid, signal.SIGKILL)
+        return

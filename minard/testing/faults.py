@@ -28,7 +28,7 @@ def kill_worker_holding_records(redis_client, pid: int, component: str = "minard
         os.kill(pid, signal.SIGSTOP)
         stopped = time.time() + 0.05
         try:
-            wait_for(lambda: (b := beat()) and float(b.get(b"time", 0)) > stopped
+            wait_for(lambda since=stopped: (b := beat()) and float(b.get(b"time", 0)) > since
                      and int(b.get(b"inflight_records", 0)) > 0, timeout / attempts,
                      "a batch handed to the stopped worker")
         except AssertionError:

@@ -125,6 +125,13 @@ WEB_BLOCK_TTL = 86400
 #: Settled per-channel buckets kept decoded per worker: the 10 s level's 2 hours
 #: (39 KiB each for counts, 117 KiB for averaged values).
 CHANNEL_BUCKETS_CACHED = 800
+#: Settled per-channel buckets summed together per worker for channel maps
+#: (aligned on multiples of SUM_BLOCK): a 10-minute map then adds 8 block sums
+#: and at most 14 single buckets instead of 61 buckets.
+SUM_BLOCK = 8
+#: Block sums kept per worker: the 10 s level's 2 hours (80 KiB each for counts,
+#: 160 KiB for averaged values).
+CHANNEL_SUMS_CACHED = 100
 
 
 class Source:
@@ -140,6 +147,8 @@ class Source:
         self.cache = cache if cache is not None else Cache()
         #: decoded per-channel arrays of single settled buckets (CHANNEL_BUCKETS_CACHED of them)
         self.arrays = arrays if arrays is not None else Cache(CHANNEL_BUCKETS_CACHED)
+        #: (sum, n) of SUM_BLOCK settled buckets (:func:`_read_sum`)
+        self.sums = Cache(CHANNEL_SUMS_CACHED)
 
     def __getattr__(self, name):
         return getattr(self.redis, name)
@@ -476,12 +485,35 @@ def _bucket_arrays(redis, name: str, kind: str, step: int, buckets, now: float) 
 
 
 def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: float = 0.0):
-    """(sum, n) of per-channel arrays over buckets b0..b1; for counts n is zero."""
-    total = np.zeros(NCHANNELS_TOTAL, np.int64)
-    n = np.zeros(NCHANNELS_TOTAL, np.int64)
+    """(sum, n) of per-channel arrays over buckets b0..b1; for counts n is zero.
+
+    Through a :class:`Source`, the whole settled blocks of SUM_BLOCK buckets
+    inside b0..b1 are added as cached block sums (integer sums, so the result
+    is the same to the last count) and only the buckets at the edges one by one:
+    adding 61 arrays was a quarter of a map request's CPU.
+    """
     if b1 < b0:
-        return total, n
-    return _sum_arrays(_bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now), kind)
+        return np.zeros(NCHANNELS_TOTAL, np.int64), np.zeros(NCHANNELS_TOTAL, np.int64)
+    sums = redis.sums if isinstance(redis, Source) else None
+    k0 = -(-b0 // SUM_BLOCK)  # first block starting at or after b0
+    k1 = (min(b1, last_settled(step, now)) + 1) // SUM_BLOCK  # blocks before k1 end inside b0..b1 and are settled
+    if sums is None or k1 <= k0:
+        return _sum_arrays(_bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now), kind)
+    blocks = {k: sums.get((name, kind, step, k)) for k in range(k0, k1)}
+    todo = [k for k, v in blocks.items() if v is None]
+    edges = [*range(b0, k0 * SUM_BLOCK), *range(k1 * SUM_BLOCK, b1 + 1)]
+    wanted = edges + [b for k in todo for b in range(k * SUM_BLOCK, (k + 1) * SUM_BLOCK)]
+    arrays = _bucket_arrays(redis, name, kind, step, wanted, now)  # one round trip for all that is missing
+    for i, k in enumerate(todo):
+        at = len(edges) + i * SUM_BLOCK
+        blocks[k] = _sum_arrays(arrays[at:at + SUM_BLOCK], kind)
+        sums.put((name, kind, step, k), blocks[k], SETTLED_TTL)
+    total, n = _sum_arrays(arrays[:len(edges)], kind)  # new arrays: added to in place
+    for block_total, block_n in blocks.values():
+        total += block_total
+        if kind != "counts":
+            n += block_n
+    return total, n
 
 
 def _sum_arrays(arrays: list[tuple], kind: str):

@@ -101,6 +101,8 @@ WEB_COMPONENTS = {
                                           'events': {'type': 'number', 'nullable': True},
                                           'values': {'$ref': '#/components/schemas/Series'},
                                           'baseline': {'$ref': '#/components/schemas/Series'},
+                                          'values_f32': {'type': 'string', 'format': 'byte'},
+                                          'baseline_f32': {'type': 'string', 'format': 'byte'},
                                           'hot': {'type': 'array', 'items': {'type': 'integer'}},
                                           'dead': {'type': 'array', 'items': {'type': 'integer'}},
                                           'crate': {   'type': 'object',

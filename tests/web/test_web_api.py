@@ -128,6 +128,28 @@ def test_detector_cmos_and_base_flag_the_hot_channel_and_the_silent_one(client, 
     assert d["values"][sample.HOT_CHANNEL] == (25000.0 if quantity == "cmos" else 60.0)
 
 
+def unpack_f32(text: str) -> list:
+    """The Detector page's decoding of an encoding=f32 array (static/js/detector.js unpackF32)."""
+    import base64
+
+    x = np.frombuffer(base64.b64decode(text), "<f4").astype(float)
+    return [float(f"{v:.5g}") if np.isfinite(v) else None for v in x]
+
+
+@pytest.mark.parametrize("quantity", ["occupancy", "cmos", "base"])
+def test_detector_f32_encoding_decodes_to_the_plain_answers_values(client, filled, quantity):
+    window = f"quantity={quantity}&start={filled['t1'] - 100}&stop={filled['t1']}"
+    plain = get(client, f"/api/detector?{window}").get_json()
+    packed = get(client, f"/api/detector?{window}&encoding=f32").get_json()
+    assert "values" not in packed and "baseline" not in packed
+    for key in ("values", "baseline"):
+        assert unpack_f32(packed[f"{key}_f32"]) == plain[key]
+    assert any(v for v in plain["values"]) and (quantity == "occupancy" or None in plain["values"])
+    rest = {k: v for k, v in plain.items() if k not in ("values", "baseline", "now")}
+    assert rest == {k: v for k, v in packed.items() if k not in ("values_f32", "baseline_f32", "now")}
+    get(client, f"/api/detector?{window}&encoding=f64", 400)
+
+
 def test_hot_and_dead_rules_against_the_baseline():
     base = np.full(NCHANNELS_TOTAL, 0.01)
     vals = base.copy()

@@ -7,7 +7,7 @@ resolution level), starts ``gunicorn minard:app`` on a free port and measures,
 with N concurrent clients (threads, one HTTP connection per request):
 
 * ``occupancy``  the Detector page's map query (/api/detector, 10 min window,
-  with its rolling baseline);
+  with its rolling baseline, ``encoding=f32`` as the page asks for it);
 * ``rate-1d``    the Stream page's rate plot query (/api/stream; 1 day for the
   same view, 10 min to 1 day for distinct windows);
 * ``page``       the Stream page's HTML;
@@ -143,7 +143,7 @@ def targets(now: int, n: int, static_path: str, days: float) -> dict[str, dict[s
 
     def occupancy(i):
         stop = now - 60 - rng.randrange(0, max(60, span_data - 4200))
-        return f"/api/detector?quantity=occupancy&start={stop - 600}&stop={stop}"
+        return f"/api/detector?quantity=occupancy&start={stop - 600}&stop={stop}&encoding=f32"
 
     def rate(i):
         span = rng.choice((600, 3600, 6 * 3600, 86400))
@@ -151,7 +151,7 @@ def targets(now: int, n: int, static_path: str, days: float) -> dict[str, dict[s
         return f"/api/stream?start={stop - span}&stop={stop}"
 
     return {
-        "occupancy": {"same": ["/api/detector?quantity=occupancy&window=10m"] * n,
+        "occupancy": {"same": ["/api/detector?quantity=occupancy&window=10m&encoding=f32"] * n,
                       "distinct": [occupancy(i) for i in range(n)]},
         "rate-1d": {"same": ["/api/stream?window=1d"] * n, "distinct": [rate(i) for i in range(n)]},
         "page": {"same": ["/stream"] * n, "distinct": [f"/stream?window=1h&stop={now - i}" for i in range(n)]},
@@ -162,7 +162,7 @@ def targets(now: int, n: int, static_path: str, days: float) -> dict[str, dict[s
 def where_time_goes(url: str, paths: dict[str, list[str]], count: int = 60) -> None:
     """In one process (Flask test client, no HTTP): CPU and wall ms per request split into
     Redis round trips, JSON encoding and the rest (reading cached data, numpy), for the
-    distinct windows of each target after one pass to warm the data caches (rendered
+    distinct windows of each target (and of the map as plain JSON, ``map-json``) after one pass to warm the data caches (rendered
     answers are not reused)."""
     import cProfile
     import pstats
@@ -174,8 +174,9 @@ def where_time_goes(url: str, paths: dict[str, list[str]], count: int = 60) -> N
     client = app.test_client()
     print(f"\nwhere the time goes (one process, {count} distinct windows after a warm-up pass, ms per request):")
     print(f"{'target':<11} {'wall':>7} {'cpu':>7} {'redis':>7} {'encode':>7} {'other':>7}")
-    for name in ("occupancy", "rate-1d"):
-        urls = paths[name]["distinct"][:count]
+    plain = [u.replace("&encoding=f32", "") for u in paths["occupancy"]["distinct"][:count]]
+    for name, urls in (("occupancy", paths["occupancy"]["distinct"][:count]), ("map-json", plain),
+                       ("rate-1d", paths["rate-1d"]["distinct"][:count])):
         for u in urls:
             client.get(u)
         app.extensions["minard_responses"].clear()  # measure the work, not the 0.5 s answer reuse
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
                                            "-w", str(args.workers), *kind, "--log-level", "warning", "minard:app"],
                                           cwd=REPO, env=env))
             wait_port(port, timeout=20)
-            _, _, size = get(port, "/api/detector?quantity=occupancy&window=10m")
+            _, _, size = get(port, "/api/detector?quantity=occupancy&window=10m&encoding=f32")
             static_file.write_bytes(b"[" + b"0.0001234," * (size // 10) + b"0]")
             static_path = "/static/" + static_file.name
             for path in ("/api/stream?window=1d", "/stream", static_path):

@@ -476,3 +476,14 @@ def test_settled_blocks_are_shared_by_every_worker_through_redis(cfg, redis_clie
     second = create_app(cfg).extensions["minard_source"]
     again = data.scalar_rows(second, "trig", ("TOTAL",), 1, t0, t0 + 63, time.time())
     assert again.tolist() == rows.tolist() == [[float(t % 13)] for t in range(t0, t0 + 64)]
+
+
+def test_sigfigs_table_lookup_rounds_exactly_as_raising_ten_to_the_exponent():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.exponential(0.01, 20000), 10 ** rng.uniform(-300, 300, 20000), -rng.exponential(100, 2000),
+                        [0.0, np.nan, np.inf, -np.inf, 1e-320, 5e-324, 1.7e308], 10.0 ** np.arange(-20, 20)])
+    with np.errstate(all="ignore"):
+        mag = np.floor(np.log10(np.abs(x)))
+        scale = 10.0 ** np.where(np.isfinite(mag), 4 - mag, 0)
+        want = np.round(x * scale) / scale
+    assert np.array_equal(api.sigfigs(x), want, equal_nan=True)

@@ -162,8 +162,8 @@ def targets(now: int, n: int, static_path: str, days: float) -> dict[str, dict[s
 def where_time_goes(url: str, paths: dict[str, list[str]], count: int = 60) -> None:
     """In one process (Flask test client, no HTTP): CPU and wall ms per request split into
     Redis round trips, JSON encoding and the rest (reading cached data, numpy), for the
-    distinct windows of each target (and of the map as plain JSON, ``map-json``) after one pass to warm the data caches (rendered
-    answers are not reused)."""
+    distinct windows of each target (and of the map as plain JSON, ``map-json``) after
+    one pass to warm the data caches (rendered answers are not reused)."""
     import cProfile
     import pstats
 

@@ -52,6 +52,19 @@
     else window.history.replaceState(null, "", url);
   }
 
+  /** Numbers of a base64 little-endian float32 array (encoding=f32): each value to 5 significant
+   *  figures, as the server rounded it (float32 holds 6, so this is the plain JSON's value); NaN -> null. */
+  function unpackF32(b64) {
+    var bin = atob(b64), bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    var dv = new DataView(bytes.buffer), out = new Array(bytes.length >> 2);
+    for (var j = 0; j < out.length; j++) {
+      var x = dv.getFloat32(4 * j, true);
+      out[j] = isFinite(x) ? Number(x.toPrecision(5)) : null;
+    }
+    return out;
+  }
+
   /** A query string from an object, same dropping rule as setParams. */
   function query(obj) {
     var q = new URLSearchParams();
@@ -674,6 +687,7 @@
     params: params, setParams: setParams, query: query, seconds: seconds, durationLabel: durationLabel,
     parseTyped: parseTyped, TimeWindow: TimeWindow, toolbar: toolbar, showWindow: showWindow,
     setDownloads: setDownloads, fmt: fmt, columnFormat: columnFormat, channelName: channelName, color: color,
-    style: style, TRIGGERS: TRIGGERS, timeChart: timeChart, channelMap: channelMap, parts: parts, fillRows: fillRows
+    style: style, TRIGGERS: TRIGGERS, timeChart: timeChart, channelMap: channelMap, parts: parts, fillRows: fillRows,
+    unpackF32: unpackF32
   };
 })();

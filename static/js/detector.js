@@ -119,27 +119,14 @@
     });
   }
 
-  /** Numbers of a base64 little-endian float32 array (encoding=f32): each value to 5 significant
-   *  figures, as the server rounded it (float32 holds 6, so this is the plain JSON's value); NaN -> null. */
-  function unpackF32(b64) {
-    var bin = atob(b64), bytes = new Uint8Array(bin.length);
-    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    var dv = new DataView(bytes.buffer), out = new Array(bytes.length >> 2);
-    for (var j = 0; j < out.length; j++) {
-      var x = dv.getFloat32(4 * j, true);
-      out[j] = isFinite(x) ? Number(x.toPrecision(5)) : null;
-    }
-    return out;
-  }
-
   function load() {
     if (busy) return Promise.resolve();
     busy = true;
     saveUrl();
     var q = Object.assign(apiParams(), { encoding: "f32" });  // compact answer: a quarter of the server's work
     return m.getJSON("/api/detector?" + MC.query(q)).then(function (d) {
-      d.values = unpackF32(d.values_f32);
-      d.baseline = unpackF32(d.baseline_f32);
+      d.values = MC.unpackF32(d.values_f32);
+      d.baseline = MC.unpackF32(d.baseline_f32);
       map = d;
       document.getElementById("detector-error").hidden = true;
       draw();

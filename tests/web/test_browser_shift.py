@@ -433,6 +433,24 @@ def test_detector_map_fills_the_width_reads_out_on_hover_and_moves_with_the_keyb
     shot(page, "detector-map")
 
 
+def test_detector_page_decodes_the_f32_map_to_the_plain_json_values(site, page):
+    page.goto(site["url"] + "/detector?window=10m")
+    loaded(page, "mapLoaded")
+    diff = page.evaluate("""async () => {
+      const stop = Math.floor(Date.now() / 1000) - 5, q = `quantity=occupancy&start=${stop - 600}&stop=${stop}`;
+      const plain = await (await fetch(`/api/detector?${q}`)).json();
+      const packed = await (await fetch(`/api/detector?${q}&encoding=f32`)).json();
+      const out = [];
+      for (const key of ["values", "baseline"]) {
+        const got = MC.unpackF32(packed[key + "_f32"]);
+        if (got.length !== plain[key].length) out.push(`${key} length ${got.length}`);
+        got.forEach((v, i) => { if (v !== plain[key][i] && out.length < 5) out.push(`${key}[${i}] ${v} != ${plain[key][i]}`); });
+      }
+      return {out, nonzero: plain.values.filter(v => v).length};
+    }""")
+    assert diff["out"] == [] and diff["nonzero"] > 1000
+
+
 def test_detector_card_view_has_matching_headers_channel_names_and_one_precision(site, page):
     page.goto(site["url"] + "/detector?window=10m&crate=3&card=4")
     loaded(page, "mapLoaded")

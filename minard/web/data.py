@@ -602,8 +602,12 @@ def _shared_median(redis, quantity: str, anchor: float, span: float, now: float,
     compute = lambda: _median_of_windows(redis, quantity, anchor, span, now, level)  # noqa: E731
     if not isinstance(redis, Source):
         return compute()
-    key = WEB_BASELINE.key(quantity=quantity, step=level.step, anchor=repr(float(anchor)), span=repr(float(span)))
-    return _shared(redis, key, NCHANNELS_TOTAL, compute)
+    return _shared(redis, baseline_key(quantity, level.step, anchor, span), NCHANNELS_TOTAL, compute)
+
+
+def baseline_key(quantity: str, step: int, anchor: float, span: float) -> str:
+    """The shared-cache key of the baseline of windows of *span* s before *anchor* (``minard.web.warm`` fills some)."""
+    return WEB_BASELINE.key(quantity=quantity, step=step, anchor=repr(float(anchor)), span=repr(float(span)))
 
 
 def _median_of_windows(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:

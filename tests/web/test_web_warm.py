@@ -51,6 +51,28 @@ def _same_stream(a: dict, b: dict) -> None:
     assert a["boundaries"] == b["boundaries"]
 
 
+def test_a_warm_pass_stores_the_detector_baselines_a_request_would_use(redis_client, monkeypatch):
+    now = time.time()
+    sample.write_day(redis_client, now, days=2 / 24, run_seconds=600)
+    done: set = set()
+    computed = warm.warm_baselines(redis_client, redis_client, now, 2, done, limit=10_000)
+    keys = {k.decode() for k in redis_client.scan_iter(schema.WEB_BASELINE.pattern)}
+    assert computed == len(keys) >= 12  # every settled 10-minute slot of the 2 hours (less the one filling)
+    assert warm.warm_baselines(redis_client, redis_client, now, 2, done) == 0  # nothing new has settled
+    # A worker's map of any window in those hours reads the warmed baseline and computes none itself.
+    computing = []
+    monkeypatch.setattr(data, "_median_of_windows", lambda *a: computing.append(a) or pytest.fail("computed"))
+    fresh = data.Source(redis_client)
+    for stop in (now - 6000, now - 3333.5, now - 700):
+        view = data.detector_view(fresh, "occupancy", stop - 600, stop, now)
+        monkeypatch.undo()
+        direct = data.detector_view(redis_client, "occupancy", stop - 600, stop, now)
+        assert np.array_equal(view["baseline"], direct["baseline"], equal_nan=True)
+        assert np.array_equal(view["hot"], direct["hot"]) and np.array_equal(view["dead"], direct["dead"])
+        monkeypatch.setattr(data, "_median_of_windows", lambda *a: pytest.fail("computed"))
+    assert not computing
+
+
 def test_blocks_without_data_are_not_stored(redis_client):
     assert warm.warm_once(redis_client, redis_client, time.time(), 1, set())[0] == 0
     assert not list(redis_client.scan_iter("webcache:*"))

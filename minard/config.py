@@ -243,7 +243,7 @@ TABLE: tuple[Key | Section, ...] = (
     Key("web_threads", int, 8,
         'threads per gunicorn worker (`gthread` worker class) of both web apps'),
     Key("web_warm_hours", float, 24.0,
-        'hours of settled Stream-page data that the gunicorn workers of the dashboard decode into the shared cache (`webcache:rows:…`) ahead of any request, so that the first view of any window in them is fast (docs/web.md); 0 turns it off'),
+        'hours of settled Stream-page data that the gunicorn workers of the dashboard decode into the shared cache (`webcache:rows:…`) ahead of any request, with the Detector-page default baselines (occupancy, 10-minute windows, `webcache:base:…`) of those hours, so that the first view of any window in them is fast (docs/web.md); 0 turns it off'),
     Key("nginx_tls", bool, False,
         'serve the site over HTTPS on `nginx_tls_port` with HSTS; plain HTTP on `nginx_port` only redirects (`minard up --tls` sets it and makes a self-signed certificate)'),
     Key("nginx_tls_port", int, 50443,

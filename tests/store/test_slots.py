@@ -57,8 +57,7 @@ class Proxy:
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:
             while data := src.recv(1 << 16):
-                if self.lose == direction:
-                    self.lose = ""
+                if self._lost(data, direction):
                     self.cut.set()
                     break
                 dst.sendall(data)
@@ -69,6 +68,13 @@ class Proxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _lost(self, data: bytes, direction: str) -> bool:
+        """True if *data* going in *direction* is to be lost, the connection cut after it."""
+        if self.lose == direction:
+            self.lose = ""
+            return True
+        return False
 
     def close(self) -> None:
         self.listener.close()
@@ -192,23 +198,13 @@ class ExecReplyProxy(Proxy):
         self.armed = False
         self.exec_sent = False
 
-    def _pump(self, src, dst, direction):
-        try:
-            while data := src.recv(1 << 16):
-                if direction == "request" and self.armed and b"EXEC" in data:
-                    self.exec_sent = True
-                if direction == "reply" and self.exec_sent:
-                    self.armed = self.exec_sent = False
-                    self.cut.set()
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _lost(self, data: bytes, direction: str) -> bool:
+        if direction == "request" and self.armed and b"EXEC" in data:
+            self.exec_sent = True
+        if direction == "reply" and self.exec_sent:
+            self.armed = self.exec_sent = False
+            return True
+        return False
 
 
 def _base_series(cfg, redis_url: str | None, proxy: ExecReplyProxy | None) -> dict[str, bytes]:

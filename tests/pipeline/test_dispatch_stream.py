@@ -188,7 +188,7 @@ def make_stack(cfg, tmp_path, redis_url):
 def comparable(summary):
     """A run summary without its arrival times, derived fields and the dispatcher's accounting."""
     return {k: v for k, v in summary.items() if k not in (
-        "start", "end", "hits", "source_events", "dispatched", "dropped", "dropped_by", "unaccounted")}
+        "start", "end", "hits", "source_events", "dispatched", "dropped", "dropped_by", "unaccounted", "intervals")}
 
 
 def check_invariants(redis_client, timeout=10):

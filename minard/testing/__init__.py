@@ -47,6 +47,25 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition", interval: flo
         time.sleep(interval)
 
 
+def wait_settled(read, quiet: float, timeout: float = 60.0, what: str = "value",
+                 ready=lambda value: True, interval: float = 0.25):
+    """Poll *read* until its value (one that *ready* accepts) has not changed for *quiet* s; return it.
+
+    For counts that a pipeline finishes writing at no announced moment: "settled"
+    is the only observable end (several flush periods without a change).
+    """
+    state = {"value": read(), "since": time.monotonic()}
+
+    def settled():
+        now = read()
+        if now != state["value"]:
+            state["value"], state["since"] = now, time.monotonic()
+        return ready(now) and time.monotonic() - state["since"] >= quiet
+
+    wait_for(settled, timeout, f"{what} to settle (last: {state['value']!r})", interval)
+    return state["value"]
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
     """Block until something accepts connections on *port*, or raise."""
     deadline = time.monotonic() + timeout

@@ -25,7 +25,7 @@ from minard.formats.zdab import ZdabWriter, read_events
 from minard.store import timeseries as ts
 from minard.store.runs import get_run, run_key
 from minard.store.status import stats
-from minard.testing import RedisServer, stop_pid, wait_for
+from minard.testing import RedisServer, stop_pid, wait_for, wait_settled
 from minard.testing.dispatcher import DispatcherProcess
 from minard.testing.faults import kill_worker_holding_records
 from minard.testing.records import expected
@@ -566,12 +566,9 @@ def test_kill_9_mid_run_every_lost_event_is_counted_or_unaccounted_exactly(
 def settled_run(redis_client, run, quiet=2.5, timeout=60):
     """Run *run*'s summary once the pipeline has stored what it will store: its stored
     count and its counted losses stop moving for *quiet* s (two flush periods of the pool)."""
-    got, stable_since = get_run(redis_client, run), time.monotonic()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() - stable_since < quiet:
-        assert time.monotonic() < deadline, f"the stored count never settled: {got}"
-        time.sleep(0.25)
-        now = get_run(redis_client, run)
-        if (now["events"], now["dropped"]) != (got["events"], got["dropped"]):
-            got, stable_since = now, time.monotonic()
-    return got
+    def counts():
+        got = get_run(redis_client, run)
+        return got["events"], got["dropped"]
+
+    wait_settled(counts, quiet, timeout, f"run {run}'s stored count and counted losses")
+    return get_run(redis_client, run)

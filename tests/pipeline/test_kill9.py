@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 import redis as redis_py
@@ -29,7 +28,7 @@ from minard.formats.zdab import read_events
 from minard.simulate.orca import OrcaSimulator
 from minard.store import status
 from minard.store.runs import get_run
-from minard.testing import RedisServer, wait_for
+from minard.testing import RedisServer, wait_for, wait_settled
 from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -179,15 +178,7 @@ def settled_orca(stack, quiet=2.5, timeout=60):
         balanced = all(s.get(k, {}).get("received", 0) == sum(s.get(k, {}).get(c, 0) for c in
                        ("processed", "errors", "dropped")) for k in ("cmos", "base"))
         return balanced, status.orca_accounting(s)
-    deadline = time.monotonic() + timeout
-    got, since = snapshot(), time.monotonic()
-    while time.monotonic() - since < quiet or not got[0]:
-        assert time.monotonic() < deadline, f"the ORCA counters never settled: {got}"
-        time.sleep(0.25)
-        now = snapshot()
-        if now != got:
-            got, since = now, time.monotonic()
-    return got[1]
+    return wait_settled(snapshot, quiet, timeout, "the ORCA counters", ready=lambda got: got[0])[1]
 
 
 def _kill(stack, name):

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import redis as redis_py
@@ -185,6 +186,24 @@ class MultiHostStack:
             port = self.redis_ha.primary_port() or self.redis_ha.ports[0]
         return netns.redis_client(self.hosts["redis"].ns, self.address("redis"), port, password=PASSWORD,
                                   socket_connect_timeout=1.0, socket_timeout=5.0)
+
+    def fail_over(self, timeout: float = 30, during=lambda: None, interval: float = 0.1) -> float:
+        """Kill the Redis primary (``ha=True``) and return the gap: seconds until the
+        writers' Redis counter moves again on the promoted replica.  *during* runs right
+        after the kill (e.g. pages loaded while Sentinel switches)."""
+        before = status.stats(self.redis()).get("redis", {}).get("received", 0)
+        t_kill = time.monotonic()
+        old = self.redis_ha.kill_primary()
+        during()
+        self.redis_ha.wait_failover(old, timeout)
+
+        def moved():
+            try:
+                return status.stats(self.redis()).get("redis", {}).get("received", 0) > before
+            except Exception:  # noqa: BLE001 - the new primary may still be settling
+                return False
+        wait_for(moved, 2 * timeout, "the writers writing to the new primary", interval)
+        return time.monotonic() - t_kill
 
     def status(self, component: str) -> dict[str, str]:
         """The heartbeat of *component* ({} while Redis cannot be read)."""

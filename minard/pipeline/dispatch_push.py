@@ -12,8 +12,9 @@ for the others) on a PUSH socket bound to ``zmq_dispatch`` (the socket, the
 high-water-mark accounting, the heartbeat and the signals are
 :class:`minard.pipeline.base.Producer`'s).  ENDTAPE is answered with FINISHED
 once every record received has been handed to ZMQ.  When the dispatcher goes
-away the push reconnects with back-off; its heartbeat names the dispatcher
-it reads.  Each batch's meta carries ``prev_gtid``, the GTID of the last
+away, or sends QUIT at its SHUTDOWN (then it waits for its analyzers to
+disconnect, docs/protocol.md section 6), the push disconnects and reconnects
+with back-off; its heartbeat names the dispatcher it reads.  Each batch's meta carries ``prev_gtid``, the GTID of the last
 event before it, so that workers find GTID gaps across batches.
 
 Counters: ``stats:push`` (received from the dispatcher; processed = handed
@@ -59,6 +60,11 @@ log = logging.getLogger("minard.pipeline.dispatch_push")
 PUSH_COMPONENT = "minard_dispatch_push"
 _RAWDATA = tag_bytes("RAWDATA")
 _RECHDR = tag_bytes("RECHDR")
+
+
+class DispatcherQuit(Exception):
+    """The dispatcher sent QUIT: it is shutting down and waits for its analyzers to
+    disconnect (docs/protocol.md section 6), so the push leaves and reconnects."""
 
 
 class Pending:
@@ -165,6 +171,8 @@ class Pusher(Producer):
         self.disp_seen = (self.client.socket_number, 0, 0)
         try:
             self.serve(self.client)
+        except DispatcherQuit:
+            log.info("dispatcher %s sent QUIT (shutting down): disconnecting; reconnecting", self.address)
         except (ConnectionClosed, OSError) as exc:
             log.warning("lost dispatcher %s: %s; reconnecting", self.address, exc)
         finally:
@@ -252,7 +260,9 @@ class Pusher(Producer):
             self.client.send_command("FINISHED")
             self.totals["endtapes"] += 1
             log.info("ENDTAPE: %d records handed on so far; FINISHED sent", self.totals["sent"])
-        elif text.startswith(("BEGINTAPE", "ALLFINISHED", "QUIT")):
+        elif text == "QUIT":
+            raise DispatcherQuit
+        elif text.startswith(("BEGINTAPE", "ALLFINISHED")):
             log.info("dispatcher: %s", text[:80])
         else:
             log.debug("dispatcher command %r", text[:80])

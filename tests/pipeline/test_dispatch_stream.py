@@ -332,6 +332,29 @@ def test_worker_recycled_by_trx_limit_loses_nothing(make_stack, tmp_path, redis_
     check_invariants(redis_client)
 
 
+def test_a_dispatcher_stopped_mid_run_exits_at_once_because_the_push_leaves_on_quit_and_comes_back(
+        make_stack, tmp_path):
+    """SIGTERM to the dispatcher mid-run: the replay ends the run, the push answers FINISHED
+    and then disconnects on QUIT (docs/protocol.md section 6), so the dispatcher exits long
+    before its dispatcher_shutdown_wait; the push reconnects to the dispatcher started again."""
+    path = synthetic(tmp_path / "quit.zdab", n=20000, seed=3, run=2300)
+    stack = make_stack()
+    replay = stack.replay(path, "--rate", "4000", wait=False)
+    wait_for(lambda: stack.pull_stats().get("processed", 0) > 2000, 30, "data flowing")
+    t0 = time.monotonic()
+    assert stack.dispatcher.stop() == 0, stack.dispatcher.log_text()[-2000:]
+    took = time.monotonic() - t0
+    assert replay.wait(30) == 0  # its run was ended by the dispatcher's QUIT
+    text = stack.dispatcher.log_text()
+    quit_wait = float(re.search(r"QUIT sent to 1 clients, waiting up to ([\d.]+)s", text).group(1))
+    assert took < quit_wait / 3, (took, text[-2000:])
+    push_log = stack.tmp / "push.log"
+    assert "sent QUIT (shutting down): disconnecting" in push_log.read_text()
+    stack.dispatcher.start(timeout=30)
+    wait_for(lambda: push_log.read_text().count("reading dispatcher") >= 2
+             and stack.status("minard_dispatch_push").get("connected") == "1", 30, "the push back on the dispatcher")
+
+
 def test_redis_restart_mid_run_loses_no_aggregate_the_held_flushes_are_written_once(make_stack, tmp_path):
     """Redis stops for 2 s mid-run: the workers hold what they could not write and send it
     again when Redis is back (minard.store.slots), so nothing is counted lost and every

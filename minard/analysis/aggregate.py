@@ -32,8 +32,12 @@ Definitions (the tests compute the same numbers independently):
   (24 bits, wrapping) differ by more than one, after removing the GTIDs the
   hardware never issues (:func:`hardware_skipped`).  A difference of zero or
   of more than ``GAP_MAX`` is a *jump* (reset, duplicate or out of order)
-  rather than a gap.  The producer passes the GTID of the last event before
-  each batch (``prev_gtid``) so gaps across batch boundaries are found too.
+  rather than a gap.  The producer passes the GTID and run of the last event
+  before each batch (``prev_gtid``, ``prev_run``) so gaps across batch
+  boundaries are found too.  Two consecutive records of *different runs* are
+  neither a gap nor a jump: a new run starts a new GTID sequence for the
+  books (a looping replay, or a run change, must not charge the distance
+  between two runs' GTIDs to either run as lost events).
 * Corrupt records are counted by ``RecordError.reason``; the rest of their
   batch is aggregated normally.
 
@@ -83,14 +87,20 @@ def hardware_skipped(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.maximum(0, (hi - 1) // 0x10000 - lo // 0x10000)
 
 
-def gtid_gaps(gtids: np.ndarray, prev: int | None = None) -> tuple[int, int, int]:
+def gtid_gaps(gtids: np.ndarray, prev: int | None = None,
+              runs: np.ndarray | None = None, prev_run: int | None = None) -> tuple[int, int, int]:
     """(gaps, missing GTIDs, jumps) along *gtids* in stream order.
 
     *prev* is the GTID of the event just before the first one (or None).
+    *runs* (one per GTID) and *prev_run* are their run numbers (-1 or None:
+    unknown): a step between two known, different runs counts as nothing.
     """
     g = np.asarray(gtids, np.int64)
+    r = None if runs is None else np.asarray(runs, np.int64)
     if prev is not None:
         g = np.concatenate(([int(prev)], g))
+        if r is not None:
+            r = np.concatenate(([-1 if prev_run is None else int(prev_run)], r))
     if len(g) < 2:
         return 0, 0, 0
     lo, hi = g[:-1], g[1:]
@@ -99,6 +109,10 @@ def gtid_gaps(gtids: np.ndarray, prev: int | None = None) -> tuple[int, int, int
         return 0, 0, 0
     missing = step - 1 - hardware_skipped(lo, hi)
     jump = (step == 0) | (step > GAP_MAX)
+    if r is not None:
+        same_run = (r[:-1] == r[1:]) | (r[:-1] < 0) | (r[1:] < 0)
+        jump &= same_run
+        missing = np.where(same_run, missing, 0)
     gap = ~jump & (missing > 0)
     return int(gap.sum()), int(missing[gap].sum()), int(jump.sum())
 
@@ -137,19 +151,38 @@ def record_gtids(batch, payload=None, offsets=None, lengths=None) -> np.ndarray:
     return out
 
 
-def segment_gaps(gtids: np.ndarray, firsts: list[int], prevs: list[int | None]) -> tuple[int, int, int]:
+def record_runs(batch, payload=None, offsets=None, lengths=None) -> np.ndarray:
+    """Per input record, its run number (-1 if unknown), aligned with :func:`record_gtids`."""
+    if not batch.errors:  # the usual batch: every record decoded
+        return batch.run.astype(np.int64)
+    out = np.full(len(batch.gtid) + len(batch.errors), -1, np.int64)
+    out[batch.valid_index] = batch.run
+    if payload is not None:
+        rejected = np.array([i for i, _ in batch.errors], np.int64)
+        out[rejected] = pmt.record_runs(payload, np.asarray(offsets)[rejected], np.asarray(lengths)[rejected])
+    return out
+
+
+def segment_gaps(gtids: np.ndarray, firsts: list[int], prevs: list[int | None],
+                 runs: np.ndarray | None = None, prev_runs: list[int | None] | None = None) -> tuple[int, int, int]:
     """(gaps, missing, jumps) of a batch made of several stream segments.
 
     *gtids* holds one GTID per record (-1: none, see :func:`record_gtids`);
     segment k starts at record ``firsts[k]`` and follows GTID ``prevs[k]``
-    (None: unknown).  Each segment is checked on its own, exactly as if it
+    (None: unknown).  *runs* (per record, :func:`record_runs`) and
+    *prev_runs* (per segment) keep gap finding within one run
+    (:func:`gtid_gaps`).  Each segment is checked on its own, exactly as if it
     had been aggregated alone: consecutive segments of one worker need not
     be consecutive in the stream (other workers hold what lies between).
     """
     total = [0, 0, 0]
     for k, (first, prev) in enumerate(zip(firsts, prevs)):
-        seg = gtids[first:firsts[k + 1] if k + 1 < len(firsts) else len(gtids)]
-        for i, v in enumerate(gtid_gaps(seg[seg >= 0], prev)):
+        end = firsts[k + 1] if k + 1 < len(firsts) else len(gtids)
+        seg = gtids[first:end]
+        has = seg >= 0
+        seg_runs = None if runs is None else runs[first:end][has]
+        prev_run = None if prev_runs is None else prev_runs[k]
+        for i, v in enumerate(gtid_gaps(seg[has], prev, seg_runs, prev_run)):
             total[i] += v
     return total[0], total[1], total[2]
 
@@ -497,13 +530,15 @@ class Aggregator:
 
     def add_batch(self, batch, t: float, prev_gtid: int | None = None,
                   corrupt: Counter | None = None, gtids: np.ndarray | None = None,
-                  gaps: tuple[int, int, int] | None = None) -> None:
+                  gaps: tuple[int, int, int] | None = None, prev_run: int | None = None,
+                  runs: np.ndarray | None = None) -> None:
         """Fold one decoded batch that arrived at time *t*.
 
         *corrupt* counts records rejected before decoding (e.g. a bad dispatch
         header); ``batch.errors`` adds the decoder's rejections.  *gtids* is
         the stream's GTID sequence for gap finding (default
-        :func:`stream_gtids` of the batch without the rejected records);
+        :func:`stream_gtids` of the batch without the rejected records) and
+        *runs* their runs; *prev_gtid*/*prev_run* the event before the batch;
         *gaps*, if given, are the batch's (gaps, missing, jumps) already
         found (:func:`segment_gaps`).
         """
@@ -524,7 +559,11 @@ class Aggregator:
         ev = select(batch)
         sec.add_events(ev)
         if gaps is None:
-            gaps = gtid_gaps(stream_gtids(batch) if gtids is None else gtids, prev_gtid)
+            if gtids is None:
+                gtids, every = record_gtids(batch), record_runs(batch)
+                runs = every[gtids >= 0]
+                gtids = gtids[gtids >= 0]
+            gaps = gtid_gaps(gtids, prev_gtid, runs, prev_run)
         gaps, missing, jumps = gaps
         sec.gtid_gaps += gaps
         sec.gtid_missing += missing

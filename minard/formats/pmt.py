@@ -708,6 +708,16 @@ def record_gtids(buf, offsets, lengths, orphans: bool = True) -> np.ndarray:
     return out
 
 
+def record_runs(buf, offsets, lengths) -> np.ndarray:
+    """Each record's run number (§4 word 1) as int64; -1 for a record too short for its header.
+
+    Goes with :func:`record_gtids`: GTID gaps are looked for only between
+    records of the same run (a new run is a new GTID sequence for the books).
+    """
+    head = read_headers(buf, offsets, lengths)
+    return np.where(head.complete, head.run.astype(np.int64), -1)
+
+
 def _check_records(data: np.ndarray, offsets, lengths):
     """Validate record extents and headers; return (header words, error map).
 

@@ -157,6 +157,7 @@ META_FIELDS = {
     "seq": _int_in(0, 2**63 - 1),
     "count": _int_in(0, MAX_RECORDS),
     "prev_gtid": lambda v: v is None or _int_in(0, (1 << 24) - 1)(v),
+    "prev_run": lambda v: v is None or _int_in(0, 2**32 - 1)(v),
     "byteorder": lambda v: v in ("little", "big"),
     "data_id": lambda v: v is None or _int_in(0, 2**32 - 1)(v),
     "producer": lambda v: isinstance(v, str) and len(v) <= 256,

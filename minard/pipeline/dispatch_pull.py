@@ -42,7 +42,7 @@ import redis as redis_py
 
 from minard import config as config_mod
 from minard import metrics
-from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, segment_gaps
+from minard.analysis.aggregate import Aggregator, SecondAgg, record_gtids, record_runs, segment_gaps
 from minard.formats import wire
 from minard.formats.pmt import decode_buffer, split_dispatch
 from minard.pipeline.base import Handler
@@ -106,13 +106,12 @@ class Held:
     GTID bookkeeping use (nothing walks the records again).
     """
 
-    __slots__ = ("bad", "count", "lengths", "offsets", "payload", "prev_gtid", "t")
+    __slots__ = ("bad", "count", "lengths", "offsets", "payload", "prev_gtid", "prev_run", "t")
 
     def __init__(self, batch: wire.Batch, t: float):
         self.payload = batch.payload
         self.offsets, self.lengths, self.bad = split_dispatch(batch.payload, batch.offsets, batch.lengths)
-        prev = batch.meta.get("prev_gtid")
-        self.prev_gtid = prev if isinstance(prev, int) and not isinstance(prev, bool) else None
+        self.prev_gtid, self.prev_run = batch.meta.get("prev_gtid"), batch.meta.get("prev_run")  # typed by wire
         self.t = t
         self.count = len(batch)
 
@@ -222,7 +221,8 @@ class PullHandler(Handler):
         payload, offsets, lengths, bad, firsts = join_held(held)
         events = decode_buffer(payload, offsets, lengths)
         gaps = segment_gaps(record_gtids(events, payload, offsets, lengths), firsts,
-                            [h.prev_gtid for h in held])
+                            [h.prev_gtid for h in held], record_runs(events, payload, offsets, lengths),
+                            [h.prev_run for h in held])
         self.agg.add_batch(events, held[0].t, corrupt=bad, gaps=gaps)
         self.burst.add(events)
         nbad = sum(bad.values()) + len(events.errors)

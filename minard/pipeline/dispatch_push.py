@@ -52,7 +52,7 @@ from minard.formats.framing import (
     split_rawbatch,
     tag_bytes,
 )
-from minard.formats.pmt import GENERIC_HEADER, record_gtids
+from minard.formats.pmt import GENERIC_HEADER, record_gtids, record_runs
 from minard.pipeline.base import Producer
 
 log = logging.getLogger("minard.pipeline.dispatch_push")
@@ -119,23 +119,26 @@ class Pending:
         return b"".join(lengths), b"".join(payloads), n
 
 
-def last_gtid(lengths: bytes, payload) -> int | None:
-    """GTID of the last 'PMT ' dispatch record of a batch that has one, or None.
+def last_position(lengths: bytes, payload) -> tuple[int, int] | None:
+    """(GTID, run) of the last 'PMT ' dispatch record of a batch that has a GTID, or None.
 
-    Read with the one PMT header reader (:func:`minard.formats.pmt.record_gtids`):
-    the last record first (almost always enough), the whole batch otherwise.
+    Read with the one PMT header reader (:func:`minard.formats.pmt.record_gtids`
+    and :func:`~minard.formats.pmt.record_runs`): the last record first
+    (almost always enough), the whole batch otherwise.
     """
     sizes = np.frombuffer(lengths, ">u4").astype(np.int64)
     if not len(sizes):
         return None
     offsets = np.cumsum(sizes) - sizes + GENERIC_HEADER.size
     body = sizes - GENERIC_HEADER.size
-    gtid = int(record_gtids(payload, offsets[-1:], body[-1:])[0])
-    if gtid < 0 and len(sizes) > 1:
-        found = record_gtids(payload, offsets[:-1], body[:-1])
-        found = found[found >= 0]
-        gtid = int(found[-1]) if len(found) else -1
-    return None if gtid < 0 else gtid
+    last = len(sizes) - 1
+    if int(record_gtids(payload, offsets[-1:], body[-1:])[0]) < 0:
+        found = np.flatnonzero(record_gtids(payload, offsets, body) >= 0)
+        if not len(found):
+            return None
+        last = int(found[-1])
+    at = slice(last, last + 1)
+    return int(record_gtids(payload, offsets[at], body[at])[0]), int(record_runs(payload, offsets[at], body[at])[0])
 
 
 class Pusher(Producer):
@@ -153,7 +156,7 @@ class Pusher(Producer):
         self.stats_interval = float(cfg["dispatch_stats_interval"])
         self.client: DispatchClient | None = None
         self.pending = {"pmt": Pending(), "rechdr": Pending()}
-        self.last_gtid: int | None = None
+        self.last_position: tuple[int, int] | None = None  # (GTID, run) of the last event sent
         self.deltas["dispatcher"] = Counter()
         self.disp_seen = (None, 0, 0)  # (socket, events_sent, events_dropped) last read
         self.next_stats = 0.0
@@ -277,10 +280,8 @@ class Pusher(Producer):
     def _send(self, kind: str, lengths: bytes, payload: bytes, n: int) -> None:
         meta = {"producer": self.producer, "seq": self.seq, "dispatcher": self.address}
         if kind == "pmt":
-            meta["prev_gtid"] = self.last_gtid
-            gtid = last_gtid(lengths, payload)
-            if gtid is not None:
-                self.last_gtid = gtid
+            meta["prev_gtid"], meta["prev_run"] = self.last_position or (None, None)
+            self.last_position = last_position(lengths, payload) or self.last_position
         self.push("dispatch", wire.encode_packed(kind, lengths, payload, meta), n)
 
     # -------------------------------------------------------- reporting

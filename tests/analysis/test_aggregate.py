@@ -155,6 +155,30 @@ def test_gtid_gaps_handle_wrap_skipped_gtids_and_jumps(gtids, prev, want):
     assert ag.gtid_gaps(np.array(gtids), prev) == want
 
 
+@pytest.mark.parametrize("gtids,runs,prev,prev_run,want", [
+    ([20000, 56981], [1000, 3510], None, None, (0, 0, 0)),  # a run change is no gap
+    ([56981, 1], [3510, 1000], None, None, (0, 0, 0)),  # ... and no jump
+    ([5, 9, 10], [1, 2, 2], 4, 1, (0, 0, 0)),  # the run changes within the batch
+    ([9, 10], [2, 2], 5, 1, (0, 0, 0)),  # ... or across the batch boundary
+    ([9, 10], [2, 2], 5, 2, (1, 3, 0)),  # same run across the boundary: 6, 7, 8 missing
+    ([5, 9, 10], [1, -1, 1], None, None, (1, 3, 0)),  # an unknown run does not hide a gap
+    ([5, 5, 9], [1, 1, 1], None, None, (1, 3, 1)),  # within one run: as without runs
+])
+def test_gtid_gaps_are_looked_for_only_within_one_run(gtids, runs, prev, prev_run, want):
+    assert ag.gtid_gaps(np.array(gtids), prev, np.array(runs), prev_run) == want
+
+
+def test_a_batch_that_changes_run_counts_no_gap_for_either_run():
+    """A looping replay: the last event of one run, then another run's events (and back)."""
+    records = make_records(3, run=1000, gtid0=20000) + make_records(3, run=3510, gtid0=56981)
+    agg = ag.Aggregator()
+    agg.add_batch(decode_events(records), T0, prev_gtid=19999, prev_run=1000)
+    agg.add_batch(decode_events(make_records(2, run=1000, gtid0=1)), T0, prev_gtid=56983, prev_run=3510)
+    sec = agg.seconds[int(T0)]
+    assert (sec.gtid_gaps, sec.gtid_missing, sec.gtid_jumps) == (0, 0, 0)
+    assert not agg.runs[1000].integrity and not agg.runs[3510].integrity
+
+
 def test_gtid_gaps_are_found_across_batches_with_prev_gtid():
     records = make_records(30, seed=8)
     del records[10:13]
@@ -195,11 +219,11 @@ def test_stream_gtids_take_orphans_from_their_hits_and_corrupt_records_from_the_
 
 def test_push_reads_the_same_gtid_as_the_workers():
     from minard.formats.pmt import pack_dispatch
-    from minard.pipeline.dispatch_push import last_gtid
+    from minard.pipeline.dispatch_push import last_position
 
     records = make_records(4, seed=10, gtid0=0xFFFF00, orphans={1}, mean_nhit=3)
     got = []
     for r in records:
         body = pack_dispatch(r)
-        got.append(last_gtid(np.array([len(body)], ">u4").tobytes(), body))
+        got.append(last_position(np.array([len(body)], ">u4").tobytes(), body)[0])
     assert got == ag.stream_gtids(decode_events(records)).tolist() == [0xFFFF00 + i for i in range(4)]

@@ -165,7 +165,7 @@ def test_sent_as_a_string_nan_or_list_is_counted_and_the_worker_survives(pull, r
 
 def test_a_burst_of_100_bad_batches_leaves_the_pool_manager_running(pull, redis_client):
     """Measured on the old code: the manager itself died, leaving 531 records unaccounted."""
-    shapes = [{"sent": "x"}, {"sent": [1]}, {"count": -1}, {"count": 10**12}, {"prev_gtid": "a"},
+    shapes = [{"sent": "x"}, {"sent": [1]}, {"count": -1}, {"count": 10**12}, {"prev_gtid": "a"}, {"prev_run": -1},
               {"seq": 1.5}, {"sent": 1e300}]
     for i in range(100):
         frames = good_batch(9)
@@ -204,7 +204,7 @@ META_VALUES = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70)
                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
                         st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
                                                                              max_size=2))
-META = st.dictionaries(st.sampled_from(["sent", "seq", "count", "prev_gtid", "byteorder", "producer",
+META = st.dictionaries(st.sampled_from(["sent", "seq", "count", "prev_gtid", "prev_run", "byteorder", "producer",
                                         "data_id", "other"]), META_VALUES, max_size=5)
 
 

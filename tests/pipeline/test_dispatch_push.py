@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minard.formats import pmt, wire
-from minard.pipeline.dispatch_push import Pending, last_gtid
+from minard.pipeline.dispatch_push import Pending, last_position
 
 
 def packed(records):
@@ -32,8 +32,8 @@ def test_taking_batches_gives_every_record_once_in_order_and_at_most_the_limit(g
     assert taken == [r for group in groups for r in group]
 
 
-def test_last_gtid_skips_trailing_records_that_have_none():
-    good = pmt.pack_dispatch(pmt.encode_event(run=1, evnum=0, gtid=0x1234, trigger_word=1))
+def test_last_position_skips_trailing_records_that_have_no_gtid_and_gives_their_run():
+    good = pmt.pack_dispatch(pmt.encode_event(run=7, evnum=0, gtid=0x1234, trigger_word=1))
     bad = pmt.PMT_DISPATCH_HEADER + b"\0" * 8  # too short to hold a GTID
-    assert last_gtid(*packed([good, bad, bad])) == 0x1234
-    assert last_gtid(*packed([bad])) is None
+    assert last_position(*packed([good, bad, bad])) == (0x1234, 7)
+    assert last_position(*packed([bad])) is None

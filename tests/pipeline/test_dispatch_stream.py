@@ -447,6 +447,26 @@ def test_simulator_fault_injections_are_counted_and_skipped_gtids_are_no_gap(
     check_invariants(redis_client)
 
 
+def test_a_replay_that_changes_run_counts_no_gtid_gap_or_jump_at_the_changes(
+        make_stack, tmp_path, redis_client, demo_zdab):
+    """Measured on the old code: the bundled stack's looping replay charged the distance between
+    two runs' GTIDs (36980) to run 3510 as missing events, an integrity error in its DQ report."""
+    from minard.store import schema
+
+    path = synthetic(tmp_path / "synth.zdab", n=1000)  # run 2000
+    stack = make_stack()
+    t0 = time.time()
+    stack.replay(path, str(demo_zdab), str(path), "--speed", "max")  # 2000, then 3510, then 2000 again
+    stack.wait_settled(2001)
+    t1 = time.time() + 1
+    for counter in ("gtid_gaps", "gtid_missing", "gtid_jumps"):
+        assert series_total(redis_client, "stream", counter, t0, t1) == 0
+    for run in (2000, 3510):
+        head = {k.decode(): int(v) for k, v in redis_client.hgetall(schema.RUN.key(run=run)).items()}
+        assert head["events"] + head.get("orphans", 0) == (2000 if run == 2000 else 1)
+        assert not {k: v for k, v in head.items() if k.startswith("dq:gtid")}, run
+
+
 def test_count_writer_adds_one_array_to_every_level_and_keeps_a_longer_stored_tail(redis_client):
     from minard.store.channels import ChannelWriter
 

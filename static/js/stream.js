@@ -121,7 +121,10 @@
     list.forEach(function (h) {
       var span = m.el("span", "hb " + (h.alive ? "hb-up" : "hb-down"));
       span.dataset.name = h.name;
-      span.textContent = h.name + (h.alive ? " up" : " down") + (h.age !== null ? " (" + m.duration(h.age) + ")" : "");
+      // The age is that of the last heartbeat, not an uptime (the Status page has uptimes).
+      span.textContent = h.name + (h.alive ? " up" : " down") +
+        (h.age !== null ? " (heartbeat " + m.duration(h.age) + " ago)" : "");
+      span.title = "last heartbeat " + (h.age !== null ? m.duration(h.age) + " ago" : "never");
       frag.appendChild(span);
     });
     box.replaceChildren(frag);

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -409,6 +410,8 @@ def test_no_secret_in_any_log_after_the_faults(stack):
 def test_down_stops_everything_and_leaves_no_process(stack):
     pids = stack.all_pids() | stack.seen_pids
     assert len(pids) > len(ALL)
+    log = stack.lay.logs / "supervisord.log"
+    logged = log.stat().st_size
     out = stack.minard("down")
     stack.down_done = True
     assert out.returncode == 0, out.stdout + out.stderr
@@ -416,6 +419,13 @@ def test_down_stops_everything_and_leaves_no_process(stack):
     alive = [p for p in pids if stack_mod.pid_alive(p)]
     assert alive == [], f"still alive after minard down: {alive}"
     assert stack_mod.tagged_pids(stack.stack_id) == []
+    # sources first, Redis last: the programs stopped in priority order, highest number first
+    with open(log, "rb") as f:
+        f.seek(logged)
+        stopped = re.findall(r"INFO stopped: (\w+) ", f.read().decode(errors="replace"))
+    priority = {p.name: p.priority for p in stack_mod.PROGRAMS}
+    assert sorted(stopped) == sorted(ALL), stopped
+    assert [priority[n] for n in stopped] == sorted((priority[n] for n in stopped), reverse=True), stopped
     status = stack.minard("status")
     assert status.returncode == 3 and "not running" in status.stdout
     for key in ("nginx_port", "web_port", "log_port", "dispatcher_port"):

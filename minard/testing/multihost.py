@@ -226,7 +226,9 @@ class MultiHostStack:
         self.net.restore(self.hosts[host])
 
     def close(self) -> None:
-        """Stop every process (by pid, through the Network) and delete the namespaces."""
+        """Stop every process (by pid, the last started first: Redis last, so that every
+        writer's final flush reaches it) and delete the namespaces."""
+        self.net.stop_all()
         if self.redis_ha is not None:
             self.redis_ha.close()
         self.net.close()

@@ -49,10 +49,15 @@ class Network(_ops.Network):
         """Run *cmd* to completion inside *host*'s namespace."""
         return subprocess.run(["ip", "netns", "exec", host.ns, *map(str, cmd)], **kwargs)
 
-    def close(self) -> list[str]:
-        """Stop every process started here (by pid), then delete every namespace made here."""
-        for proc in self.procs:
+    def stop_all(self) -> None:
+        """Stop every process started here by pid, the last started first (as supervisord
+        stops by priority): writers stop while the servers they flush to still answer."""
+        for proc in reversed(self.procs):
             stop_pid(proc)
+
+    def close(self) -> list[str]:
+        """Stop every process started here (:meth:`stop_all`), then delete every namespace made here."""
+        self.stop_all()
         return super().close()
 
     def __enter__(self) -> Network:

@@ -1,4 +1,4 @@
-"""``minard up --hosts 5`` through the command line: five namespaces, the bundled run, ``minard down``.
+"""``minard up --hosts 6 --sentinels`` through the command line: six namespaces, the bundled run, a failover, ``minard down``.
 
 The real commands as subprocesses (as an operator runs them): every host's
 programs run under its own supervisord inside its namespace; the bundled run
@@ -142,12 +142,21 @@ def stored_processed(r) -> int:
 
 
 @pytest.mark.skipif(not stack_mod.DEMO_ZDAB.exists(), reason="the bundled recorded run is not beside the checkout")
-def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leaves_nothing(short_dir):
+def test_up_hosts_6_with_sentinels_carries_the_bundled_run_fails_over_when_the_primary_stops_and_down_leaves_nothing(
+        short_dir):
+    """One stack (``minard up --hosts 6 --sentinels``, each bring-up and ``minard down`` costs
+    half a minute) for both stories.  The bundled run crosses the namespaces: dispatcher on the
+    event builder -> push/pull on monitoring -> Redis on the data host, ORCA from the DAQ host,
+    the dashboard through nginx on the front host.  Then the Sentinels: primary on ``data``,
+    replica on ``data2``, Sentinels on both and on ``front``; every process finds Redis through
+    them.  The primary's program stopped on its host: the replica is promoted, the pools write to
+    it within the 30 s limit, the dashboard still answers through nginx.  Finally ``minard down``
+    leaves no namespace, link or process."""
     (demo_run, want), = {run: w["events"] + w["orphans"] for run, w in file_totals(stack_mod.DEMO_ZDAB)[0].items()}.items()
-    with up_hosts(short_dir / "stack", "--hosts", "5") as s:
+    with up_hosts(short_dir / "stack", "--hosts", "6", "--sentinels") as s:
         state = s.state
-        assert [h["name"] for h in state["hosts"]] == ["data", "event_builder", "monitoring", "daq", "front"]
-        assert len(state["namespaces"]) == 6 and all(ops_netns.link_exists(link) for link in state["links"])
+        assert [h["name"] for h in state["hosts"]] == ["data", "data2", "event_builder", "monitoring", "daq", "front"]
+        assert len(state["namespaces"]) == 7 and all(ops_netns.link_exists(link) for link in state["links"])
         for address in [h["address"] for h in state["hosts"]] + [state["front_address"], state["root_address"]]:
             assert ipaddress.ip_address(address) in TEST_NET, address
         assert f"open {s.url}" in s.up.stdout
@@ -163,21 +172,22 @@ def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leav
         st = minard(s.env, "status", "--dir", str(s.directory), timeout=60)
         assert st.returncode == 0, st.stdout + st.stderr
         rows = {line.split()[0]: line.split()[1] for line in st.stdout.splitlines() if line.strip()}
-        assert rows == {f"{h.name}/{p}": "RUNNING" for h in hosts.plan(5) for p in h.programs}, st.stdout
+        assert rows == {f"{h.name}/{p}": "RUNNING" for h in hosts.plan(6, sentinels=True) for p in h.programs}, \
+            st.stdout
 
         # the bundled run through dispatcher (event builder) -> push/pull (monitoring) -> Redis (data host)
         data = s.host("data")
         dcfg = config.load(path=hosts.host_layout(s.directory, "data").minard_conf, env={})
         assert urllib.parse.urlsplit(str(dcfg["redis_url"])).hostname == data["address"]
-        r = s.redis()
+        primary = s.redis()
 
         def stored():
-            run = get_run(r, demo_run) or {}
+            run = get_run(primary, demo_run) or {}
             return run if run.get("events", 0) + run.get("orphans", 0) >= want else None
         wait_for(stored, 120, f"the bundled run {demo_run} in Redis on the data host", interval=0.5)
-        pools = status.pools(r)
+        pools = status.pools(primary)
         assert any(p.get("alive") for p in pools.values()), pools
-        assert status.stats(r).get("orca_producer", {}).get("processed", 0) > 0  # ORCA from the DAQ host
+        assert status.stats(primary).get("orca_producer", {}).get("processed", 0) > 0  # ORCA from the DAQ host
 
         # the dashboard through nginx on the front host, from this machine's namespace
         code, body = get(s.url + "status")
@@ -187,15 +197,8 @@ def test_up_hosts_5_carries_the_bundled_run_across_five_namespaces_and_down_leav
             code, body = get(s.url + "api/stream?window=60")
             return code == 200 and any(any(v) for v in json.loads(body)["rate"].values())
         wait_for(stream, 60, "live rates on the dashboard through nginx", interval=0.5)
-        s.down_leaves_nothing()
 
-
-def test_up_hosts_6_with_sentinels_fails_over_when_the_primary_stops_and_writers_resume(short_dir):
-    """Primary on ``data``, replica on ``data2``, Sentinels on both and on ``front``; every process
-    finds Redis through them.  The primary's program stopped on its host: the replica is promoted,
-    the pools write to it within the 30 s limit, the dashboard still answers through nginx."""
-    with up_hosts(short_dir / "stack", "--hosts", "6", "--sentinels") as s:
-        assert [h["name"] for h in s.state["hosts"]][:2] == ["data", "data2"]
+        # the Sentinels: the primary's program stopped, the replica promoted, the writers resume
         cfg = config.load(path=hosts.host_layout(s.directory, "monitoring").minard_conf, env={})
         assert cfg["redis_sentinels"] == ",".join(f"{s.host(h)['address']}:{hosts.SENTINEL_PORT}"
                                                   for h in ("data", "data2", "front"))
@@ -205,7 +208,6 @@ def test_up_hosts_6_with_sentinels_fails_over_when_the_primary_stops_and_writers
             master = sentinel.sentinel_master(cfg["redis_master_name"])
             return int(master["num-slaves"]) >= 1 and int(master["num-other-sentinels"]) >= 2
         wait_for(sentinels_ready, 60, "three Sentinels that know the replica", interval=0.5)
-        primary = s.redis("data")
         wait_for(lambda: stored_processed(primary) > 1000, 120, "data stored on the primary", interval=0.5)
         assert s.redis("data2").info("replication")["role"] == "slave"
 

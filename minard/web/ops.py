@@ -311,11 +311,13 @@ def _pools(now: float) -> list[dict]:
         last = float(f["time"]) if f.get("time") else None
         counters = f.get("counters", {})
         stage = counters.get("pull") or next(iter(counters.values()), {})
+        received, processed = stage.get("received", 0), stage.get("processed", 0)
+        uptime = now - float(f["started"]) if f.get("started") else None
         rows.append({
             "pool": ident, "component": f.get("component", ""), "host": f.get("host", ""),
             "pid": f.get("pid", ""), "state": "up" if f.get("alive") else "down",
             "age": (now - last) if last else None, "workers": f.get("workers", ""),
-            "received": stage.get("received", 0), "processed": stage.get("processed", 0),
+            "received": received, "processed": processed, "over": over_received(processed, received, uptime),
             "lost": stage.get("dropped", 0) + stage.get("errors", 0), "counters": counters,
         })
     return rows
@@ -343,13 +345,30 @@ def _value(v) -> str:
     return str(int(f)) if f.is_integer() else f"{f:.3f}".rstrip("0")
 
 
-def _stage_view(stage: str, counters: dict) -> dict:
-    """One stage's counters: the four columns, the other reasons, losses and the processed > received flag."""
+#: Seconds of a stage's mean rate by which its ``processed`` may lead its ``received``
+#: without being flagged: the two are written by different processes at different
+#: moments (a pool manager writes ``received`` with its heartbeat, its workers
+#: ``processed`` with each flush), so a snapshot can catch a flush the manager has
+#: not reported yet.  Counters that really disagree keep growing apart.
+REPORT_SLACK = 5.0
+
+
+def over_received(processed: int, received: int, uptime: float | None) -> bool:
+    """Whether a stage processed more than it received, beyond :data:`REPORT_SLACK` s of its mean rate."""
+    slack = REPORT_SLACK * received / uptime if uptime and uptime > 0 else 0.0
+    return processed > received + slack
+
+
+def _stage_view(stage: str, counters: dict, uptime: float | None = None) -> dict:
+    """One stage's counters: the four columns, the other reasons, losses and the processed > received flag.
+
+    *uptime* (s) of the program that owns the stage sets the flag's slack (:func:`over_received`).
+    """
     main = {k: int(counters.get(k, 0)) for k in STAGE_COUNTERS}
     lost = main["dropped"] + main["errors"]
     return {"stage": stage, **main, "lost": lost,
             "other": {_readable(k): _value(v) for k, v in sorted(counters.items()) if k not in STAGE_COUNTERS},
-            "over": main["processed"] > main["received"],
+            "over": over_received(main["processed"], main["received"], uptime),
             "pending": max(0, main["received"] - main["processed"] - lost)}
 
 
@@ -391,7 +410,7 @@ def status_rows(now: float) -> list[dict]:
             "name": owner, "state": "unknown", "reported": "", "uptime": None, "age": None, "host": "", "pid": None,
             "lag": None, "description": "", "supervisor": None, "registered": False, "log": None,
             "details": {}, "stages": []})
-        row["stages"].append(_stage_view(st["stage"], st["counters"]))
+        row["stages"].append(_stage_view(st["stage"], st["counters"], row["uptime"]))
     for row in rows.values():
         row["lost"] = sum(s["lost"] for s in row["stages"])
         row["flag"] = any(s["over"] for s in row["stages"])

@@ -61,7 +61,11 @@
         d.appendChild(m.el("dd", null, p.details[k]));
         dl.appendChild(d);
       });
-      det.appendChild(dl);
+      // Folded: a pool reports 15+ fields, which would make every row a screen tall.
+      var box = m.el("details");
+      box.appendChild(m.el("summary", null, keys.length + " fields"));
+      box.appendChild(dl);
+      det.appendChild(box);
     }
     return tr;
   }
@@ -77,7 +81,7 @@
     tr.appendChild(m.el("td", null, p.age === null ? "never" : m.duration(p.age) + " ago"));
     ["workers", "received", "processed", "lost"].forEach(function (k) {
       var td = m.el("td", "num", String(p[k]));
-      if (k === "processed" && p.processed > p.received) {
+      if (k === "processed" && p.over) {
         td.appendChild(document.createTextNode(" "));
         td.appendChild(m.el("span", "badge flag", "processed > received"));
       }

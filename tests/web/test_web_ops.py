@@ -376,6 +376,27 @@ def test_status_flags_a_stage_that_processed_more_than_it_received(client, redis
     assert row["flag"] and row["stages"][0]["over"] and row["log"] == "/logs/daq"
 
 
+def test_processed_leading_received_by_one_report_is_not_flagged_but_a_real_excess_is(client, redis_client):
+    """Measured on the bundled stack: every pool showed 'processed > received' (the workers' flush
+    had written processed before the manager's next heartbeat wrote received)."""
+    from minard.store import status as pipeline_status
+
+    pipe = redis_client.pipeline()
+    pipeline_status.beat(pipe, "pull", {"lag_seconds": 0.1}, started=time.time() - 100)
+    pipeline_status.beat_pool(pipe, "pull", {"workers": 2}, started=time.time() - 100)
+    pipeline_status.count(pipe, "pull", received=10_000, processed=10_100)  # 100/s: 1 s ahead
+    pipe.execute()
+    data = client.get("/api/status").get_json()
+    row = next(r for r in data["rows"] if r["name"] == "pull")
+    assert not row["flag"] and not data["pools"][0]["over"]
+    assert "processed &gt; received" not in client.get("/status").get_data(as_text=True)
+    pipeline_status.count(redis_client, "pull", processed=2_000)  # 21 s ahead: counters disagree
+    data = client.get("/api/status").get_json()
+    row = next(r for r in data["rows"] if r["name"] == "pull")
+    assert row["flag"] and data["pools"][0]["over"]
+    assert client.get("/status").get_data(as_text=True).count("processed &gt; received") == 2
+
+
 def test_pages_answer_503_not_500_while_redis_is_unreachable(client, ops_cfg):
     import redis as redis_py
 

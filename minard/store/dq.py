@@ -36,6 +36,7 @@ from minard.store.runs import (
     END_KEY,
     RUN_KEEP,
     START_KEY,
+    UNACCOUNTED_AFTER,
     accounting,
     records_seen,
     run_key,
@@ -45,9 +46,6 @@ RESULT_KEY = schema.DQ_RESULT.template
 STATUS_KEY = schema.DQ_STATUS
 RUN_TYPE_KEY = schema.DQ_RUN_TYPE
 REFERENCE_KEY = schema.DQ_REFERENCE
-#: Seconds after a run's last event before its unaccounted events count as lost
-#: (the pipeline stores a run's last events within a few seconds).
-UNACCOUNTED_AFTER = 30.0
 
 
 def load_config(cfg) -> dq.Config:

@@ -311,12 +311,20 @@ def _run_rows(redis, rows) -> list[dict]:
     return out
 
 
-def recent_accounting(redis, limit: int = 5) -> list[dict]:
+#: Seconds after a run's last event before its unaccounted events count as lost
+#: (the pipeline stores a run's last events within a few seconds; until then they are in flight).
+UNACCOUNTED_AFTER = 30.0
+
+
+def recent_accounting(redis, limit: int = 5, now: float | None = None) -> list[dict]:
     """The event accounting of the *limit* most recent runs (newest first), for the Status page.
 
-    Each row: ``run``, ``events`` and the fields of :func:`accounting`; runs
-    the dispatcher did not account are left out.
+    Each row: ``run``, ``events``, the fields of :func:`accounting` and
+    ``in_flight`` (the run's last event arrived less than
+    :data:`UNACCOUNTED_AFTER` s ago, so its ``unaccounted`` are still on their
+    way); runs the dispatcher did not account are left out.
     """
+    now = time.time() if now is None else now
     rows = list_runs(redis, limit)
     if not rows:
         return []
@@ -330,7 +338,8 @@ def recent_accounting(redis, limit: int = 5) -> list[dict]:
         if acct:
             counts = {k.decode(): int(v) for k, v in acct.items()}
             seen = records_seen({k.decode(): int(v) for k, v in head.items()})
-            out.append({"run": r["run"], "events": r["events"], **accounting(counts, seen)})
+            in_flight = r.get("end") is not None and now - r["end"] < UNACCOUNTED_AFTER
+            out.append({"run": r["run"], "events": r["events"], **accounting(counts, seen), "in_flight": in_flight})
     return out
 
 

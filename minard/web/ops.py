@@ -422,10 +422,10 @@ def status_rows(now: float) -> list[dict]:
 def status():
     """One table: every program with state, uptime, heartbeat age, host, lag, losses and a link to its log."""
     now = time.time()
-    from minard.store.runs import recent_accounting
+    from minard.store.runs import UNACCOUNTED_AFTER, recent_accounting
 
     return render_template("status.html", rows=status_rows(now), now=now, pools=_pools(now),
-                           accounting=recent_accounting(_redis()))
+                           accounting=recent_accounting(_redis(), now=now), unaccounted_after=UNACCOUNTED_AFTER)
 
 
 @bp.get("/api/status")

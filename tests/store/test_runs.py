@@ -124,3 +124,17 @@ def test_orphans_and_corrupt_records_reached_redis_and_are_not_unaccounted(redis
     add_accounting(pipe, 9, {"source_events": 40 + 2, "dispatched": 40, "dropped:no_analyzer": 1})
     pipe.execute()
     assert get_run(redis_client, 9)["unaccounted"] == 1  # 42 sent - 40 seen - 1 dropped
+
+
+def test_recent_accounting_marks_a_run_whose_last_event_is_recent_as_in_flight(redis_client):
+    """The Status page showed an open run's events on their way to Redis as unaccounted, in red."""
+    from minard.store.runs import UNACCOUNTED_AFTER, add_accounting, recent_accounting
+
+    _write(redis_client, _aggs(make_records(50, run=81), T0), now=T0)
+    pipe = redis_client.pipeline()
+    add_accounting(pipe, 81, {"source_events": 60, "dispatched": 60})
+    pipe.execute()
+    (row,) = recent_accounting(redis_client, now=T0 + 1)
+    assert row["unaccounted"] == 10 and row["in_flight"]
+    (row,) = recent_accounting(redis_client, now=T0 + UNACCOUNTED_AFTER + 1)
+    assert row["unaccounted"] == 10 and not row["in_flight"]

@@ -683,11 +683,23 @@
     tbody.replaceChildren(frag);
   }
 
+  /** [first, last] index of the bins of a histogram (*sums*, counts per bin) that hold
+   * *fraction* of its entries, from its first non-empty bin; null when it is empty.
+   * Fits an nhit axis to the data: a few huge events must not squeeze the rest to one pixel. */
+  function fitBins(sums, fraction) {
+    var total = sums.reduce(function (a, b) { return a + b; }, 0);
+    if (!total) return null;
+    var lo = 0, hi = sums.length - 1, acc = 0;
+    while (lo < sums.length && sums[lo] === 0) lo++;
+    for (var i = 0; i < sums.length; i++) { acc += sums[i]; if (acc >= fraction * total) { hi = i; break; } }
+    return [lo, hi];
+  }
+
   window.MC = {
     params: params, setParams: setParams, query: query, seconds: seconds, durationLabel: durationLabel,
     parseTyped: parseTyped, TimeWindow: TimeWindow, toolbar: toolbar, showWindow: showWindow,
     setDownloads: setDownloads, fmt: fmt, columnFormat: columnFormat, channelName: channelName, color: color,
     style: style, TRIGGERS: TRIGGERS, timeChart: timeChart, channelMap: channelMap, parts: parts, fillRows: fillRows,
-    unpackF32: unpackF32
+    unpackF32: unpackF32, fitBins: fitBins
   };
 })();

@@ -30,12 +30,11 @@
 
   /** [lowest, highest] nhit shown: the bins holding FIT of the events (all with "full range"). */
   function fitRange(d) {
-    var n = d.nhit.length, sums = new Array(n).fill(0), total = 0;
-    d.triggers.forEach(function (t) { d.counts[t].forEach(function (v, i) { sums[i] += v; total += v; }); });
-    if (!total || st.full) return [st.logx ? d.bin / 2 : 0, (d.nhit[n - 1] || 0) + d.bin];
-    var lo = 0, hi = n - 1, acc = 0;
-    while (lo < n && sums[lo] === 0) lo++;
-    for (var i = 0; i < n; i++) { acc += sums[i]; if (acc >= FIT * total) { hi = i; break; } }
+    var n = d.nhit.length, sums = new Array(n).fill(0);
+    d.triggers.forEach(function (t) { d.counts[t].forEach(function (v, i) { sums[i] += v; }); });
+    var bins = MC.fitBins(sums, FIT);
+    if (!bins || st.full) return [st.logx ? d.bin / 2 : 0, (d.nhit[n - 1] || 0) + d.bin];
+    var lo = bins[0], hi = bins[1];
     var left = st.logx ? Math.max(d.bin / 2, d.nhit[lo]) : Math.max(0, d.nhit[lo] - d.bin);
     return [left, d.nhit[Math.min(n - 1, hi + 1)] + d.bin];
   }

@@ -4,6 +4,8 @@
 (function () {
   "use strict";
   var m = window.minard, MC = window.MC;
+  /** The nhit axis ends where this fraction of the run's events is reached (as on the Nhit page). */
+  var FIT = 0.999;
 
   function nhitChart(el, hist) {
     var keys = Object.keys(hist).map(Number).sort(function (a, b) { return a - b; });
@@ -19,6 +21,17 @@
       scales: { x: { time: false } }, axes: [{ label: "nhit" }, { label: "events", size: 70 }]
     }, [x, y], el);
     el.dataset.points = String(x.length);
+    var bins = MC.fitBins(y, FIT);  // the axis fits 99.9 % of the events; drag or double-click to change
+    var xmax = x.length ? x[x.length - 1] : 0;
+    if (bins && bins[1] + 1 < x.length) {
+      xmax = x[bins[1] + 1];
+      plot.setScale("x", { min: x[bins[0]], max: xmax });
+      var above = y.slice(bins[1] + 1).reduce(function (a, b) { return a + b; }, 0);
+      var note = document.getElementById("run-nhit-range");
+      if (note) note.textContent = "nhit " + x[bins[0]] + "\u2013" + x[bins[1] + 1] + " shown; " + above +
+        " events above (double-click the plot for the full range)";
+    }
+    el.dataset.xmax = String(xmax);
     return plot;
   }
 

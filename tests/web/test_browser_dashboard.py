@@ -272,6 +272,9 @@ def test_runs_pages_show_the_replayed_run(stack, page):
     assert page.locator("#run-subruns").text_content() == "3"
     assert page.locator("#run-subrun-list").text_content() == "0, 1, 2"
     assert int(page.locator("#chart-run-nhit").get_attribute("data-points")) > 10
+    hist = {int(k): v for k, v in get_run(stack["redis"], REPLAY_RUN)["nhit_histogram"].items()}
+    xmax = float(page.locator("#chart-run-nhit").get_attribute("data-xmax"))  # fitted to 99.9 % of the events
+    assert sum(v for k, v in hist.items() if k <= xmax) >= 0.999 * sum(hist.values()) and xmax <= max(hist)
     assert page.locator("#run-map rect.cell").count() == 10240
     page.click("#run-map rect.cell[data-lcn='1669']")
     hits = get_run(stack["redis"], REPLAY_RUN)["channel_hits"]["1669"]

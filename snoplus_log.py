@@ -1,4 +1,4 @@
-"""The log server's WSGI entry point: ``gunicorn -b 127.0.0.1:8081 -k gthread snoplus_log:app``.
+"""The log server's WSGI entry point: ``gunicorn -b 127.0.0.1:8081 -k gevent snoplus_log:app``.
 
 The name is the original site's.  The app reads its configuration from
 ``conf/minard.conf`` and ``MINARD_*`` variables (``minard.config.load``) and

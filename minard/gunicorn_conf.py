@@ -6,12 +6,21 @@ master prepares a multiprocess directory *before* anything imports
 ``prometheus_client`` (the library picks its mode at import), so every forked
 worker counts its requests there (:class:`minard.metrics.WSGIMetrics`); once
 ready, the master serves them added up on ``metrics_port_<program>``.  A
-worker that exits is marked dead; at exit the directory is removed.  (gunicorn
-reads every public name of this module as a setting: helpers are private.)
+worker that exits is marked dead; at exit the directory is removed.
+
+Slow clients (docs/security.md): in a gevent worker (``minard.stack.gunicorn_command``)
+each connection is a greenlet; gunicorn reads a request's line and headers
+under the ``--keep-alive`` deadline, but the body is read by the app, with no
+deadline.  So every worker reads a request's body before the app runs, within
+``web_body_timeout`` seconds, and answers 408 to a client that is slower
+(:class:`_BodyDeadline`).  (gunicorn reads every public name of this module as
+a setting: helpers are private.)
 """
 
 from __future__ import annotations
 
+import io as _io
+import json as _json
 import logging as _logging
 
 from minard import config as _config
@@ -47,3 +56,63 @@ def on_exit(server) -> None:
         http.shutdown()
     _metrics_dir.remove(_shared)
     _logging.getLogger("minard.metrics").info("metrics directory %s removed", _shared)
+
+
+def post_worker_init(worker) -> None:
+    """A gevent worker reads each request's body before its app, within ``web_body_timeout`` s."""
+    if type(worker).__module__ == "gunicorn.workers.ggevent":
+        program = _PROGRAM_OF.get(worker.cfg.proc_name, worker.cfg.proc_name)
+        worker.wsgi = _BodyDeadline(worker.wsgi, float(_cfg["web_body_timeout"]), program)
+
+
+class _BodyDeadline:
+    """WSGI wrapper of a gevent worker's app: the request body arrives within *seconds*, or 408.
+
+    The body (at most the app's ``MAX_CONTENT_LENGTH`` + 1 bytes, so that the
+    app still answers 413 to a larger one) is read under a ``gevent.Timeout``
+    and handed to the app as ``wsgi.input``; a body announced larger than the
+    limit is not read (the app refuses it unread).  A client that stops
+    sending gets 408 and is counted in ``minard_http_body_timeouts``; gunicorn
+    then closes its connection within ``--keep-alive`` s.
+    """
+
+    def __init__(self, app, seconds: float, program: str):
+        self.app, self.seconds, self.program = app, seconds, program
+        limit = getattr(app, "config", {}).get("MAX_CONTENT_LENGTH")
+        self.limit = int(limit) if limit else 1 << 20
+        self.log = _logging.getLogger("minard.gunicorn")
+
+    def __call__(self, environ, start_response):
+        """Read the body under the deadline, then call the app (or answer 408)."""
+        want = self._wanted(environ)
+        if want == 0:
+            return self.app(environ, start_response)
+        import gevent
+
+        try:
+            with gevent.Timeout(self.seconds):
+                body = environ["wsgi.input"].read(want)
+        except gevent.Timeout:
+            return self._timed_out(environ, start_response)
+        environ["wsgi.input"] = _io.BytesIO(body)
+        return self.app(environ, start_response)
+
+    def _wanted(self, environ) -> int:
+        """Bytes to read ahead: the announced length, limit + 1 for a chunked body, 0 for none."""
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            return self.limit + 1
+        length = environ.get("CONTENT_LENGTH") or "0"
+        # gunicorn has checked the header (ASCII digits); a larger body than the limit is refused unread.
+        return int(length) if length.isascii() and length.isdigit() and int(length) <= self.limit else 0
+
+    def _timed_out(self, environ, start_response):
+        """Answer 408 (JSON) and count it; the client's address is logged, nothing it sent."""
+        from minard import metrics
+
+        metrics.HTTP_BODY_TIMEOUTS.labels(self.program).inc()
+        self.log.warning("%s: request body from %s not received within %.0f s: 408", self.program,
+                         environ.get("REMOTE_ADDR", "?"), self.seconds)
+        body = _json.dumps({"error": f"request body not received within {self.seconds:g} s"}).encode()
+        start_response("408 Request Timeout", [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(body)))])
+        return [body]

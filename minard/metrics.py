@@ -69,6 +69,8 @@ REDIS_WRITE_FAILURES = Counter("minard_redis_write_failures", "Heartbeat and cou
                                "Redis refused or did not answer (kept and retried).", ["component"])
 HTTP_REQUESTS = Counter("minard_http_requests", "HTTP requests answered, by route, method and status.",
                         ["app", "route", "method", "status"])
+HTTP_BODY_TIMEOUTS = Counter("minard_http_body_timeouts", "Requests whose body did not arrive within "
+                             "web_body_timeout, answered 408 before the app ran.", ["app"])
 HTTP_SECONDS = Histogram("minard_http_request_duration_seconds", "Time to produce a response, by route.",
                          ["app", "route"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 

@@ -224,19 +224,10 @@ def replay_files(lay: Layout) -> list[str]:
 
 def commands(cfg, lay: Layout) -> dict[str, list[str]]:
     """The command line of every program (no secrets: they are in MINARD_CONFIG's file)."""
-    minard, gunicorn = binary("minard"), binary("gunicorn")
-    workers = str(int(cfg["stack_web_workers"]))
+    minard = binary("minard")
     dispatcher = f"127.0.0.1:{cfg['dispatcher_port']}"
     pacing = (["--rate", str(float(cfg["stack_replay_rate"]))] if float(cfg["stack_replay_rate"]) > 0
               else ["--speed", str(cfg["stack_replay_speed"])])
-
-    def web(port, app: str, name: str) -> list[str]:
-        # Loopback only, behind nginx (which buffers whole requests); gthread
-        # workers, so that one slow request does not hold a whole worker.
-        return [gunicorn, "-b", f"127.0.0.1:{port}", "--workers", workers, "--name", name,
-                "--worker-class", "gthread", "--threads", str(int(cfg["web_threads"])),
-                "--graceful-timeout", "10", "--timeout", "60", "--keep-alive", "5", *_gunicorn_options(),
-                "-c", "python:minard.gunicorn_conf", app]  # metrics of all workers (docs/operations.md)
 
     return {
         "redis": [binary("redis-server"), str(lay.redis_conf)],
@@ -247,8 +238,8 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
         # push and data_producer read dispatcher_host/port and orca_host/port from MINARD_CONFIG.
         "minard_dispatch_push": [binary("minard_dispatch"), "push"],
         "data_producer": [binary("data_producer")],
-        "web": web(cfg["web_port"], "minard:app", "minard_web"),
-        "snoplus_log": web(cfg["log_port"], "snoplus_log:app", "snoplus_log"),
+        "web": gunicorn_command(cfg, "web"),
+        "snoplus_log": gunicorn_command(cfg, "snoplus_log"),
         "nginx": [binary("nginx"), "-p", f"{lay.nginx}/", "-c", str(lay.nginx_conf),
                   "-e", str(lay.logs / "nginx-error.log")],
         "orca_replay": [minard, "orca-replay", str(lay.orca), "--host", "127.0.0.1",
@@ -260,6 +251,32 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
         "notifier": [minard, "notifier"],
         "dq_live": [minard, "dq-live"],
     }
+
+
+#: The gunicorn apps of the stack: program -> (port key, WSGI app, gunicorn --name).
+WEB_APPS = {"web": ("web_port", "minard:app", "minard_web"),
+            "snoplus_log": ("log_port", "snoplus_log:app", "snoplus_log")}
+
+
+def gunicorn_command(cfg, program: str, port: int | None = None, workers: int | None = None) -> list[str]:
+    """The gunicorn command line of web app *program* (``web`` or ``snoplus_log``), as ``minard up`` runs it.
+
+    Loopback only, behind nginx (which buffers whole requests).  gevent
+    workers: every connection is a greenlet, so clients that send half a
+    request hold ``web_worker_connections`` slots at most, not the worker;
+    their headers must arrive within ``--keep-alive`` seconds (the gevent
+    worker reads every request line and headers under that deadline) and
+    their body within ``web_body_timeout`` (:mod:`minard.gunicorn_conf`).
+    Tests and ``bench/web.py`` start gunicorn with this command (*port* and
+    *workers* replace the configured ones).
+    """
+    port_key, app, name = WEB_APPS[program]
+    port = int(cfg[port_key]) if port is None else port
+    workers = int(cfg["stack_web_workers"]) if workers is None else workers
+    return [binary("gunicorn"), "-b", f"127.0.0.1:{port}", "--workers", str(workers), "--name", name,
+            "--worker-class", "gevent", "--worker-connections", str(int(cfg["web_worker_connections"])),
+            "--graceful-timeout", "10", "--timeout", "60", "--keep-alive", "5", *_gunicorn_options(),
+            "-c", "python:minard.gunicorn_conf", app]  # metrics of all workers (docs/operations.md)
 
 
 def _gunicorn_options() -> list[str]:

@@ -170,3 +170,11 @@ def start_dispatcher(cfg, tmp_path):
 @pytest.fixture
 def disp(start_dispatcher):
     return start_dispatcher()
+
+
+def gunicorn_argv(port: int, program: str = "web", workers: int = 2) -> list[str]:
+    """The gunicorn command line of a web app on *port*, exactly as ``minard up`` builds it
+    (:func:`minard.stack.gunicorn_command`: worker class and timeouts), with *workers* workers."""
+    from minard import stack
+
+    return stack.gunicorn_command(config.load(env={}), program, port=port, workers=workers)

@@ -295,8 +295,10 @@ def test_orca_producer_and_both_consumers_serve_counters_that_agree_with_redis(p
                                               ("snoplus_log:app", "snoplus_log", "snoplus_log")])
 def test_gunicorn_master_serves_the_requests_of_all_its_workers(procs, app, name, program):
     port = free_port()
-    procs.start(program, "gunicorn", "-b", f"127.0.0.1:{port}", "--workers", "2", "--name", name,
-                "-c", "python:minard.gunicorn_conf", app)
+    argv = stack.gunicorn_command(config.load({f"metrics_port_{program}": procs.ports[program]}, env={}),
+                                  program, port=port, workers=2)  # as minard up runs it
+    assert argv[-1] == app and argv[argv.index("--name") + 1] == name
+    procs.start(program, *argv)
     mport = procs.ports[program]
     wait_for(lambda: answers(mport), 30, f"{program} /metrics")
     wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") in (200, 503), 30, "the app")

@@ -1,6 +1,6 @@
 """The log server (port 8081): heartbeats and log records from every DAQ program.
 
-``gunicorn -b 127.0.0.1:8081 -k gthread snoplus_log:app`` serves :func:`create_app`.
+``gunicorn -b 127.0.0.1:8081 -k gevent snoplus_log:app`` serves :func:`create_app`.
 
 - ``POST /heartbeat``  name, status [, host, metrics]: the program is alive.
 - ``POST /log``        name, level, message [, notify]: appended to the

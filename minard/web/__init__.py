@@ -1,6 +1,6 @@
 """The monitoring website (port 8080): app factory, layout, navigation, security.
 
-``gunicorn -b 127.0.0.1:8080 -k gthread minard:app`` serves :func:`create_app`.  Pages are
+``gunicorn -b 127.0.0.1:8080 -k gevent minard:app`` serves :func:`create_app`.  Pages are
 Flask blueprints; each adds itself to the navigation bar with
 :func:`register_nav`, so later pages (stream, detector, runs) join the same
 layout.  Every template extends ``base.html``.

@@ -192,7 +192,7 @@ def start(app) -> Warmer | None:
     hours = float(app.config["MINARD"]["web_warm_hours"])
     if hours <= 0:
         return None
-    with _STARTING:  # gthread workers: two first requests at once start one warmer
+    with _STARTING:  # concurrent first requests (greenlets or threads) start one warmer
         warmer = app.extensions.get("minard_warmer")
         if warmer is None:
             warmer = app.extensions["minard_warmer"] = Warmer(app.extensions["minard_source"].redis,

@@ -6,13 +6,13 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from minard import stack
 from minard.ops import programs
 from minard.ops.keys import KeyStore
 from minard.ops.logserver import create_app, format_line
@@ -238,10 +238,9 @@ def test_gunicorn_serves_snoplus_log_app(ops_cfg, tokens, tmp_path):
     port = free_port()
     env = {**os.environ, "MINARD_REDIS_URL": ops_cfg["redis_url"], "MINARD_VAR_DIR": ops_cfg["var_dir"],
            "MINARD_PROGRAMS_FILE": ops_cfg["programs_file"]}
-    gunicorn = Path(sys.executable).parent / "gunicorn"
+    argv = stack.gunicorn_command(ops_cfg, "snoplus_log", port=port, workers=2)  # as minard up runs it
     errlog = open(tmp_path / "gunicorn.err", "wb")  # noqa: SIM115 - open while gunicorn runs
-    proc = subprocess.Popen([str(gunicorn), "-b", f"127.0.0.1:{port}", "-w", "2", "snoplus_log:app"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errlog)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errlog)
     try:
         wait_port(port, timeout=15)
         base = f"http://127.0.0.1:{port}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis as redis_py
-from conftest import UPDATE_DOCS_IMG
+from conftest import UPDATE_DOCS_IMG, gunicorn_argv
 
 from minard.formats.pmt import encode_event
 from minard.formats.zdab import ZdabWriter
@@ -89,7 +89,7 @@ def stack(tmp_path_factory, demo_zdab_path):
         pipe.execute()
         port = free_port()
         err = open(work / "gunicorn.err", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen([str(BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2", "minard:app"],
+        procs.append(subprocess.Popen(gunicorn_argv(port),
                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
         err.close()
         wait_port(port, timeout=15)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import gunicorn_argv
 
 from minard.ops.keys import KeyStore
 from minard.simulate.events import Faults
@@ -31,8 +31,7 @@ def site(redis_server, tmp_path_factory):
     passwords = {name: keys.add(name, kind="user") for name in ("shifter", "expert")}
     port = free_port()
     err = open(work / "gunicorn.err", "wb")  # noqa: SIM115 - open while gunicorn runs
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-b", f"127.0.0.1:{port}",
-                             "-w", "2", "minard:app"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(gunicorn_argv(port), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         wait_port(port, timeout=15)
         yield {"url": f"http://127.0.0.1:{port}", "passwords": passwords}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_py
-from conftest import UPDATE_DOCS_IMG, wait_for
+from conftest import UPDATE_DOCS_IMG, gunicorn_argv, wait_for
 
 from minard.ops.logserver import append_line, format_line
 from minard.store import alarms
@@ -90,7 +90,7 @@ def site(tmp_path_factory):
         pipe.execute()
         web_port, nginx_port = free_port(), free_port()
         err = open(work / "gunicorn.err", "wb")  # noqa: SIM115 - handed to the child
-        procs.append(subprocess.Popen([str(BIN / "gunicorn"), "-b", f"127.0.0.1:{web_port}", "-w", "2", "minard:app"],
+        procs.append(subprocess.Popen(gunicorn_argv(web_port),
                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
         err.close()
         conf = nginx_conf(work, nginx_port, web_port)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import wait_for
 
+from minard import config, stack
 from minard.store import schema
 from minard.testing import free_port, sample, stop_pid, wait_port
 from minard.web import data, warm
@@ -93,9 +93,11 @@ def test_gunicorn_workers_warm_the_shared_cache_after_their_first_request(redis_
     now = time.time()
     sample.write_day(redis_client, now, days=2 / 24)
     port = free_port()
-    env = {**os.environ, "MINARD_REDIS_URL": redis_url, "MINARD_VAR_DIR": str(tmp_path), "MINARD_WEB_WARM_HOURS": "2"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2",
-                             "minard:app"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = {"redis_url": redis_url, "var_dir": str(tmp_path), "web_warm_hours": "2"}
+    env = {**os.environ, **{f"MINARD_{k.upper()}": v for k, v in settings.items()}}
+    # as minard up runs it (gevent workers: the warmer thread is a greenlet)
+    argv = stack.gunicorn_command(config.load(settings, env={}), "web", port=port, workers=2)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, timeout=20)
         assert not list(redis_client.scan_iter(schema.WEB_BLOCK.pattern))  # nothing before a request

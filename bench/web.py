@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 import redis as redis_py
 
+from minard import config, stack
 from minard.testing import RedisServer, free_port, sample, stop_pid, wait_port
 
 
@@ -57,9 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="2 hours of data and fewer requests (a smoke run)")
     p.add_argument("--clients", type=int, default=20, help="concurrent clients (threads) [20]")
     p.add_argument("--requests", type=int, default=None, help="requests per target [600; 200 with --quick]")
-    p.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1), help="gunicorn workers [2 x cores]")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads per gunicorn worker; above 1 the gthread worker class, as `minard up` runs it [1: sync]")
+    p.add_argument("--workers", type=int, default=None,
+                   help="gunicorn workers [stack_web_workers, as `minard up` runs it]")
     p.add_argument("--rounds", type=int, default=5,
                    help="each target's requests are split into this many rounds, interleaved with the other "
                         "targets', so that every target (and the static reference) sees the same load on a shared "
@@ -205,11 +205,16 @@ def main(argv=None) -> int:
             fill(server.url, args.days)
             port = free_port()
             var = tempfile.mkdtemp(prefix="minard-bench-web-")
-            env = {**os.environ, "MINARD_REDIS_URL": server.url, "MINARD_VAR_DIR": var, "MINARD_LOG_LEVEL": "WARNING"}
-            kind = ["--worker-class", "gthread", "--threads", str(args.threads)] if args.threads > 1 else []
-            procs.append(subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-b", f"127.0.0.1:{port}",
-                                           "-w", str(args.workers), *kind, "--log-level", "warning", "minard:app"],
-                                          cwd=REPO, env=env))
+            settings = {"redis_url": server.url, "var_dir": var, "log_level": "WARNING"}
+            env = {**os.environ, **{f"MINARD_{k.upper()}": v for k, v in settings.items()}}
+            cfg = config.load(settings)  # conf/minard.conf and MINARD_* of this shell, as the stack reads them
+            args.workers = args.workers or int(cfg["stack_web_workers"])
+            # the command line `minard up` gives supervisord (worker class, connections, timeouts)
+            argv = stack.gunicorn_command(cfg, "web", port=port, workers=args.workers)
+            gunicorn_log = open(Path(var) / "gunicorn.log", "wb")  # noqa: SIM115 - handed to the child
+            procs.append(subprocess.Popen([*argv[:-1], "--log-level", "warning", argv[-1]], cwd=REPO, env=env,
+                                          stdout=gunicorn_log, stderr=gunicorn_log))
+            gunicorn_log.close()
             wait_port(port, timeout=20)
             _, _, size = get(port, "/api/detector?quantity=occupancy&window=10m&encoding=f32")
             static_file.write_bytes(b"[" + b"0.0001234," * (size // 10) + b"0]")
@@ -220,8 +225,10 @@ def main(argv=None) -> int:
                  args.clients)
             wait_warm(server.url)
             now = int(time.time())
-            kind = f"gthread workers x {args.threads} threads" if args.threads > 1 else "sync workers"
-            print(f"gunicorn: {args.workers} {kind}; {args.clients} concurrent clients;"
+            kind = argv[argv.index("--worker-class") + 1]
+            conns = argv[argv.index("--worker-connections") + 1] if "--worker-connections" in argv else "-"
+            print(f"gunicorn (as `minard up`): {args.workers} {kind} workers x {conns} connections;"
+                  f" {args.clients} concurrent clients;"
                   f" {args.requests} requests per target and mode in {args.rounds} interleaved rounds;"
                   f" occupancy answer {size / 1024:.0f} KiB; load average before: {os.getloadavg()[0]:.1f}")
             plan = targets(now, args.requests, static_path, args.days)

@@ -26,16 +26,16 @@ def test_hosts_reach_each_other_a_cut_link_does_not_and_close_removes_everything
                          "--appendonly", "no", "--requirepass", "s3cret"], stdout=subprocess.DEVNULL)
 
         def answer(timeout=1.0) -> str:
-            """What a client on the web host gets from the data host's Redis: 'True' or the error's name."""
-            code = ("import redis\ntry:\n"
-                    f"    print(redis.Redis(host={data.address!r}, port={port}, password='s3cret', "
-                    f"socket_timeout={timeout}, socket_connect_timeout={timeout}).ping())\n"
-                    "except redis.RedisError as exc:\n    print(type(exc).__name__)")
-            try:  # a Python start-up on a loaded machine can take seconds: that is no network answer
-                proc = net.run(web, [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout + 60)
-            except subprocess.TimeoutExpired:
-                return ""
-            return proc.stdout.strip()
+            """What a client on the web host (its socket made inside that namespace) gets from the
+            data host's Redis: 'True' or the error's name."""
+            client = netns.redis_client(web.ns, data.address, port, password="s3cret",
+                                        socket_timeout=timeout, socket_connect_timeout=timeout)
+            try:
+                return str(client.ping())
+            except redis_py.RedisError as exc:
+                return type(exc).__name__
+            finally:
+                client.close()
 
         def ping() -> bool:
             return answer() == "True"
@@ -48,6 +48,11 @@ def test_hosts_reach_each_other_a_cut_link_does_not_and_close_removes_everything
         assert answer(timeout=0.5) in ("TimeoutError", "ConnectionError")
         net.restore(data)
         wait_for(ping, 60, "redis again after the link is restored")
+        # a program run on the web host (Network.run) reaches it too
+        code = (f"import redis; print(redis.Redis(host={data.address!r}, port={port}, password='s3cret', "
+                "socket_timeout=5, socket_connect_timeout=5).ping())")
+        proc = net.run(web, [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip() == "True", proc.stdout + proc.stderr
         made = _namespaces() - before
         assert len(made) == 3  # hub + two hosts
     assert _namespaces() == before

@@ -300,20 +300,27 @@ def test_gunicorn_master_serves_the_requests_of_all_its_workers(procs, app, name
     assert argv[-1] == app and argv[argv.index("--name") + 1] == name
     procs.start(program, *argv)
     mport = procs.ports[program]
+    assert port != mport  # (free_port once gave both; /metrics on it was then the web app's own page)
     wait_for(lambda: answers(mport), 30, f"{program} /metrics")
     wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") in (200, 503), 30, "the app")
-    for _ in range(20):  # new connections: both workers answer some
-        _status(f"http://127.0.0.1:{port}/healthz")
-        _status(f"http://127.0.0.1:{port}/nonexistent")
+    # the page on mport is this master's (it logs when it cannot listen there and runs on without)
+    assert "cannot listen" not in procs.log(program), procs.log(program)
+    answered = [(_status(f"http://127.0.0.1:{port}/healthz"), _status(f"http://127.0.0.1:{port}/nonexistent"))
+                for _ in range(20)]  # new connections: both workers answer some
+    assert all(ok in (200, 503) and missing == 404 for ok, missing in answered), answered
+    seen = {}
 
     def counted():
-        s = scrape(mport)
+        s = seen["last"] = scrape(mport)
         ok = sum(v for (n, labels), v in s.items() if n == "minard_http_requests_total"
                  and dict(labels)["route"] == "/healthz")
         missing = sum(v for (n, labels), v in s.items() if n == "minard_http_requests_total"
                       and dict(labels)["route"] == "unmatched" and dict(labels)["status"] == "404")
         return ok >= 20 and missing == 20 and s
-    s = wait_for(counted, 20, f"requests of every worker counted ({scrape(mport)})")
+    try:
+        s = wait_for(counted, 20, "requests of every worker counted")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last scrape {seen.get('last')}; log {procs.log(program)}") from None
     assert value(s, "minard_http_request_duration_seconds_count", app=program, route="unmatched") == 20
     shared = list((Path(procs.env["MINARD_VAR_DIR"]) / "metrics").glob("gunicorn-*"))
     assert len(shared) == 1 and len(list(shared[0].glob("counter_*.db"))) >= 1

@@ -6,21 +6,40 @@ stopped by its pid; nothing is faked.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 
+#: The ports :func:`free_port` handed out lately (newest last), never handed out again meanwhile.
+_HANDED_OUT: collections.deque = collections.deque(maxlen=2048)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and not one of the last
+    2048 this process handed out.
+
+    The kernel readily gives a just-closed port again (bind to port 0), so two calls
+    for one test could return the same port: a gunicorn app and its master's metrics
+    port were once one port, and ``/metrics`` on it was the app's own page.
+    """
+    with _HANDED_OUT_LOCK:
+        for _ in range(100):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                break
+        _HANDED_OUT.append(port)
+        return port
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition", interval: float = 0.05,

@@ -28,8 +28,8 @@ def free_port() -> int:
     2048 this process handed out.
 
     The kernel readily gives a just-closed port again (bind to port 0), so two calls
-    for one test could return the same port: a gunicorn app and its master's metrics
-    port were once one port, and ``/metrics`` on it was the app's own page.
+    for one test could return the same port (e.g. a gunicorn app's and its master's
+    metrics port: ``/metrics`` there would be the web app's own page).
     """
     with _HANDED_OUT_LOCK:
         for _ in range(100):

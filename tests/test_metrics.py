@@ -300,7 +300,7 @@ def test_gunicorn_master_serves_the_requests_of_all_its_workers(procs, app, name
     assert argv[-1] == app and argv[argv.index("--name") + 1] == name
     procs.start(program, *argv)
     mport = procs.ports[program]
-    assert port != mport  # (free_port once gave both; /metrics on it was then the web app's own page)
+    assert port != mport  # one port for both: /metrics there would be the web app's own page
     wait_for(lambda: answers(mport), 30, f"{program} /metrics")
     wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") in (200, 503), 30, "the app")
     # the page on mport is this master's (it logs when it cannot listen there and runs on without)

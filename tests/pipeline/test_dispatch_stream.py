@@ -361,6 +361,7 @@ def test_redis_restart_mid_run_loses_no_aggregate_the_held_flushes_are_written_o
     record is in the run summary and in the time series exactly once."""
     path = synthetic(tmp_path / "redis.zdab", n=8000, seed=11)
     server = RedisServer().start()
+    stack = None
     try:
         client = redis_py.Redis.from_url(server.url)
         stack = make_stack(redis=server.url, dispatch_workers=2)
@@ -383,6 +384,8 @@ def test_redis_restart_mid_run_loses_no_aggregate_the_held_flushes_are_written_o
         check_invariants(client)
         client.close()
     finally:
+        if stack is not None:
+            stack.stop()  # the writers first, while Redis still answers their last flush
         server.close()
 
 

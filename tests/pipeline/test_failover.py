@@ -62,4 +62,5 @@ def test_a_pull_pool_loses_no_aggregate_and_counts_nothing_twice_when_the_primar
         assert stored <= N and series_total(primary, "stream", "records", t0 - 1, time.time() + 1) == stored
         assert "held for a retry" in stack.logs()["pull.log"]  # the failover was in the run
         print(f"failover: stored {stored} of {N}, counted lost {lost}, redis stage {redis_stage}")
+        stack.stop()  # the writers first, while Redis still answers their last flush
         primary.close()

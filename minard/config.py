@@ -390,6 +390,14 @@ def _check_table() -> None:
 _check_table()
 
 
+#: Keys that minard no longer reads -> what took their place.  A file that still sets one
+#: loads with a warning instead of failing: an upgrade must not stop a deployment whose
+#: configuration predates it.
+RETIRED = {
+    "web_threads": "the web apps run gevent workers now: see web_worker_connections",
+}
+
+
 def coerce(key: str, raw: object) -> object:
     """*raw* (a string from a file or the environment, or a Python value) as the type of *key*.
 
@@ -480,6 +488,12 @@ def load(
     file = Path(path) if path is not None else default_path(env)
     if file.exists():
         for key, value in _read_file(file).items():
+            if key in RETIRED:
+                import logging
+
+                logging.getLogger("minard.config").warning(
+                    "%s: %s is no longer used (%s); remove it", file, key, RETIRED[key])
+                continue
             try:
                 cfg[key] = coerce(key, value)
             except ValueError as exc:
@@ -568,6 +582,10 @@ def markdown() -> str:
             out.append("| key | type | default | meaning |\n|---|---|---|---|")
         else:
             out.append(f"| `{item.name}` | {item.type.__name__} | {_cell(item.default)} | {item.doc} |")
+    out.append("\n## Keys no longer used\n")
+    out.append("A file that still sets one of these loads with a warning (remove the line).\n")
+    out.append("| key | instead |\n|---|---|")
+    out += [f"| `{name}` | {why} |" for name, why in RETIRED.items()]
     return "\n".join(out) + "\n"
 
 

@@ -125,3 +125,16 @@ def test_redact_hides_the_password_of_a_url():
     assert config.redact("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert config.redact("redis://user:pw@host/1") == "redis://user:***@host/1"
     assert config.redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_a_retired_key_in_the_file_loads_with_a_warning_but_an_unknown_key_is_an_error(tmp_path, caplog):
+    """An upgrade that retires a key must not stop a deployment whose minard.conf still sets it."""
+    path = tmp_path / "minard.conf"
+    path.write_text("[web]\nthreads = 8\nport = 8090\n")
+    with caplog.at_level("WARNING", logger="minard.config"):
+        cfg = config.load(path=path, env={})
+    assert cfg["web_port"] == 8090 and "web_threads" not in cfg
+    assert "web_threads is no longer used" in caplog.text
+    path.write_text("[web]\nthread = 8\n")
+    with pytest.raises(ValueError, match="unknown configuration key 'web_thread'"):
+        config.load(path=path, env={})

@@ -198,10 +198,10 @@ def check_invariants(redis_client, timeout=10):
         return [(stage, c) for stage, c in stats(redis_client).items()
                 if stage in ("push", "pull", "redis", "dispatcher")
                 and c.get("received", 0) != c.get("processed", 0) + c.get("dropped", 0) + c.get("errors", 0)]
-    deadline = time.monotonic() + timeout
-    while unbalanced() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not unbalanced(), unbalanced()
+    try:
+        wait_for(lambda: not unbalanced(), timeout, "received = processed + dropped + errors", interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {unbalanced()}") from None
 
 
 # ------------------------------------------------------------------ totals

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import time
+import weakref
 from functools import wraps
 
 import numpy as np
@@ -164,6 +165,11 @@ def packed_f32(values) -> str:
     holds 6, so the browser recovers each with ``toPrecision(5)``.
     """
     return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def packed_sigfigs(values) -> str:
+    """:func:`packed_f32` of :func:`sigfigs`: the map's values as the Detector page asks for them."""
+    return packed_f32(sigfigs(values))
 
 
 def ints(values):
@@ -325,10 +331,36 @@ def detector():
            "flags": _channel_flags(_redis(), now)}
     for key in ("values", "baseline"):
         if packed:
-            out[f"{key}_f32"] = packed_f32(sigfigs(view[key]))
+            out[f"{key}_f32"] = _encoded(view[key], packed_sigfigs)
         else:
-            out[key] = sigfigs(view[key])
+            out[key] = _encoded(view[key], sigfigs)
     return json_response(out, name)
+
+
+#: Encodings of arrays that the worker's cache holds and shares between requests:
+#: id -> (weak reference to the array, {encoder: encoded}).
+_ENCODED: dict[int, tuple] = {}
+
+
+def _encoded(array: np.ndarray, encode):
+    """``encode(array)``, computed once per encoder for a read-only array the worker's cache shares.
+
+    A settled slot's baseline is the same array for every map of that slot
+    (:func:`minard.web.data.baseline` returns the cached one read-only);
+    rounding and packing its 10240 values was a tenth of a map answer's CPU.
+    Writable arrays (computed for this request) are encoded every time.
+    """
+    if array.flags.writeable:
+        return encode(array)
+    entry = _ENCODED.get(id(array))
+    if entry is None or entry[0]() is not array:
+        if len(_ENCODED) >= 4 * data.CHANNEL_SUMS_CACHED:
+            _ENCODED.clear()
+        entry = _ENCODED[id(array)] = (weakref.ref(array), {})
+    done = entry[1]
+    if encode not in done:
+        done[encode] = encode(array)
+    return done[encode]
 
 
 def _channel_flags(redis, now: float) -> dict:

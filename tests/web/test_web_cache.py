@@ -133,3 +133,21 @@ def test_the_fast_median_equals_numpys_nanmedian(rows, nan_share, kind, seed):
     with np.errstate(all="ignore"), data._quiet():
         expected = np.nanmedian(values, axis=0)
     assert np.array_equal(data.nanmedian_rows(values), expected, equal_nan=True)
+
+
+def test_map_answers_encode_a_shared_baseline_as_they_encode_a_fresh_one(cfg, redis_client, day):
+    """Windows of one slot share one cached baseline array, whose rounded and packed forms the
+    worker keeps (minard.web.api._encoded): every answer equals the encoding of a fresh view."""
+    from minard.web import api, create_app
+
+    client = create_app(cfg).test_client()
+    now = time.time()
+    slot = (now - 5000) // 600 * 600
+    for offset in (0, 100, 250, 0):
+        start, stop = slot + offset, slot + offset + 600
+        direct = data.detector_view(redis_client, "occupancy", start, stop, time.time())
+        packed = client.get(f"/api/detector?quantity=occupancy&start={start}&stop={stop}&encoding=f32").get_json()
+        plain = client.get(f"/api/detector?quantity=occupancy&start={start}&stop={stop}").get_json()
+        for key in ("values", "baseline"):
+            assert packed[f"{key}_f32"] == api.packed_sigfigs(direct[key]), key
+            same(np.array(plain[key], dtype=float), api.sigfigs(direct[key]), key)

@@ -295,3 +295,38 @@ def test_unknown_and_known_users_take_the_same_time_to_refuse(client, users):
     k, u = statistics.median(known), statistics.median(unknown)
     # Before: 37 ms against 1.4 ms.  Now both pay one scrypt derivation.
     assert u > 0.5 * k and k > 0.5 * u, (k, u)
+
+
+def test_the_rate_limiter_runs_for_login_requests_only_and_still_limits_them(web_cfg, users, monkeypatch):
+    """Flask-Limiter hooks every request; only the login view has limits, so only it pays for them."""
+    from flask import request
+    from flask_limiter import Limiter
+
+    seen = []
+    check = Limiter._check_request_limit
+
+    def spy(self, *args, **kwargs):
+        seen.append(request.endpoint)
+        return check(self, *args, **kwargs)
+
+    monkeypatch.setattr(Limiter, "_check_request_limit", spy)
+    web_cfg.update(web_login_limit_user="2 per minute")
+    client = create_app(web_cfg).test_client()
+    for path in ("/healthz", "/api/runs", "/stream", "/no/such/page", "/static/css/minard.css"):
+        client.get(path)
+    assert seen == []
+    codes = [login(client, "alice", "wrong").status_code for _ in range(3)]
+    assert codes == [401, 401, 429] and set(seen) == {"auth.login"}
+
+
+def test_the_session_serializer_is_made_once_per_key(web_cfg, users):
+    app = create_app(web_cfg)
+    iface = app.session_interface
+    first = iface.get_signing_serializer(app)
+    assert iface.get_signing_serializer(app) is first
+    client = app.test_client()
+    assert login(client, "alice", users["alice"]).status_code == 302
+    assert 'data-logged-in="yes"' in client.get("/alarms").get_data(as_text=True)  # its cookie is read back
+    app.secret_key = "another key of at least thirty-two characters"
+    assert iface.get_signing_serializer(app) is not first
+    assert 'data-logged-in="no"' in client.get("/alarms").get_data(as_text=True)  # the old cookie no longer opens

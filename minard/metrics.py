@@ -225,11 +225,12 @@ class WSGIMetrics:
 
 def instrument(app, app_name: str) -> None:
     """Count the requests of a Flask *app* (:class:`WSGIMetrics`), with the route Flask matched."""
+    from flask import request  # only here: this module is imported by processes without Flask
+
     app.wsgi_app = WSGIMetrics(app.wsgi_app, app.url_map, app_name)
 
     def record_route():
-        from flask import request  # (the app is a Flask app: no Flask import at module level here)
-
+        """Leave the URL rule Flask matched for :meth:`WSGIMetrics.route`."""
         request.environ[ROUTE_KEY] = request.url_rule.rule if request.url_rule is not None else "unmatched"
 
     app.before_request_funcs.setdefault(None, []).insert(0, record_route)  # first: before any hook can abort

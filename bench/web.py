@@ -190,7 +190,7 @@ def where_time_goes(url: str, paths: dict[str, list[str]], count: int = 60) -> N
         stats = pstats.Stats(prof).stats
         def cum(pred):
             return sum(v[3] for k, v in stats.items() if pred(k)) * 1000 / count
-        redis_ms = cum(lambda k: k[2] == "execute" and "redis" in k[0] and "client.py" in k[0])
+        redis_ms = cum(lambda k: k[2] in ("execute", "execute_command") and k[0].endswith("redis/client.py"))
         encode_ms = cum(lambda k: k[2] == "json_response")
         print(f"{name:<11} {wall:7.1f} {cpu:7.1f} {redis_ms:7.1f} {encode_ms:7.1f} {wall - redis_ms - encode_ms:7.1f}")
 

@@ -47,7 +47,8 @@ PIPELINE_WRITES = (schema.SCALAR.pattern, schema.CHANNEL.pattern, schema.RUN.pat
 #: decoded settled blocks (``webcache:``).
 DASHBOARD_WRITES = (sessions.WEB_PREFIX + "*", schema.ALARM.pattern, _ALARMS, schema.OPS_HEARTBEAT.pattern,
                     "registry:*", "channels:*", "dq:reference*", "minard:roster*", "minard:shift:*",
-                    schema.WEB_BLOCK.pattern, schema.WEB_BASELINE.pattern, schema.WEB_WARM_LOCK)
+                    schema.WEB_BLOCK.pattern, schema.WEB_BASELINE.pattern, schema.WEB_SUM.pattern,
+                    schema.WEB_WARM_LOCK)
 
 #: The log server, pinger, monitors and alarm notifier: program heartbeats and
 #: metrics, alarms, notifications, roster and escalation state, the burst

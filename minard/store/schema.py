@@ -185,6 +185,12 @@ WEB_BASELINE = Family("webcache:base:{quantity}:{step}:{anchor}:{span}", "string
                       "Rolling baseline of the Detector page (per-channel median of the windows of length span "
                       "before anchor), computed once for every web worker when all its buckets are settled: "
                       "float64 per channel. Expires after a day.")
+WEB_SUM = Family("webcache:sum:{name}:{step}:{block}", "string",
+                 "Per-channel sums over one aligned block of 8 settled buckets of a per-channel array (name as "
+                 "in ch:…; the Detector page's 10-minute maps add about 7 of them instead of 61 buckets), computed "
+                 "once for every web worker: int64 sum per channel, for averaged values followed by the int64 "
+                 "count per channel. The warmer stores those of the occupancy hits of the last web_warm_hours (80 KiB a "
+                 "block, 90 blocks for the 2 hours of the 10 s level). Expires after a day.")
 WEB_WARM_LOCK = _single("webcache:warm", "string",
                         "held (a minute at most) by the one web worker filling webcache:rows ahead of requests")
 

@@ -46,7 +46,7 @@ from minard.formats.detector import NCHANNELS_TOTAL, NCRATES
 from minard.formats.pmt import TRIGGER_NAMES
 from minard.store import schema
 from minard.store import timeseries as ts
-from minard.store.schema import NHIT_LEVELS, WEB_BASELINE, WEB_BLOCK
+from minard.store.schema import NHIT_LEVELS, WEB_BASELINE, WEB_BLOCK, WEB_SUM
 
 #: Seconds after its end when a bucket is final (flushes happen every second).
 SETTLE = 3.0
@@ -490,7 +490,10 @@ def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: flo
     Through a :class:`Source`, the whole settled blocks of SUM_BLOCK buckets
     inside b0..b1 are added as cached block sums (integer sums, so the result
     is the same to the last count) and only the buckets at the edges one by one:
-    adding 61 arrays was a quarter of a map request's CPU.
+    adding 61 arrays was a quarter of a map request's CPU.  A block sum this
+    worker lacks comes from the workers' shared cache in Redis
+    (:data:`minard.store.schema.WEB_SUM`, filled by requests and by the
+    warmer) before it is added up from its buckets.
     """
     if b1 < b0:
         return np.zeros(NCHANNELS_TOTAL, np.int64), np.zeros(NCHANNELS_TOTAL, np.int64)
@@ -501,6 +504,10 @@ def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: flo
         return _sum_arrays(_bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now), kind)
     blocks = {k: sums.get((name, kind, step, k)) for k in range(k0, k1)}
     todo = [k for k, v in blocks.items() if v is None]
+    for k, found in _shared_sums(redis, name, kind, step, todo).items():  # another worker's (or the warmer's)
+        blocks[k] = found
+        sums.put((name, kind, step, k), found, SETTLED_TTL)
+    todo = [k for k in todo if blocks[k] is None]
     edges = [*range(b0, k0 * SUM_BLOCK), *range(k1 * SUM_BLOCK, b1 + 1)]
     wanted = edges + [b for k in todo for b in range(k * SUM_BLOCK, (k + 1) * SUM_BLOCK)]
     arrays = _bucket_arrays(redis, name, kind, step, wanted, now)  # one round trip for all that is missing
@@ -508,12 +515,53 @@ def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: flo
         at = len(edges) + i * SUM_BLOCK
         blocks[k] = _sum_arrays(arrays[at:at + SUM_BLOCK], kind)
         sums.put((name, kind, step, k), blocks[k], SETTLED_TTL)
+    store_sums(redis, name, kind, step, {k: blocks[k] for k in todo})
     total, n = _sum_arrays(arrays[:len(edges)], kind)  # new arrays: added to in place
     for block_total, block_n in blocks.values():
         total += block_total
         if kind != "counts":
             n += block_n
     return total, n
+
+
+def sum_key(name: str, step: int, block: int) -> str:
+    """The shared-cache key of the per-channel sums of block *block* (SUM_BLOCK buckets of *step* s) of *name*."""
+    return WEB_SUM.key(name=name, step=step, block=block)
+
+
+def _shared_sums(redis, name: str, kind: str, step: int, blocks: list[int]) -> dict[int, tuple]:
+    """{block: (sum, n)} of the settled *blocks* some worker has stored in Redis (one MGET); the rest are absent.
+
+    Sums are integers, so a stored block equals the one this worker would add up.
+    """
+    if not blocks:
+        return {}
+    try:
+        raws = redis.mget([sum_key(name, step, k) for k in blocks])
+    except Exception:  # noqa: BLE001 - the shared cache is an optimisation only
+        return {}
+    size = NCHANNELS_TOTAL * (1 if kind == "counts" else 2)
+    out = {}
+    for k, raw in zip(blocks, raws):
+        if raw is not None and len(raw) == size * 8:
+            flat = np.frombuffer(raw, "<i8")
+            out[k] = (flat, np.zeros(NCHANNELS_TOTAL, np.int64)) if kind == "counts" else \
+                (flat[:NCHANNELS_TOTAL], flat[NCHANNELS_TOTAL:])
+    return out
+
+
+def store_sums(redis, name: str, kind: str, step: int, blocks: dict[int, tuple]) -> None:
+    """Keep the (sum, n) of settled *blocks* in the shared cache (one round trip); refusals are ignored."""
+    if not blocks:
+        return
+    try:
+        pipe = redis.pipeline(transaction=False)
+        for k, (total, n) in blocks.items():
+            parts = (total,) if kind == "counts" else (total, n)
+            pipe.set(sum_key(name, step, k), np.concatenate(parts).astype("<i8").tobytes(), ex=WEB_BLOCK_TTL)
+        pipe.execute()
+    except Exception:  # noqa: BLE001 - e.g. NOPERM for a user without the webcache families
+        pass
 
 
 def _sum_arrays(arrays: list[tuple], kind: str):

@@ -17,7 +17,11 @@ It also stores the Detector page's rolling baselines of its default view
 (WARM_BASELINES: the occupancy map of 10 minutes) for every settled window
 slot of those hours (``webcache:base:…``, what :func:`minard.web.data.baseline`
 would store): computing one reads 6 windows of buckets, about 4 ms of CPU and
-15 MB from Redis, and was the slow tail of the map's distinct windows.
+15 MB from Redis, and was the slow tail of the map's distinct windows.  And
+the block sums of those maps at the finest channel level (WARM_SUMS,
+``webcache:sum:…``, what :func:`minard.web.data._read_sum` would store), so a
+worker's first map of the last two hours adds about 7 stored sums instead of
+61 buckets read from Redis.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ PAUSE = 0.2
 WARM_BASELINES = (("occupancy", 600.0),)
 #: At most this many baselines are computed per pass (about 4 ms of CPU each).
 PASS_BASELINES = 100
+#: Detector-page quantities whose block sums (SUM_BLOCK buckets of the finest
+#: channel level) are stored ahead: the default view's.
+WARM_SUMS = ("occupancy",)
+#: At most this many block sums are stored per pass (8 buckets read, about 1 ms each).
+PASS_SUMS = 30
 
 
 def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
@@ -140,6 +149,55 @@ def warm_baselines(reads, writes, now: float, hours: float, done: set, limit: in
     return computed
 
 
+def sum_blocks(now: float, hours: float) -> list[tuple[str, str, int, int]]:
+    """(name, kind, step, block) of every settled block sum of WARM_SUMS within the last *hours*, newest first.
+
+    Only the finest channel level: coarser windows add a handful of buckets.
+    """
+    level = ts.CHANNEL_LEVELS[0]
+    first = -(-ts.bucket(now - min(hours * 3600, level.keep), level.step) // data.SUM_BLOCK)
+    last = (data.last_settled(level.step, now) + 1) // data.SUM_BLOCK - 1  # the newest block wholly settled
+    out = []
+    for quantity in WARM_SUMS:
+        name, kind, _ = data.CHANNEL_SOURCES[quantity]
+        out.extend((name, kind, level.step, k) for k in range(last, first - 1, -1))
+    return out
+
+
+def warm_sums(reads, writes, now: float, hours: float, done: set, limit: int = PASS_SUMS) -> int:
+    """Store the shared sums of up to *limit* settled blocks not yet in Redis; returns how many.
+
+    Each is added up from *reads* exactly as a request adds it
+    (:func:`minard.web.data._sum_arrays` of its SUM_BLOCK buckets) and stored
+    through *writes* under the key a request looks up; blocks without any data
+    are left to requests.
+    """
+    todo = [b for b in sum_blocks(now, hours) if b not in done]
+    if not todo:
+        return 0
+    pipe = reads.pipeline(transaction=False)
+    for name, _, step, k in todo:
+        pipe.exists(data.sum_key(name, step, k))
+    stored = 0
+    for item, exists in zip(todo, pipe.execute()):
+        if not exists:
+            if stored >= limit:
+                continue
+            name, kind, step, k = item
+            arrays = data._bucket_arrays(reads, name, kind, step, range(k * data.SUM_BLOCK, (k + 1) * data.SUM_BLOCK),
+                                         now)
+            if all(a[0] is None for a in arrays):
+                done.add(item)
+                continue
+            data.store_sums(writes, name, kind, step, {k: data._sum_arrays(arrays, kind)})
+            stored += 1
+        done.add(item)
+    level = ts.CHANNEL_LEVELS[0]
+    oldest = ts.bucket(now - level.keep, level.step) // data.SUM_BLOCK
+    done.difference_update({b for b in done if b[3] < oldest})  # out of the level's horizon
+    return stored
+
+
 class Warmer(threading.Thread):
     """A daemon thread of one web worker: a warm pass every INTERVAL s while it holds the lock."""
 
@@ -149,15 +207,16 @@ class Warmer(threading.Thread):
         self.done: set = set()
         self.done_baselines: set = set()
         self.stopped = threading.Event()
-        self.passes = self.stored = self.baselines = 0
-        self.baselines_left = False
+        self.done_sums: set = set()
+        self.passes = self.stored = self.baselines = self.sums = 0
+        self.more_left = False
 
     def run(self) -> None:
         """Warm until stopped; Redis errors are logged and retried at the next pass (never fatal)."""
         while not self.stopped.is_set():
             more = False
             try:
-                more = self.step() >= PASS_BLOCKS or self.baselines_left
+                more = self.step() >= PASS_BLOCKS or self.more_left
             except Exception as exc:  # noqa: BLE001 - an optimisation: a failed pass is retried later
                 log.warning("warming the shared cache failed: %s: %s", type(exc).__name__, exc)
             self.stopped.wait(PAUSE if more else self.interval * random.uniform(0.8, 1.2))  # workers spread out
@@ -170,14 +229,17 @@ class Warmer(threading.Thread):
             now = time.time()
             stored, decoded = warm_once(self.reads, self.writes, now, self.hours, self.done)
             baselines = warm_baselines(self.reads, self.writes, now, self.hours, self.done_baselines)
+            sums = warm_sums(self.reads, self.writes, now, self.hours, self.done_sums)
         finally:
             self.writes.delete(WEB_WARM_LOCK)
         self.passes += 1
         self.stored += stored
         self.baselines += baselines
-        self.baselines_left = baselines >= PASS_BASELINES
-        if stored or baselines:
-            log.info("stored %d settled blocks and %d baselines in the shared cache", stored, baselines)
+        self.sums += sums
+        self.more_left = baselines >= PASS_BASELINES or sums >= PASS_SUMS
+        if stored or baselines or sums:
+            log.info("stored %d settled blocks, %d baselines and %d block sums in the shared cache",
+                     stored, baselines, sums)
         return decoded
 
     def stop(self) -> None:
@@ -201,4 +263,4 @@ def start(app) -> Warmer | None:
     return warmer
 
 
-__all__ = ["Warmer", "baseline_slots", "blocks", "start", "warm_baselines", "warm_once"]
+__all__ = ["Warmer", "baseline_slots", "blocks", "start", "sum_blocks", "warm_baselines", "warm_once", "warm_sums"]

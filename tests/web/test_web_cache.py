@@ -87,8 +87,8 @@ def test_views_through_the_caches_equal_the_views_read_straight_from_redis(redis
 
 
 def test_the_shared_cache_holds_only_settled_data(redis_client, day):
-    """After views of every kind of window, each shared block and baseline ends before the
-    newest settled bucket of its level, and expires."""
+    """After views of every kind of window, each shared block, baseline and block sum ends before
+    the newest settled bucket of its level, and expires."""
     src = data.Source(redis_client)
     now = time.time()
     for length in (60, 600, 3600, 4 * 3600):
@@ -106,6 +106,12 @@ def test_the_shared_cache_holds_only_settled_data(redis_client, day):
     for key in bases:
         _, _, _, step, anchor, _ = key.split(":")
         assert ts.bucket(float(anchor), int(step)) <= data.last_settled(int(step), now), key
+        assert 0 < redis_client.ttl(key) <= data.WEB_BLOCK_TTL
+    sums = [k.decode() for k in redis_client.scan_iter(schema.WEB_SUM.pattern)]
+    assert sums
+    for key in sums:
+        _, _, _, step, block = key.split(":")
+        assert (int(block) + 1) * data.SUM_BLOCK - 1 <= data.last_settled(int(step), now), key
         assert 0 < redis_client.ttl(key) <= data.WEB_BLOCK_TTL
 
 

@@ -73,6 +73,38 @@ def test_a_warm_pass_stores_the_detector_baselines_a_request_would_use(redis_cli
     assert not computing
 
 
+def test_a_warm_pass_stores_the_block_sums_a_request_would_add_up(redis_client, monkeypatch):
+    now = time.time()
+    sample.write_day(redis_client, now, days=2 / 24, run_seconds=600)
+    done: set = set()
+    assert warm.warm_sums(redis_client, redis_client, now, 2, done, limit=10_000) >= 80  # the 2 h of 10 s buckets
+    keys = {k.decode() for k in redis_client.scan_iter(schema.WEB_SUM.pattern)}
+    assert len(keys) == len(done) - sum(1 for b in done if data.sum_key(b[0], b[2], b[3]) not in keys)
+    for name, kind, step, block in warm.sum_blocks(now, 2):
+        key = data.sum_key(name, step, block)
+        if key not in keys:
+            continue
+        assert (block + 1) * data.SUM_BLOCK - 1 <= data.last_settled(step, now), key
+        arrays = data._bucket_arrays(redis_client, name, kind, step,
+                                     range(block * data.SUM_BLOCK, (block + 1) * data.SUM_BLOCK), now)
+        total, _ = data._sum_arrays(arrays, kind)
+        assert np.array_equal(np.frombuffer(redis_client.get(key), "<i8"), total), key
+    assert warm.warm_sums(redis_client, redis_client, now, 2, done) == 0  # nothing new has settled
+    # A new worker's maps of the last hour add the warmed sums and read only the buckets at their edges.
+    fresh = data.Source(redis_client)
+    bucket_arrays = data._bucket_arrays
+    for stop in (now - 2400.5, now - 1200, now - 30):
+        level = data.map_level(stop - 600, stop, now)
+        direct = data.window_values(redis_client, "occupancy", stop - 600, stop, now, level)
+        read = []
+        monkeypatch.setattr(data, "_bucket_arrays", lambda r, n, k, st, buckets, t, read=read: read.extend(buckets)
+                            or bucket_arrays(r, n, k, st, buckets, t))
+        view = data.window_values(fresh, "occupancy", stop - 600, stop, now, level)
+        monkeypatch.undo()
+        assert level.step == 10 and np.array_equal(view[0], direct[0], equal_nan=True) and view[2] == direct[2]
+        assert len(read) <= 2 * (data.SUM_BLOCK - 1) + (1 if stop > now - 60 else 0), read  # edges (and the tail)
+
+
 def test_blocks_without_data_are_not_stored(redis_client):
     assert warm.warm_once(redis_client, redis_client, time.time(), 1, set())[0] == 0
     assert not list(redis_client.scan_iter("webcache:*"))

@@ -223,11 +223,16 @@ class WSGIMetrics:
             HTTP_SECONDS.labels(self.app_name, route).observe(time.perf_counter() - t0)
 
 
-def instrument(app, app_name: str) -> None:
-    """Count the requests of a Flask *app* (:class:`WSGIMetrics`), with the route Flask matched."""
-    from flask import request  # only here: this module is imported by processes without Flask
+def instrument(app, app_name: str, request=None) -> None:
+    """Count the requests of a Flask *app* (:class:`WSGIMetrics`).
 
+    With *request* (the app's ``flask.request``: this module imports no web
+    framework), the route Flask matched is recorded for the middleware instead
+    of being matched a second time.
+    """
     app.wsgi_app = WSGIMetrics(app.wsgi_app, app.url_map, app_name)
+    if request is None:
+        return
 
     def record_route():
         """Leave the URL rule Flask matched for :meth:`WSGIMetrics.route`."""

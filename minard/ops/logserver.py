@@ -197,7 +197,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     app.extensions["minard_last_check"] = 0.0
     _routes(app, cfg)
     _errors(app)
-    metrics.instrument(app, "snoplus_log")  # requests per route, served by gunicorn's master
+    metrics.instrument(app, "snoplus_log", request)  # requests per route, served by gunicorn's master
     return app
 
 

@@ -133,7 +133,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     dq.register(app)  # data quality: report cards, run registry, channel status
     _site(app)
     _warm_under_gunicorn(app)
-    metrics.instrument(app, "web")  # requests per route, served by gunicorn's master
+    metrics.instrument(app, "web", request)  # requests per route, served by gunicorn's master
     return app
 
 

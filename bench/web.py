@@ -8,8 +8,9 @@ with N concurrent clients (threads, one HTTP connection per request):
 
 * ``occupancy``  the Detector page's map query (/api/detector, 10 min window,
   with its rolling baseline, ``encoding=f32`` as the page asks for it);
-* ``rate-1d``    the Stream page's rate plot query (/api/stream; 1 day for the
-  same view, 10 min to 1 day for distinct windows);
+* ``rate-1d``    the Stream page's rate plot query (/api/stream, ``encoding=f64``
+  as the page asks for it; 1 day for the same view, 10 min to 1 day for
+  distinct windows);
 * ``page``       the Stream page's HTML;
 * ``static``     a static file of the same size as the occupancy answer, served
   by the same gunicorn in the same run (the reference).
@@ -148,12 +149,12 @@ def targets(now: int, n: int, static_path: str, days: float) -> dict[str, dict[s
     def rate(i):
         span = rng.choice((600, 3600, 6 * 3600, 86400))
         stop = now - rng.randrange(0, max(60, span_data - span))
-        return f"/api/stream?start={stop - span}&stop={stop}"
+        return f"/api/stream?start={stop - span}&stop={stop}&encoding=f64"
 
     return {
         "occupancy": {"same": ["/api/detector?quantity=occupancy&window=10m&encoding=f32"] * n,
                       "distinct": [occupancy(i) for i in range(n)]},
-        "rate-1d": {"same": ["/api/stream?window=1d"] * n, "distinct": [rate(i) for i in range(n)]},
+        "rate-1d": {"same": ["/api/stream?window=1d&encoding=f64"] * n, "distinct": [rate(i) for i in range(n)]},
         "page": {"same": ["/stream"] * n, "distinct": [f"/stream?window=1h&stop={now - i}" for i in range(n)]},
         "static": {"same": [static_path] * n, "distinct": [f"{static_path}?v={i}" for i in range(n)]},
     }

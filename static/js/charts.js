@@ -65,6 +65,18 @@
     return out;
   }
 
+  /** Numbers of a base64 little-endian float64 array (encoding=f64): the plain JSON's values exactly; NaN -> null. */
+  function unpackF64(b64) {
+    var bin = atob(b64), bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    var dv = new DataView(bytes.buffer), out = new Array(bytes.length >> 3);
+    for (var j = 0; j < out.length; j++) {
+      var x = dv.getFloat64(8 * j, true);
+      out[j] = isFinite(x) ? x : null;
+    }
+    return out;
+  }
+
   /** A query string from an object, same dropping rule as setParams. */
   function query(obj) {
     var q = new URLSearchParams();
@@ -700,6 +712,6 @@
     parseTyped: parseTyped, TimeWindow: TimeWindow, toolbar: toolbar, showWindow: showWindow,
     setDownloads: setDownloads, fmt: fmt, columnFormat: columnFormat, channelName: channelName, color: color,
     style: style, TRIGGERS: TRIGGERS, timeChart: timeChart, channelMap: channelMap, parts: parts, fillRows: fillRows,
-    unpackF32: unpackF32, fitBins: fitBins
+    unpackF32: unpackF32, unpackF64: unpackF64, fitBins: fitBins
   };
 })();

@@ -158,7 +158,14 @@
   function reload() {
     saveUrl();
     state.busy = true;
-    return m.getJSON("/api/stream?" + MC.query(apiParams())).then(function (d) {
+    // compact answer (encoding=f64): the series as binary doubles, not ~30000 numbers written as text
+    return m.getJSON("/api/stream?" + MC.query(apiParams({ encoding: "f64" }))).then(function (d) {
+      ["rate", "nhit", "qhs"].forEach(function (key) {
+        var packed = d[key + "_f64"] || {};
+        d[key] = {};
+        Object.keys(packed).forEach(function (n) { d[key][n] = MC.unpackF64(packed[n]); });
+        delete d[key + "_f64"];
+      });
       state.data = d;
       state.lastFull = Date.now();
       render();

@@ -451,6 +451,26 @@ def test_detector_page_decodes_the_f32_map_to_the_plain_json_values(site, page):
     assert diff["out"] == [] and diff["nonzero"] > 1000
 
 
+def test_stream_page_decodes_the_f64_series_to_the_plain_json_values(site, page):
+    page.goto(site["url"] + "/stream?window=1h")
+    loaded(page, "streamLoaded")
+    diff = page.evaluate("""async () => {
+      const stop = Math.floor(Date.now() / 1000) - 5, q = `start=${stop - 3600}&stop=${stop}`;
+      const plain = await (await fetch(`/api/stream?${q}`)).json();
+      const packed = await (await fetch(`/api/stream?${q}&encoding=f64`)).json();
+      const out = [];
+      for (const key of ["rate", "nhit", "qhs"]) {
+        for (const name of Object.keys(plain[key])) {
+          const got = MC.unpackF64(packed[key + "_f64"][name]);
+          if (got.length !== plain[key][name].length) out.push(`${key}.${name} length ${got.length}`);
+          got.forEach((v, i) => { if (v !== plain[key][name][i] && out.length < 5) out.push(`${key}.${name}[${i}]`); });
+        }
+      }
+      return {out, points: plain.rate.TOTAL.filter(v => v).length};
+    }""")
+    assert diff["out"] == [] and diff["points"] > 10
+
+
 def test_detector_card_view_has_matching_headers_channel_names_and_one_precision(site, page):
     page.goto(site["url"] + "/detector?window=10m&crate=3&card=4")
     loaded(page, "mapLoaded")

@@ -150,6 +150,24 @@ def test_detector_f32_encoding_decodes_to_the_plain_answers_values(client, fille
     get(client, f"/api/detector?{window}&encoding=f64", 400)
 
 
+def test_stream_f64_encoding_decodes_to_the_plain_answers_values(client, filled):
+    """The Stream page asks for encoding=f64 (static/js/charts.js unpackF64: the doubles, NaN as null)."""
+    import base64
+
+    window = f"start={filled['t0']}&stop={filled['t1']}"
+    plain = get(client, f"/api/stream?{window}").get_json()
+    packed = get(client, f"/api/stream?{window}&encoding=f64").get_json()
+    for key in ("rate", "nhit", "qhs"):
+        assert key not in packed and packed[f"{key}_f64"].keys() == plain[key].keys()
+        for name, values in plain[key].items():
+            x = np.frombuffer(base64.b64decode(packed[f"{key}_f64"][name]), "<f8")
+            assert [float(v) if np.isfinite(v) else None for v in x] == values, (key, name)
+    assert any(v for v in plain["rate"]["TOTAL"])
+    rest = {k: v for k, v in plain.items() if k not in ("rate", "nhit", "qhs", "now")}
+    assert rest == {k: v for k, v in packed.items() if k not in ("rate_f64", "nhit_f64", "qhs_f64", "now")}
+    get(client, f"/api/stream?{window}&encoding=f32", 400)
+
+
 def test_hot_and_dead_rules_against_the_baseline():
     base = np.full(NCHANNELS_TOTAL, 0.01)
     vals = base.copy()

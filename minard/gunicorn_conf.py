@@ -58,6 +58,26 @@ def on_exit(server) -> None:
     _logging.getLogger("minard.metrics").info("metrics directory %s removed", _shared)
 
 
+def post_fork(server, worker) -> None:
+    """A stop signal that reaches a worker while it boots stops it, instead of being lost.
+
+    Until the worker installs its own handlers -- after gevent's monkey
+    patching, about a second -- a SIGTERM falls to the master's handlers
+    copied by fork, which only queue it in the worker's copy of the master's
+    queue: the worker then serves on and the master waits its whole
+    ``--graceful-timeout`` (10 s) before killing it.  Measured: an init-script
+    ``restart`` or a ``stop`` right after a start took 10.2-10.4 s; now the
+    worker's ``alive`` flag is cleared and it leaves as soon as it runs.
+    """
+    import signal as _signal
+
+    def stop(*_args) -> None:
+        worker.alive = False
+
+    for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
+        _signal.signal(sig, stop)
+
+
 def post_worker_init(worker) -> None:
     """A gevent worker reads each request's body before its app, within ``web_body_timeout`` s."""
     if type(worker).__module__ == "gunicorn.workers.ggevent":

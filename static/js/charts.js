@@ -52,30 +52,25 @@
     else window.history.replaceState(null, "", url);
   }
 
-  /** Numbers of a base64 little-endian float32 array (encoding=f32): each value to 5 significant
-   *  figures, as the server rounded it (float32 holds 6, so this is the plain JSON's value); NaN -> null. */
-  function unpackF32(b64) {
+  /** Numbers of a base64 little-endian float array of *size*-byte values, each through
+   *  *value*; NaN and infinities -> null (the JSON's null). */
+  function unpackFloats(b64, size, value) {
     var bin = atob(b64), bytes = new Uint8Array(bin.length);
     for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    var dv = new DataView(bytes.buffer), out = new Array(bytes.length >> 2);
+    var dv = new DataView(bytes.buffer), out = new Array(Math.floor(bytes.length / size));
     for (var j = 0; j < out.length; j++) {
-      var x = dv.getFloat32(4 * j, true);
-      out[j] = isFinite(x) ? Number(x.toPrecision(5)) : null;
+      var x = size === 4 ? dv.getFloat32(4 * j, true) : dv.getFloat64(8 * j, true);
+      out[j] = isFinite(x) ? value(x) : null;
     }
     return out;
   }
 
-  /** Numbers of a base64 little-endian float64 array (encoding=f64): the plain JSON's values exactly; NaN -> null. */
-  function unpackF64(b64) {
-    var bin = atob(b64), bytes = new Uint8Array(bin.length);
-    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    var dv = new DataView(bytes.buffer), out = new Array(bytes.length >> 3);
-    for (var j = 0; j < out.length; j++) {
-      var x = dv.getFloat64(8 * j, true);
-      out[j] = isFinite(x) ? x : null;
-    }
-    return out;
-  }
+  /** encoding=f32: each value to 5 significant figures, as the server rounded it (float32
+   *  holds 6, so this is the plain JSON's value). */
+  function unpackF32(b64) { return unpackFloats(b64, 4, function (x) { return Number(x.toPrecision(5)); }); }
+
+  /** encoding=f64: the plain JSON's values exactly. */
+  function unpackF64(b64) { return unpackFloats(b64, 8, function (x) { return x; }); }
 
   /** A query string from an object, same dropping rule as setParams. */
   function query(obj) {

@@ -12,7 +12,6 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PY=${PYTHON:-python3}
-APT_PACKAGES=(redis-server redis-sentinel nginx-light chromium iproute2 openssl)
 
 log() { printf '[manage] %s\n' "$*" >&2; }
 

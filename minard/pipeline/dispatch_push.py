@@ -131,14 +131,15 @@ def last_position(lengths: bytes, payload) -> tuple[int, int] | None:
         return None
     offsets = np.cumsum(sizes) - sizes + GENERIC_HEADER.size
     body = sizes - GENERIC_HEADER.size
-    last = len(sizes) - 1
-    if int(record_gtids(payload, offsets[-1:], body[-1:])[0]) < 0:
-        found = np.flatnonzero(record_gtids(payload, offsets, body) >= 0)
+    last, gtid = len(sizes) - 1, int(record_gtids(payload, offsets[-1:], body[-1:])[0])
+    if gtid < 0:
+        gtids = record_gtids(payload, offsets, body)
+        found = np.flatnonzero(gtids >= 0)
         if not len(found):
             return None
         last = int(found[-1])
-    at = slice(last, last + 1)
-    return int(record_gtids(payload, offsets[at], body[at])[0]), int(record_runs(payload, offsets[at], body[at])[0])
+        gtid = int(gtids[last])
+    return gtid, int(record_runs(payload, offsets[last:last + 1], body[last:last + 1])[0])
 
 
 class Pusher(Producer):

@@ -112,6 +112,7 @@ def create_app(cfg: dict | None = None) -> Flask:
     # 2048 entries: a day of settled Stream-page blocks (about 1100, 25 MB) plus baselines and heads.
     app.extensions["minard_source"] = Source(reads, Cache(2048))
     app.extensions["minard_responses"] = Cache(256)
+    app.extensions["minard_encoded"] = {}  # packed encodings of shared read-only arrays (api._encoded)
     app.extensions["minard_keys"] = KeyStore.from_config(cfg)
     app.extensions["minard_registry"] = Registry.from_config(cfg)
     _behind_proxy(app, int(cfg["web_proxy_hops"]))

@@ -349,11 +349,6 @@ def detector():
     return json_response(out, name)
 
 
-#: Encodings of arrays that the worker's cache holds and shares between requests:
-#: id -> (weak reference to the array, {encoder: encoded}).
-_ENCODED: dict[int, tuple] = {}
-
-
 def _encoded(array: np.ndarray, encode):
     """``encode(array)``, computed once per encoder for a read-only array the worker's cache shares.
 
@@ -364,11 +359,13 @@ def _encoded(array: np.ndarray, encode):
     """
     if array.flags.writeable:
         return encode(array)
-    entry = _ENCODED.get(id(array))
+    # On the app like the other caches: id -> (weak reference to the array, {encoder: encoded}).
+    encoded = current_app.extensions["minard_encoded"]
+    entry = encoded.get(id(array))
     if entry is None or entry[0]() is not array:
-        if len(_ENCODED) >= 4 * data.CHANNEL_SUMS_CACHED:
-            _ENCODED.clear()
-        entry = _ENCODED[id(array)] = (weakref.ref(array), {})
+        if len(encoded) >= 4 * data.CHANNEL_SUMS_CACHED:
+            encoded.clear()
+        entry = encoded[id(array)] = (weakref.ref(array), {})
     done = entry[1]
     if encode not in done:
         done[encode] = encode(array)

@@ -16,6 +16,7 @@ import base64
 import http.client
 import json
 import os
+import select
 import socket
 import subprocess
 import time
@@ -171,9 +172,10 @@ def test_a_body_sent_slowly_within_the_deadline_reaches_the_log_server_intact(re
         try:
             sock.sendall(f"POST /log HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
-            for i in range(0, len(body), 1000):  # three parts, 0.3 s apart: slow, but within the deadline
+            for i in range(0, len(body), 1000):  # three parts: slow, but within the deadline
                 sock.sendall(body[i:i + 1000])
-                time.sleep(0.3)  # the slow client itself, not a synchronisation
+                if i + 1000 < len(body):  # the server waits for the rest instead of answering a part
+                    assert not select.select([sock], [], [], 0.3)[0], "answered before the body was complete"
             resp = http.client.HTTPResponse(sock)
             resp.begin()
             answer = json.loads(resp.read())

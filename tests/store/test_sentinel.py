@@ -104,5 +104,4 @@ def test_a_writer_resumes_within_5_s_after_the_primary_is_killed_and_counts_stay
     assert total <= done["ok"], (total, done)
     assert total >= done["ok"] - 10, (total, done)
     ha.restart(old)  # the old primary comes back as a replica of the new one
-    wait_for(lambda: ha.client(old).info("replication").get("role") == "slave", 30, "old primary demoted",
-             ignore=(redis_py.RedisError,))
+    ha.wait_demoted(old)

@@ -108,11 +108,23 @@ class Cache:
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
 
-    def peek(self, key):
-        """The value under *key* (None when absent or expired) without counting a hit or a miss."""
+    def get_many(self, keys, count: bool = True) -> list:
+        """:meth:`get` of every key of *keys* under one lock (None for each absent or expired);
+        without *count*, a look that neither counts hits and misses nor refreshes recency."""
+        out = []
         with self.lock:
-            entry = self.items.get(key)
-            return entry[1] if entry is not None and entry[0] >= time.monotonic() else None
+            now = time.monotonic()
+            for key in keys:
+                entry = self.items.get(key)
+                if entry is None or entry[0] < now:
+                    self.misses += count
+                    out.append(None)
+                else:
+                    if count:
+                        self.items.move_to_end(key)
+                        self.hits += 1
+                    out.append(entry[1])
+        return out
 
     def clear(self) -> None:
         with self.lock:
@@ -255,7 +267,7 @@ def block_key(group: str, fields: tuple, step: int, block: int) -> str:
 def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, now: float) -> np.ndarray:
     """Rows of *fields* for buckets b0..b1, settled blocks from the cache."""
     settled = last_settled(step, now)
-    _prefetch(redis, group, fields, step, range(b0 // BLOCK, min(b1, settled + 1 - BLOCK) // BLOCK + 1))
+    whole = _settled_blocks(redis, group, fields, step, range(b0 // BLOCK, min(b1, settled + 1 - BLOCK) // BLOCK + 1))
     parts = []
     b = b0
     while b <= b1:
@@ -263,9 +275,7 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
         end = min(b1, block * BLOCK + BLOCK - 1)
         lo = block * BLOCK
         if lo + BLOCK - 1 <= settled:
-            rows = cached(redis, ("rows", group, fields, step, block), SETTLED_TTL,
-                          lambda block=block: _shared_block(redis, group, fields, step, block))
-            parts.append(rows[b - lo: end - lo + 1])
+            parts.append(whole[block][b - lo: end - lo + 1])
         elif settled >= b:
             # the block's settled head is cached until the next bucket settles; only its tail is read
             head = cached(redis, ("rows", group, fields, step, block, settled), SETTLED_TTL,
@@ -276,39 +286,39 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
         else:
             parts.append(_read_rows(redis, group, fields, step, b, end))
         b = end + 1
-    return np.vstack(parts) if parts else np.zeros((0, len(fields)))
+    return np.concatenate(parts) if parts else np.zeros((0, len(fields)))
 
 
-def _prefetch(redis, group: str, fields: tuple, step: int, blocks: range) -> None:
-    """Put the settled *blocks* this worker lacks into its cache, in two round trips in all.
+def _settled_blocks(redis, group: str, fields: tuple, step: int, blocks: range) -> dict[int, np.ndarray]:
+    """``{block: rows}`` of wholly settled *blocks*: the worker's cache, then the shared one, then Redis.
 
-    One pipeline of GETs asks the shared cache for all of them (a 6-hour plot
-    covers some 70 blocks per group: one round trip each was most of a warm
-    answer's wall time on a loaded machine); the blocks no worker has stored
-    yet are then read together and stored (:func:`_shared_block` would do
-    the same one block at a time).
+    The worker's cache is asked for all of them under one lock (a day's plot
+    covers some 70 blocks per group: a lookup each was a third of a warm
+    answer); one pipeline of GETs asks the shared cache for the ones this
+    worker lacks; the blocks no worker has stored yet are read and stored
+    (the warmer, :mod:`minard.web.warm`, has usually stored them).
     """
-    if not isinstance(redis, Source) or not len(blocks):
-        return
-    missing = [b for b in blocks if redis.cache.peek(("rows", group, fields, step, b)) is None]
+    if not isinstance(redis, Source):
+        return {b: _shared_block(redis, group, fields, step, b) for b in blocks}
+    keys = [("rows", group, fields, step, b) for b in blocks]
+    found = dict(zip(blocks, redis.cache.get_many(keys)))
+    missing = [b for b, rows in found.items() if rows is None]
     if not missing:
-        return
-    keys = [block_key(group, fields, step, b) for b in missing]
+        return found
     try:
-        raws = redis.mget(keys)
+        raws = redis.mget([block_key(group, fields, step, b) for b in missing])
     except Exception:  # noqa: BLE001 - the shared cache is an optimisation only
-        raws = [None] * len(keys)
+        raws = [None] * len(missing)
     size = BLOCK * len(fields) * 8
-    unknown = []
     for b, raw in zip(missing, raws):
         if raw is not None and len(raw) == size:
-            redis.cache.put(("rows", group, fields, step, b), np.frombuffer(raw, "<f8").reshape(BLOCK, -1), SETTLED_TTL)
+            rows = np.frombuffer(raw, "<f8").reshape(BLOCK, -1)
         else:
-            unknown.append(b)
-    for b in unknown:  # (rows read one block per round trip: the warmer has usually stored them)
-        rows = _read_rows(redis, group, fields, step, b * BLOCK, b * BLOCK + BLOCK - 1)
-        store_shared(redis, block_key(group, fields, step, b), rows)
+            rows = _read_rows(redis, group, fields, step, b * BLOCK, b * BLOCK + BLOCK - 1)
+            store_shared(redis, block_key(group, fields, step, b), rows)
         redis.cache.put(("rows", group, fields, step, b), rows, SETTLED_TTL)
+        found[b] = rows
+    return found
 
 
 def last_complete(step: int, now: float) -> int:
@@ -361,17 +371,17 @@ def stream_view(redis, start: float, stop: float, now: float, step: float | None
     _, srows, _ = series_rows(redis, "stream", STREAM_FIELDS, start, stop, now, level.step, complete=True)
     stream = {f: srows[:, i] for i, f in enumerate(STREAM_FIELDS)}
     trig = rows.reshape(len(rows), len(NAMES), 3)  # TRIG_FIELDS: <NAME>, <NAME>:nhit, <NAME>:qhs per name
-    events = trig[:, :, 0]
-    counts = np.nan_to_num(events)
+    absent = np.isnan(trig)
+    filled = np.where(absent, 0.0, trig)  # absent counts and sums add nothing
     index = {n: i for i, n in enumerate(NAMES)}
     if triggers is None:
-        present = counts.any(axis=0)
+        present = filled[:, :, 0].any(axis=0)
         triggers = [n for n in NAMES if n == "TOTAL" or present[index[n]]]
     cols = [index[n] for n in triggers]
-    counts = counts[:, cols]
-    rate = np.where(np.isnan(events[:, cols]) & np.isnan(stream["events"])[:, None], np.nan, counts / level.step)
-    nhit = _ratio(np.nan_to_num(trig[:, cols, 1]), counts)
-    qhs = _ratio(np.nan_to_num(trig[:, cols, 2]), counts)
+    counts = filled[:, cols, 0]
+    rate = np.where(absent[:, cols, 0] & np.isnan(stream["events"])[:, None], np.nan, counts / level.step)
+    nhit = _ratio(filled[:, cols, 1], counts)
+    qhs = _ratio(filled[:, cols, 2], counts)
     out = {"start": start, "stop": stop, "step": level.step, "t": times, "triggers": list(triggers),
            "complete_until": float(times[-1] + level.step) if len(times) else None}
     for key, matrix in (("rate", rate), ("nhit", nhit), ("qhs", qhs)):

@@ -22,6 +22,10 @@ the block sums of those maps at the finest channel level (WARM_SUMS,
 ``webcache:sum:…``, what :func:`minard.web.data._read_sum` would store), so a
 worker's first map of the last two hours adds about 7 stored sums instead of
 61 buckets read from Redis.
+
+Every worker then copies the stored blocks of those hours into its own memory
+(:func:`preload`): fetching a day plot's 140 blocks from the shared cache was
+half of a worker's first answer of a window (``bench/web.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ PASS_BASELINES = 100
 WARM_SUMS = ("occupancy",)
 #: At most this many block sums are stored per pass (8 buckets read, about 1 ms each).
 PASS_SUMS = 30
+#: Seconds to the next pass while another worker is warming or the last preload found new blocks.
+PRELOAD_PAUSE = 2.0
+#: Blocks fetched per round trip by :func:`preload` (a few MB; other greenlets run in between).
+PRELOAD_CHUNK = 64
 
 
 def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
@@ -198,12 +206,38 @@ def warm_sums(reads, writes, now: float, hours: float, done: set, limit: int = P
     return stored
 
 
+def preload(source: data.Source, now: float, hours: float) -> int:
+    """Copy the stored blocks of the last *hours* this worker lacks into its memory; returns how many.
+
+    Only what the shared cache holds is copied (blocks are decoded by
+    :func:`warm_once` or by requests, not here); at most two thirds of the
+    worker's cache is filled this way, newest blocks first, so requests keep room
+    for baselines and the blocks still settling.
+    """
+    todo = blocks(now, hours)[: source.cache.size * 2 // 3]
+    keys = [("rows", group, fields, step, block) for group, fields, step, block in todo]
+    lacking = [(item, key) for item, key, rows in zip(todo, keys, source.cache.get_many(keys, count=False))
+               if rows is None]
+    loaded = 0
+    for i in range(0, len(lacking), PRELOAD_CHUNK):
+        chunk = lacking[i:i + PRELOAD_CHUNK]
+        raws = source.redis.mget([data.block_key(*item) for item, _ in chunk])
+        for ((group, fields, step, block), key), raw in zip(chunk, raws):
+            if raw is not None and len(raw) == data.BLOCK * len(fields) * 8:
+                source.cache.put(key, np.frombuffer(raw, "<f8").reshape(data.BLOCK, -1), data.SETTLED_TTL)
+                loaded += 1
+    return loaded
+
+
 class Warmer(threading.Thread):
     """A daemon thread of one web worker: a warm pass every INTERVAL s while it holds the lock."""
 
-    def __init__(self, reads, writes, hours: float, interval: float = INTERVAL):
+    def __init__(self, reads, writes, hours: float, interval: float = INTERVAL, source: data.Source | None = None):
         super().__init__(name="minard-web-warmer", daemon=True)
         self.reads, self.writes, self.hours, self.interval = reads, writes, hours, interval
+        self.source = source  # this worker's cache, filled by preload()
+        self.preloaded = 0
+        self.busy = False  # another worker held the lock at the last pass
         self.done: set = set()
         self.done_baselines: set = set()
         self.stopped = threading.Event()
@@ -214,16 +248,28 @@ class Warmer(threading.Thread):
     def run(self) -> None:
         """Warm until stopped; Redis errors are logged and retried at the next pass (never fatal)."""
         while not self.stopped.is_set():
-            more = False
+            more = soon = False
             try:
                 more = self.step() >= PASS_BLOCKS or self.more_left
+                soon = self.preload() > 0 or self.busy
             except Exception as exc:  # noqa: BLE001 - an optimisation: a failed pass is retried later
                 log.warning("warming the shared cache failed: %s: %s", type(exc).__name__, exc)
-            self.stopped.wait(PAUSE if more else self.interval * random.uniform(0.8, 1.2))  # workers spread out
+            wait = PAUSE if more else PRELOAD_PAUSE if soon else self.interval * random.uniform(0.8, 1.2)
+            self.stopped.wait(wait)  # (random: the workers' passes spread out)
+
+    def preload(self) -> int:
+        """:func:`preload` into this worker's cache (when it has one); returns the blocks copied."""
+        if self.source is None:
+            return 0
+        loaded = preload(self.source, time.time(), self.hours)
+        self.preloaded += loaded
+        return loaded
 
     def step(self) -> int:
         """One pass if no other worker is warming; returns the blocks decoded."""
-        if not self.writes.set(WEB_WARM_LOCK, str(threading.get_native_id()), nx=True, ex=int(self.interval * 3)):
+        self.busy = not self.writes.set(WEB_WARM_LOCK, str(threading.get_native_id()), nx=True,
+                                        ex=int(self.interval * 3))
+        if self.busy:
             return 0
         try:
             now = time.time()
@@ -257,10 +303,11 @@ def start(app) -> Warmer | None:
     with _STARTING:  # concurrent first requests (greenlets or threads) start one warmer
         warmer = app.extensions.get("minard_warmer")
         if warmer is None:
-            warmer = app.extensions["minard_warmer"] = Warmer(app.extensions["minard_source"].redis,
-                                                              app.extensions["minard_redis"], hours)
+            source = app.extensions["minard_source"]
+            warmer = app.extensions["minard_warmer"] = Warmer(source.redis, app.extensions["minard_redis"], hours,
+                                                              source=source)
             warmer.start()
     return warmer
 
 
-__all__ = ["Warmer", "baseline_slots", "blocks", "start", "sum_blocks", "warm_baselines", "warm_once", "warm_sums"]
+__all__ = ["Warmer", "baseline_slots", "blocks", "preload", "start", "sum_blocks", "warm_baselines", "warm_once", "warm_sums"]

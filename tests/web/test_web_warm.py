@@ -105,6 +105,25 @@ def test_a_warm_pass_stores_the_block_sums_a_request_would_add_up(redis_client, 
         assert len(read) <= 2 * (data.SUM_BLOCK - 1) + (1 if stop > now - 60 else 0), read  # edges (and the tail)
 
 
+def test_a_worker_preloads_the_stored_blocks_into_its_memory_and_then_asks_redis_for_none(redis_client, monkeypatch):
+    now = time.time()
+    sample.write_day(redis_client, now, days=2 / 24, run_seconds=600)
+    stored, _ = warm.warm_once(redis_client, redis_client, now, 2, set(), limit=10_000)
+    worker = data.Source(redis_client, data.Cache(2048))  # as the web app's
+    assert warm.preload(worker, now, 2) == stored > 100  # only what the shared cache holds
+    small = data.Source(redis_client, data.Cache(300))
+    assert warm.preload(small, now, 2) == 200  # two thirds of a worker's cache at most
+    assert warm.preload(worker, now, 2) == 0  # nothing new
+    asked = []
+    monkeypatch.setattr(data, "_read_rows", lambda *a: asked.append(a) or pytest.fail("read from Redis"))
+    monkeypatch.setattr(worker.redis, "mget", lambda keys: asked.append(keys) or pytest.fail("shared cache asked"))
+    stop = (data.last_settled(1, now) + 1) // data.BLOCK * data.BLOCK - 1  # the newest wholly settled block's end
+    view = data.stream_view(worker, stop - 1800, stop, now)
+    monkeypatch.undo()
+    _same_stream(view, data.stream_view(redis_client, stop - 1800, stop, now))
+    assert not asked
+
+
 def test_blocks_without_data_are_not_stored(redis_client):
     assert warm.warm_once(redis_client, redis_client, time.time(), 1, set())[0] == 0
     assert not list(redis_client.scan_iter("webcache:*"))

@@ -389,21 +389,21 @@ def stream_view(redis, start: float, stop: float, now: float, step: float | None
         out[key] = {n: by_trigger[i] for i, n in enumerate(triggers)}
     for name in ("run", "subrun", "gtid", "orphans", "gtid_gaps", "corrupt"):
         out[name] = stream[name]
-    out["boundaries"] = boundaries(redis, times, stream["run"], stream["subrun"], start, stop)
+    out["boundaries"] = boundaries(redis, times, stream["run"], stream["subrun"], start, stop, now)
     return out
 
 
-def boundaries(redis, times, run, subrun, start: float, stop: float) -> list[dict]:
+def boundaries(redis, times, run, subrun, start: float, stop: float, now: float) -> list[dict]:
     """Run and subrun starts inside [start, stop], oldest first.
 
-    Run starts come from the run summaries (``runs:start``, exact); subrun
-    starts (and runs the summaries do not know) from changes of the ``stream``
-    series' last-seen run/subrun, to the bucket (found with numpy; only the
-    changes are visited in Python).
+    Run starts come from the run summaries (``runs:start``, exact, through
+    :func:`run_starts`); subrun starts (and runs the summaries do not know)
+    from changes of the ``stream`` series' last-seen run/subrun, to the bucket
+    (found with numpy; only the changes are visited in Python).
     """
     marks = {}
-    for member, t in redis.zrangebyscore(schema.RUNS_START, start, stop, withscores=True):
-        marks[("run", int(member))] = {"t": float(t), "kind": "run", "run": int(member), "subrun": None}
+    for member, t in run_starts(redis, start, stop, now):
+        marks[("run", member)] = {"t": t, "kind": "run", "run": member, "subrun": None}
     idx = np.flatnonzero(~(np.isnan(run) | np.isnan(subrun)))
     r, s = run[idx].astype(np.int64), subrun[idx].astype(np.int64)
     for k in (np.flatnonzero((r[1:] != r[:-1]) | (s[1:] != s[:-1])) + 1).tolist():
@@ -413,6 +413,37 @@ def boundaries(redis, times, run, subrun, start: float, stop: float) -> list[dic
         else:
             marks[("subrun", rk, sk)] = {"t": float(times[cur]), "kind": "subrun", "run": rk, "subrun": sk}
     return sorted(marks.values(), key=lambda m: m["t"])
+
+
+#: Run starts are read per aligned (UTC) day and kept by each worker: a day that
+#: ended RUN_STARTS_SETTLE s ago for RUN_STARTS_TTL s, the present day for
+#: OPEN_RUN_STARTS_TTL s (a run's start is the arrival of its first event, so only
+#: the present day gains runs).  Reading them for every Stream answer of a new
+#: window was about a quarter of a gunicorn worker's CPU for it (bench/web.py).
+RUN_STARTS_BLOCK = 86400
+RUN_STARTS_SETTLE = 60.0
+RUN_STARTS_TTL = 60.0
+OPEN_RUN_STARTS_TTL = 0.5
+
+
+def run_starts(redis, start: float, stop: float, now: float) -> list[tuple[int, float]]:
+    """(run, start time) of the runs that started in [start, stop] (``runs:start``), oldest first."""
+    blocks = range(math.floor(start / RUN_STARTS_BLOCK), math.floor(stop / RUN_STARTS_BLOCK) + 1)
+    if not isinstance(redis, Source) or len(blocks) > 62:  # long windows: one read, nothing kept
+        return [(int(m), float(t)) for m, t in redis.zrangebyscore(schema.RUNS_START, start, stop, withscores=True)]
+    keys = [("run starts", k) for k in blocks]
+    found = dict(zip(blocks, redis.cache.get_many(keys)))
+    missing = [k for k, v in found.items() if v is None]
+    if missing:
+        pipe = redis.pipeline(transaction=False)
+        for k in missing:
+            pipe.zrangebyscore(schema.RUNS_START, k * RUN_STARTS_BLOCK, f"({(k + 1) * RUN_STARTS_BLOCK}",
+                               withscores=True)
+        for k, rows in zip(missing, pipe.execute()):
+            settled = (k + 1) * RUN_STARTS_BLOCK <= now - RUN_STARTS_SETTLE
+            found[k] = [(int(m), float(t)) for m, t in rows]
+            redis.cache.put(("run starts", k), found[k], RUN_STARTS_TTL if settled else OPEN_RUN_STARTS_TTL)
+    return [(m, t) for k in blocks for m, t in found[k] if start <= t <= stop]
 
 
 def latest_state(redis, now: float) -> dict:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from minard.store import schema
 from minard.store import timeseries as ts
-from minard.testing import sample
+from minard.testing import sample, wait_for
 from minard.web import data
 
 HOURS = 3
@@ -157,3 +157,19 @@ def test_map_answers_encode_a_shared_baseline_as_they_encode_a_fresh_one(cfg, re
         for key in ("values", "baseline"):
             assert packed[f"{key}_f32"] == api.packed_sigfigs(direct[key]), key
             same(np.array(plain[key], dtype=float), api.sigfigs(direct[key]), key)
+
+
+def test_run_starts_kept_by_a_worker_are_those_in_redis_and_a_new_run_shows_within_a_second(redis_client):
+    now = time.time()
+    day_s = data.RUN_STARTS_BLOCK
+    edge = (now // day_s) * day_s  # the start of the present (UTC) day
+    starts = {10: edge - 3 * day_s + 5, 11: edge - day_s, 12: edge - 0.5, 13: edge, 14: now - 100}
+    redis_client.zadd(schema.RUNS_START, {str(r): t for r, t in starts.items()})
+    src = data.Source(redis_client)
+    for start, stop in ((edge - 4 * day_s, now), (edge - day_s, edge), (edge - 0.5, edge - 0.5), (edge + 1, now),
+                        (now - 50, now)):
+        direct = [(int(m), t) for m, t in redis_client.zrangebyscore(schema.RUNS_START, start, stop, withscores=True)]
+        assert data.run_starts(src, start, stop, now) == direct, (start, stop)
+    redis_client.zadd(schema.RUNS_START, {"15": now - 1})  # a run starts now: the present day is re-read
+    wait_for(lambda: (15, now - 1) in data.run_starts(src, now - 60, now, time.time()), 2 * data.OPEN_RUN_STARTS_TTL + 1,
+             "the new run")

@@ -544,7 +544,7 @@ def _metric_reduce(expr: str, rows: dict, seconds, last=None) -> np.ndarray:
     trig, _, kind = expr.partition(":")
     if trig in NAMES:
         if kind:
-            return data._ratio(np.nan_to_num(rows[expr]), np.nan_to_num(rows[trig]))
+            return data.safe_ratio(np.nan_to_num(rows[expr]), np.nan_to_num(rows[trig]))
         return rows[trig] / seconds
     if expr in LAST_VALUES:
         return last

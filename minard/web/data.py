@@ -200,7 +200,7 @@ def _floats(rows) -> np.ndarray:
 HGETALL_FIELDS = 8
 
 
-def _read_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int) -> np.ndarray:
+def read_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int) -> np.ndarray:
     """Rows of *fields* for buckets b0..b1 (inclusive) straight from Redis, in one round trip."""
     if b1 < b0:
         return np.zeros((0, len(fields)))
@@ -252,9 +252,9 @@ def _shared_block(redis, group: str, fields: tuple, step: int, block: int) -> np
     """
     lo = block * BLOCK
     if not isinstance(redis, Source):
-        return _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1)
+        return read_rows(redis, group, fields, step, lo, lo + BLOCK - 1)
     rows = _shared(redis, block_key(group, fields, step, block), BLOCK * len(fields),
-                   lambda: _read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
+                   lambda: read_rows(redis, group, fields, step, lo, lo + BLOCK - 1))
     return rows.reshape(BLOCK, len(fields))
 
 
@@ -279,12 +279,12 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
         elif settled >= b:
             # the block's settled head is cached until the next bucket settles; only its tail is read
             head = cached(redis, ("rows", group, fields, step, block, settled), SETTLED_TTL,
-                          lambda lo=lo: _read_rows(redis, group, fields, step, lo, settled))
+                          lambda lo=lo: read_rows(redis, group, fields, step, lo, settled))
             parts.append(head[b - lo: min(end, settled) - lo + 1])
             if end > settled:
-                parts.append(_read_rows(redis, group, fields, step, settled + 1, end))
+                parts.append(read_rows(redis, group, fields, step, settled + 1, end))
         else:
-            parts.append(_read_rows(redis, group, fields, step, b, end))
+            parts.append(read_rows(redis, group, fields, step, b, end))
         b = end + 1
     return np.concatenate(parts) if parts else np.zeros((0, len(fields)))
 
@@ -314,7 +314,7 @@ def _settled_blocks(redis, group: str, fields: tuple, step: int, blocks: range) 
         if raw is not None and len(raw) == size:
             rows = np.frombuffer(raw, "<f8").reshape(BLOCK, -1)
         else:
-            rows = _read_rows(redis, group, fields, step, b * BLOCK, b * BLOCK + BLOCK - 1)
+            rows = read_rows(redis, group, fields, step, b * BLOCK, b * BLOCK + BLOCK - 1)
             store_shared(redis, block_key(group, fields, step, b), rows)
         redis.cache.put(("rows", group, fields, step, b), rows, SETTLED_TTL)
         found[b] = rows
@@ -352,7 +352,7 @@ def series_rows(redis, group: str, fields: tuple, start: float, stop: float, now
     return times, rows, level
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num/den where den > 0, else NaN."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
@@ -380,8 +380,8 @@ def stream_view(redis, start: float, stop: float, now: float, step: float | None
     cols = [index[n] for n in triggers]
     counts = filled[:, cols, 0]
     rate = np.where(absent[:, cols, 0] & np.isnan(stream["events"])[:, None], np.nan, counts / level.step)
-    nhit = _ratio(filled[:, cols, 1], counts)
-    qhs = _ratio(filled[:, cols, 2], counts)
+    nhit = safe_ratio(filled[:, cols, 1], counts)
+    qhs = safe_ratio(filled[:, cols, 2], counts)
     out = {"start": start, "stop": stop, "step": level.step, "t": times, "triggers": list(triggers),
            "complete_until": float(times[-1] + level.step) if len(times) else None}
     for key, matrix in (("rate", rate), ("nhit", nhit), ("qhs", qhs)):
@@ -493,7 +493,7 @@ def _decode_bucket(kind: str, raw: list) -> tuple:
     return (_decode(raw[0], ">i8"), _decode(raw[1], ">u4"))
 
 
-def _bucket_arrays(redis, name: str, kind: str, step: int, buckets, now: float) -> list[tuple]:
+def bucket_arrays(redis, name: str, kind: str, step: int, buckets, now: float) -> list[tuple]:
     """Decoded arrays of each bucket; settled ones from the app's per-bucket cache, the rest in one round trip.
 
     A bucket is read from Redis once per worker and then shared by every
@@ -542,7 +542,7 @@ def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: flo
     k0 = -(-b0 // SUM_BLOCK)  # first block starting at or after b0
     k1 = (min(b1, last_settled(step, now)) + 1) // SUM_BLOCK  # blocks before k1 end inside b0..b1 and are settled
     if sums is None or k1 <= k0:
-        return _sum_arrays(_bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now), kind)
+        return sum_arrays(bucket_arrays(redis, name, kind, step, range(b0, b1 + 1), now), kind)
     blocks = {k: sums.get((name, kind, step, k)) for k in range(k0, k1)}
     todo = [k for k, v in blocks.items() if v is None]
     for k, found in _shared_sums(redis, name, kind, step, todo).items():  # another worker's (or the warmer's)
@@ -551,13 +551,13 @@ def _read_sum(redis, name: str, kind: str, step: int, b0: int, b1: int, now: flo
     todo = [k for k in todo if blocks[k] is None]
     edges = [*range(b0, k0 * SUM_BLOCK), *range(k1 * SUM_BLOCK, b1 + 1)]
     wanted = edges + [b for k in todo for b in range(k * SUM_BLOCK, (k + 1) * SUM_BLOCK)]
-    arrays = _bucket_arrays(redis, name, kind, step, wanted, now)  # one round trip for all that is missing
+    arrays = bucket_arrays(redis, name, kind, step, wanted, now)  # one round trip for all that is missing
     for i, k in enumerate(todo):
         at = len(edges) + i * SUM_BLOCK
-        blocks[k] = _sum_arrays(arrays[at:at + SUM_BLOCK], kind)
+        blocks[k] = sum_arrays(arrays[at:at + SUM_BLOCK], kind)
         sums.put((name, kind, step, k), blocks[k], SETTLED_TTL)
     store_sums(redis, name, kind, step, {k: blocks[k] for k in todo})
-    total, n = _sum_arrays(arrays[:len(edges)], kind)  # new arrays: added to in place
+    total, n = sum_arrays(arrays[:len(edges)], kind)  # new arrays: added to in place
     for block_total, block_n in blocks.values():
         total += block_total
         if kind != "counts":
@@ -605,7 +605,7 @@ def store_sums(redis, name: str, kind: str, step: int, blocks: dict[int, tuple])
         pass
 
 
-def _sum_arrays(arrays: list[tuple], kind: str):
+def sum_arrays(arrays: list[tuple], kind: str):
     """(sum, n) of decoded bucket arrays (:func:`_decode_bucket`); for counts n is zero."""
     total = np.zeros(NCHANNELS_TOTAL, np.int64)
     n = np.zeros(NCHANNELS_TOTAL, np.int64)
@@ -640,7 +640,7 @@ def channel_values(quantity: str, total: np.ndarray, n: np.ndarray, events: floa
         if events <= 0:
             return np.full(NCHANNELS_TOTAL, np.nan)
         return total / events
-    return _ratio(total / ts.VALUE_SCALE, n)
+    return safe_ratio(total / ts.VALUE_SCALE, n)
 
 
 def map_level(start: float, stop: float, now: float) -> ts.Level:
@@ -674,7 +674,7 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
         base = cached(redis, ("baseline", quantity, level.step, anchor, span), SETTLED_TTL,
                       lambda: _shared_median(redis, quantity, anchor, span, now, level))
     else:  # windows still filling (spans of a few seconds): never from a cache
-        base = _median_of_windows(redis, quantity, anchor, span, now, level)
+        base = median_of_windows(redis, quantity, anchor, span, now, level)
     missing = np.isnan(base)
     if not missing.any():
         base.setflags(write=False)  # the cached array itself: no caller may change it
@@ -687,8 +687,8 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
 
 
 def _shared_median(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
-    """:func:`_median_of_windows` of settled windows, through the workers' shared cache."""
-    compute = lambda: _median_of_windows(redis, quantity, anchor, span, now, level)  # noqa: E731
+    """:func:`median_of_windows` of settled windows, through the workers' shared cache."""
+    compute = lambda: median_of_windows(redis, quantity, anchor, span, now, level)  # noqa: E731
     if not isinstance(redis, Source):
         return compute()
     return _shared(redis, baseline_key(quantity, level.step, anchor, span), NCHANNELS_TOTAL, compute)
@@ -699,7 +699,7 @@ def baseline_key(quantity: str, step: int, anchor: float, span: float) -> str:
     return WEB_BASELINE.key(quantity=quantity, step=step, anchor=repr(float(anchor)), span=repr(float(span)))
 
 
-def _median_of_windows(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
+def median_of_windows(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
     """Per-channel median of the BASELINE_WINDOWS windows of length *span* before *anchor*.
 
     Each window's value is :func:`window_values`'s; the buckets of all the
@@ -710,11 +710,11 @@ def _median_of_windows(redis, quantity: str, anchor: float, span: float, now: fl
     bounds = [(ts.bucket(anchor - k * span, step), ts.bucket(anchor - (k - 1) * span, step))
               for k in range(1, BASELINE_WINDOWS + 1)]
     lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
-    arrays = _bucket_arrays(redis, name, kind, step, range(lo, hi + 1), now)
+    arrays = bucket_arrays(redis, name, kind, step, range(lo, hi + 1), now)
     events = scalar_rows(redis, "occ", ("events",), step, lo, hi, now)[:, 0] if kind == "counts" else None
     prev = []
     for b0, b1 in bounds:
-        total, n = _sum_arrays(arrays[b0 - lo:b1 - lo + 1], kind)
+        total, n = sum_arrays(arrays[b0 - lo:b1 - lo + 1], kind)
         ev = float(np.nansum(events[b0 - lo:b1 - lo + 1])) if events is not None else 0.0
         prev.append(channel_values(quantity, total, n, ev))
     return nanmedian_rows(np.vstack(prev))
@@ -795,7 +795,7 @@ def channel_view(redis, lcn: int, start: float, stop: float, now: float) -> dict
     ev_rows = scalar_rows(redis, "occ", ("events",), level.step, ts.bucket(start, level.step),
                           ts.bucket(stop, level.step), now)[:, 0]
     out["t"] = times
-    out["occupancy"] = _ratio(hits, np.nan_to_num(ev_rows))
+    out["occupancy"] = safe_ratio(hits, np.nan_to_num(ev_rows))
     out["hits"] = hits
     for quantity in ("cmos", "base"):
         name = CHANNEL_SOURCES[quantity][0]

@@ -1,7 +1,7 @@
 """Fill the web workers' shared cache of settled Stream-page blocks ahead of any request.
 
 The first view of a window that no worker had shown paid for decoding every
-settled block of scalar rows it covers (:func:`minard.web.data._shared_block`:
+settled block of scalar rows it covers (:func:`minard.web.data.scalar_rows`:
 32 HGETALLs of the 84 trigger fields, about a millisecond a block, some 140
 blocks for a 6-hour rate plot); that was the slow tail of ``bench/web.py``'s
 distinct windows.  Under gunicorn every worker of the site starts a
@@ -19,7 +19,7 @@ slot of those hours (``webcache:base:…``, what :func:`minard.web.data.baseline
 would store): computing one reads 6 windows of buckets, about 4 ms of CPU and
 15 MB from Redis, and was the slow tail of the map's distinct windows.  And
 the block sums of those maps at the finest channel level (WARM_SUMS,
-``webcache:sum:…``, what :func:`minard.web.data._read_sum` would store), so a
+``webcache:sum:…``, what :func:`minard.web.data.channel_sum` would store), so a
 worker's first map of the last two hours adds about 7 stored sums instead of
 61 buckets read from Redis.
 
@@ -100,7 +100,7 @@ def warm_once(reads, writes, now: float, hours: float, done: set, limit: int = P
             if decoded >= limit:
                 continue
             group, fields, step, block = item
-            rows = data._read_rows(reads, group, fields, step, block * data.BLOCK, block * data.BLOCK + data.BLOCK - 1)
+            rows = data.read_rows(reads, group, fields, step, block * data.BLOCK, block * data.BLOCK + data.BLOCK - 1)
             decoded += 1
             if np.isfinite(rows).any():
                 data.store_shared(writes, data.block_key(group, fields, step, block), rows)
@@ -128,7 +128,7 @@ def warm_baselines(reads, writes, now: float, hours: float, done: set, limit: in
     """Store the shared baselines of up to *limit* settled slots not yet in Redis; returns how many.
 
     Each is computed from *reads* exactly as a request computes it
-    (:func:`minard.web.data._median_of_windows`) and stored through *writes*
+    (:func:`minard.web.data.median_of_windows`) and stored through *writes*
     under the key a request looks up; slots whose windows are still filling
     are left for a later pass.
     """
@@ -149,7 +149,7 @@ def warm_baselines(reads, writes, now: float, hours: float, done: set, limit: in
             if computed >= limit:
                 continue
             quantity, span, anchor = slot
-            data.store_shared(writes, key, data._median_of_windows(reads, quantity, anchor, span, now, level))
+            data.store_shared(writes, key, data.median_of_windows(reads, quantity, anchor, span, now, level))
             computed += 1
         done.add(slot)
     oldest = now - hours * 3600 - max(span for _, span in WARM_BASELINES)
@@ -176,7 +176,7 @@ def warm_sums(reads, writes, now: float, hours: float, done: set, limit: int = P
     """Store the shared sums of up to *limit* settled blocks not yet in Redis; returns how many.
 
     Each is added up from *reads* exactly as a request adds it
-    (:func:`minard.web.data._sum_arrays` of its SUM_BLOCK buckets) and stored
+    (:func:`minard.web.data.sum_arrays` of its SUM_BLOCK buckets) and stored
     through *writes* under the key a request looks up; blocks without any data
     are left to requests.
     """
@@ -192,12 +192,12 @@ def warm_sums(reads, writes, now: float, hours: float, done: set, limit: int = P
             if stored >= limit:
                 continue
             name, kind, step, k = item
-            arrays = data._bucket_arrays(reads, name, kind, step, range(k * data.SUM_BLOCK, (k + 1) * data.SUM_BLOCK),
+            arrays = data.bucket_arrays(reads, name, kind, step, range(k * data.SUM_BLOCK, (k + 1) * data.SUM_BLOCK),
                                          now)
             if all(a[0] is None for a in arrays):
                 done.add(item)
                 continue
-            data.store_sums(writes, name, kind, step, {k: data._sum_arrays(arrays, kind)})
+            data.store_sums(writes, name, kind, step, {k: data.sum_arrays(arrays, kind)})
             stored += 1
         done.add(item)
     level = ts.CHANNEL_LEVELS[0]

@@ -32,7 +32,7 @@ def test_a_warm_pass_stores_what_a_request_reads_and_only_settled_blocks(redis_c
         if key not in keys:
             continue
         assert (block + 1) * data.BLOCK - 1 <= data.last_settled(step, now)
-        rows = data._read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
+        rows = data.read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
         shared = np.frombuffer(redis_client.get(key), "<f8").reshape(rows.shape)
         assert np.array_equal(shared, rows, equal_nan=True), key
     assert warm.warm_once(redis_client, redis_client, now, 3, done) == (0, 0)  # nothing new has settled
@@ -61,7 +61,7 @@ def test_a_warm_pass_stores_the_detector_baselines_a_request_would_use(redis_cli
     assert warm.warm_baselines(redis_client, redis_client, now, 2, done) == 0  # nothing new has settled
     # A worker's map of any window in those hours reads the warmed baseline and computes none itself.
     computing = []
-    monkeypatch.setattr(data, "_median_of_windows", lambda *a: computing.append(a) or pytest.fail("computed"))
+    monkeypatch.setattr(data, "median_of_windows", lambda *a: computing.append(a) or pytest.fail("computed"))
     fresh = data.Source(redis_client)
     for stop in (now - 6000, now - 3333.5, now - 700):
         view = data.detector_view(fresh, "occupancy", stop - 600, stop, now)
@@ -69,7 +69,7 @@ def test_a_warm_pass_stores_the_detector_baselines_a_request_would_use(redis_cli
         direct = data.detector_view(redis_client, "occupancy", stop - 600, stop, now)
         assert np.array_equal(view["baseline"], direct["baseline"], equal_nan=True)
         assert np.array_equal(view["hot"], direct["hot"]) and np.array_equal(view["dead"], direct["dead"])
-        monkeypatch.setattr(data, "_median_of_windows", lambda *a: pytest.fail("computed"))
+        monkeypatch.setattr(data, "median_of_windows", lambda *a: pytest.fail("computed"))
     assert not computing
 
 
@@ -85,20 +85,20 @@ def test_a_warm_pass_stores_the_block_sums_a_request_would_add_up(redis_client, 
         if key not in keys:
             continue
         assert (block + 1) * data.SUM_BLOCK - 1 <= data.last_settled(step, now), key
-        arrays = data._bucket_arrays(redis_client, name, kind, step,
+        arrays = data.bucket_arrays(redis_client, name, kind, step,
                                      range(block * data.SUM_BLOCK, (block + 1) * data.SUM_BLOCK), now)
-        total, _ = data._sum_arrays(arrays, kind)
+        total, _ = data.sum_arrays(arrays, kind)
         assert np.array_equal(np.frombuffer(redis_client.get(key), "<i8"), total), key
     assert warm.warm_sums(redis_client, redis_client, now, 2, done) == 0  # nothing new has settled
     # A new worker's maps of the last hour add the warmed sums and read only the buckets at their edges.
     fresh = data.Source(redis_client)
-    bucket_arrays = data._bucket_arrays
+    real = data.bucket_arrays
     for stop in (now - 2400.5, now - 1200, now - 30):
         level = data.map_level(stop - 600, stop, now)
         direct = data.window_values(redis_client, "occupancy", stop - 600, stop, now, level)
         read = []
-        monkeypatch.setattr(data, "_bucket_arrays", lambda r, n, k, st, buckets, t, read=read: read.extend(buckets)
-                            or bucket_arrays(r, n, k, st, buckets, t))
+        monkeypatch.setattr(data, "bucket_arrays", lambda r, n, k, st, buckets, t, read=read: read.extend(buckets)
+                            or real(r, n, k, st, buckets, t))
         view = data.window_values(fresh, "occupancy", stop - 600, stop, now, level)
         monkeypatch.undo()
         assert level.step == 10 and np.array_equal(view[0], direct[0], equal_nan=True) and view[2] == direct[2]
@@ -115,7 +115,7 @@ def test_a_worker_preloads_the_stored_blocks_into_its_memory_and_then_asks_redis
     assert warm.preload(small, now, 2) == 200  # two thirds of a worker's cache at most
     assert warm.preload(worker, now, 2) == 0  # nothing new
     asked = []
-    monkeypatch.setattr(data, "_read_rows", lambda *a: asked.append(a) or pytest.fail("read from Redis"))
+    monkeypatch.setattr(data, "read_rows", lambda *a: asked.append(a) or pytest.fail("read from Redis"))
     monkeypatch.setattr(worker.redis, "mget", lambda keys: asked.append(keys) or pytest.fail("shared cache asked"))
     stop = (data.last_settled(1, now) + 1) // data.BLOCK * data.BLOCK - 1  # the newest wholly settled block's end
     view = data.stream_view(worker, stop - 1800, stop, now)
@@ -162,5 +162,5 @@ def test_gunicorn_workers_warm_the_shared_cache_after_their_first_request(redis_
 
 
 def _has_data(redis_client, group, fields, step, block) -> bool:
-    rows = data._read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
+    rows = data.read_rows(redis_client, group, fields, step, block * data.BLOCK, (block + 1) * data.BLOCK - 1)
     return bool(np.isfinite(rows).any())

@@ -245,7 +245,7 @@ TABLE: tuple[Key | Section, ...] = (
     Key("web_body_timeout", float, 10.0,
         'seconds within which a request body must arrive at gunicorn, read before the app runs; a slower body is answered 408 and counted (`minard_http_body_timeouts`); the same 10 s as nginx\'s `client_body_timeout` (docs/security.md)'),
     Key("web_warm_hours", float, 24.0,
-        'hours of settled Stream-page data that the gunicorn workers of the dashboard decode into the shared cache (`webcache:rows:…`) ahead of any request, with the Detector-page default baselines (occupancy, 10-minute windows, `webcache:base:…`) of those hours and the block sums of that map at the 10 s level (`webcache:sum:…`), so that the first view of any window in them is fast (docs/web.md); 0 turns it off'),
+        'hours of settled Stream-page data that the gunicorn workers of the dashboard decode into the shared cache (`webcache:rows:…`) ahead of any request, with the Detector-page default baselines (occupancy, 10-minute windows, `webcache:base:…`) of those hours and the block sums of that map at the 10 s level (`webcache:sum:…`), and every worker copies the stored blocks into its own memory, so that the first view of any window in them is fast (docs/web.md); 0 turns it off'),
     Key("nginx_tls", bool, False,
         'serve the site over HTTPS on `nginx_tls_port` with HSTS; plain HTTP on `nginx_port` only redirects (`minard up --tls` sets it and makes a self-signed certificate)'),
     Key("nginx_tls_port", int, 50443,

@@ -19,6 +19,7 @@ a setting: helpers are private.)
 
 from __future__ import annotations
 
+import gc as _gc
 import io as _io
 import json as _json
 import logging as _logging
@@ -79,10 +80,19 @@ def post_fork(server, worker) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """A gevent worker reads each request's body before its app, within ``web_body_timeout`` s."""
+    """A gevent worker reads each request's body before its app, within ``web_body_timeout`` s;
+    the app's import-time objects are kept out of the garbage collector's full passes.
+
+    A worker holds some hundred thousand long-lived objects (modules, the app,
+    later the warmer's preloaded caches); each full collection walked them all,
+    25-44 ms during which none of the worker's greenlets ran (``bench/web.py``).
+    ``gc.freeze`` moves them to the permanent generation (objects freed by
+    reference counting are still freed).
+    """
     if type(worker).__module__ == "gunicorn.workers.ggevent":
         program = _PROGRAM_OF.get(worker.cfg.proc_name, worker.cfg.proc_name)
         worker.wsgi = _BodyDeadline(worker.wsgi, float(_cfg["web_body_timeout"]), program)
+    _gc.freeze()
 
 
 class _BodyDeadline:
@@ -136,3 +146,4 @@ class _BodyDeadline:
         start_response("408 Request Timeout", [("Content-Type", "application/json"),
                                                ("Content-Length", str(len(body)))])
         return [body]
+

@@ -77,7 +77,7 @@ class RedisHA:
         for port in self.sentinel_ports:
             self.sentinels.append(self._sentinel(port))
         for port in self.sentinel_ports:
-            wait_for(lambda: self._quicken(port), 15, f"the Sentinel on port {port}",
+            wait_for(lambda port=port: self._quicken(port), 15, f"the Sentinel on port {port}",
                      ignore=(redis_py.ConnectionError,))
         wait_for(lambda: all(self._sentinel_ready(p) for p in self.sentinel_ports), 30,
                  "three Sentinels that know the replica and each other")

@@ -688,7 +688,7 @@ def baseline(redis, quantity: str, start: float, stop: float, now: float, level:
 
 def _shared_median(redis, quantity: str, anchor: float, span: float, now: float, level: ts.Level) -> np.ndarray:
     """:func:`median_of_windows` of settled windows, through the workers' shared cache."""
-    compute = lambda: median_of_windows(redis, quantity, anchor, span, now, level)  # noqa: E731
+    compute = lambda: median_of_windows(redis, quantity, anchor, span, now, level)
     if not isinstance(redis, Source):
         return compute()
     return _shared(redis, baseline_key(quantity, level.step, anchor, span), NCHANNELS_TOTAL, compute)
@@ -846,15 +846,42 @@ def dispatcher_name(redis) -> str | None:
 
 
 __all__ = [
-    "CACHE",
     "QUANTITIES",
     "TRIGGER_NAMES",
+    "Cache",
+    "Source",
+    "baseline",
+    "baseline_key",
+    "block_key",
+    "boundaries",
+    "bucket_arrays",
+    "cached",
+    "channel_sum",
+    "channel_values",
     "channel_view",
     "detector_view",
     "dispatcher_name",
+    "flag_channels",
+    "headline",
+    "last_complete",
+    "last_settled",
     "latest_state",
+    "map_level",
+    "median_of_windows",
+    "nanmedian_rows",
     "nhit_view",
+    "read_rows",
     "recent_rates",
     "run_occupancy",
+    "run_starts",
+    "safe_ratio",
+    "scalar_rows",
+    "series",
+    "series_rows",
+    "store_shared",
+    "store_sums",
     "stream_view",
+    "sum_arrays",
+    "sum_key",
+    "window_values",
 ]

@@ -30,6 +30,7 @@ half of a worker's first answer of a window (``bench/web.py``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -64,8 +65,9 @@ WARM_SUMS = ("occupancy",)
 PASS_SUMS = 30
 #: Seconds to the next pass while another worker is warming or the last preload found new blocks.
 PRELOAD_PAUSE = 2.0
-#: Blocks fetched per round trip by :func:`preload` (a few MB; other greenlets run in between).
-PRELOAD_CHUNK = 64
+#: Bytes fetched per round trip by :func:`preload`: parsing a reply holds the worker's
+#: greenlets for about a millisecond per MB, so answers are not held up behind it.
+PRELOAD_BYTES = 1 << 20
 
 
 def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
@@ -207,24 +209,41 @@ def warm_sums(reads, writes, now: float, hours: float, done: set, limit: int = P
 
 
 def preload(source: data.Source, now: float, hours: float) -> int:
-    """Copy the stored blocks of the last *hours* this worker lacks into its memory; returns how many.
+    """Copy the stored blocks and baselines of the last *hours* this worker lacks into its memory.
 
-    Only what the shared cache holds is copied (blocks are decoded by
-    :func:`warm_once` or by requests, not here); at most two thirds of the
-    worker's cache is filled this way, newest blocks first, so requests keep room
-    for baselines and the blocks still settling.
+    Returns how many were copied.  Only what the shared cache holds is copied
+    (computed by the warm passes or by requests, not here): the blocks, newest
+    first, into at most two thirds of the worker's cache, then the baselines of
+    the Detector page's default view (at most a sixth), so requests keep room
+    for the rest.  The keys and values are the ones a request would keep.
     """
     todo = blocks(now, hours)[: source.cache.size * 2 // 3]
-    keys = [("rows", group, fields, step, block) for group, fields, step, block in todo]
-    lacking = [(item, key) for item, key, rows in zip(todo, keys, source.cache.get_many(keys, count=False))
-               if rows is None]
     loaded = 0
-    for i in range(0, len(lacking), PRELOAD_CHUNK):
-        chunk = lacking[i:i + PRELOAD_CHUNK]
-        raws = source.redis.mget([data.block_key(*item) for item, _ in chunk])
-        for ((group, fields, step, block), key), raw in zip(chunk, raws):
-            if raw is not None and len(raw) == data.BLOCK * len(fields) * 8:
-                source.cache.put(key, np.frombuffer(raw, "<f8").reshape(data.BLOCK, -1), data.SETTLED_TTL)
+    for group, fields in WARM_SETS:
+        wanted = [(("rows", g, f, step, block), data.block_key(g, f, step, block))
+                  for g, f, step, block in todo if (g, f) == (group, fields)]
+        loaded += _copy(source, wanted, (data.BLOCK, len(fields)))
+    wanted = []
+    for quantity, span, anchor in baseline_slots(now, hours)[: source.cache.size // 6]:
+        step = data.map_level(anchor, anchor + span, now).step
+        if ts.bucket(anchor, step) <= data.last_settled(step, now):
+            wanted.append((("baseline", quantity, step, anchor, span), data.baseline_key(quantity, step, anchor, span)))
+    return loaded + _copy(source, wanted, (data.NCHANNELS_TOTAL,))
+
+
+def _copy(source: data.Source, wanted: list[tuple[tuple, str]], shape: tuple[int, ...]) -> int:
+    """Copy the float64 arrays of *shape* under the shared-cache keys of *wanted* (worker cache key,
+    shared key) that the worker lacks, PRELOAD_BYTES per round trip; returns how many."""
+    have = source.cache.get_many([key for key, _ in wanted], count=False)
+    lacking = [pair for pair, value in zip(wanted, have) if value is None]
+    size = 8 * math.prod(shape)
+    per_trip = max(1, PRELOAD_BYTES // size)
+    loaded = 0
+    for i in range(0, len(lacking), per_trip):
+        chunk = lacking[i:i + per_trip]
+        for (key, _), raw in zip(chunk, source.redis.mget([shared for _, shared in chunk])):
+            if raw is not None and len(raw) == size:
+                source.cache.put(key, np.frombuffer(raw, "<f8").reshape(shape), data.SETTLED_TTL)
                 loaded += 1
     return loaded
 
@@ -263,6 +282,8 @@ class Warmer(threading.Thread):
             return 0
         loaded = preload(self.source, time.time(), self.hours)
         self.preloaded += loaded
+        if loaded:
+            gc.freeze()  # the cache's long-lived entries out of full collections (minard.gunicorn_conf)
         return loaded
 
     def step(self) -> int:

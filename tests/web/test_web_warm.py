@@ -124,6 +124,21 @@ def test_a_worker_preloads_the_stored_blocks_into_its_memory_and_then_asks_redis
     assert not asked
 
 
+def test_a_worker_preloads_the_stored_baselines_and_its_maps_ask_redis_for_none(redis_client, monkeypatch):
+    now = time.time()
+    sample.write_day(redis_client, now, days=2 / 24, run_seconds=600)
+    computed = warm.warm_baselines(redis_client, redis_client, now, 2, set(), limit=10_000)
+    worker = data.Source(redis_client, data.Cache(2048))
+    assert warm.preload(worker, now, 2) == computed >= 12  # no blocks stored: the baselines only
+    monkeypatch.setattr(data, "_shared_median", lambda *a: pytest.fail("baseline asked of Redis"))
+    for stop in (now - 6000, now - 700):
+        view = data.detector_view(worker, "occupancy", stop - 600, stop, now)
+        monkeypatch.undo()
+        direct = data.detector_view(redis_client, "occupancy", stop - 600, stop, now)
+        assert np.array_equal(view["baseline"], direct["baseline"], equal_nan=True)
+        monkeypatch.setattr(data, "_shared_median", lambda *a: pytest.fail("baseline asked of Redis"))
+
+
 def test_blocks_without_data_are_not_stored(redis_client):
     assert warm.warm_once(redis_client, redis_client, time.time(), 1, set())[0] == 0
     assert not list(redis_client.scan_iter("webcache:*"))

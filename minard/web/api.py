@@ -103,14 +103,18 @@ def response_cache(view):
     @wraps(view)
     def wrapper(*args, **kwargs):
         key = (request.endpoint, request.full_path)
-        hit = _responses().get(key)
-        if hit is not None:
-            body, mimetype, headers = hit
-            return Response(body, mimetype=mimetype, headers=headers)
-        resp = view(*args, **kwargs)
-        if isinstance(resp, Response) and resp.status_code == 200:
-            _responses().put(key, (resp.get_data(), resp.mimetype, _download_headers(resp)), RESPONSE_TTL)
-        return resp
+        responses = _responses()
+        hit = responses.get(key)
+        if hit is None:
+            with responses.flight(key):  # one request renders a URL, the ones arriving meanwhile reuse it
+                hit = responses.peek(key)
+                if hit is None:
+                    resp = view(*args, **kwargs)
+                    if isinstance(resp, Response) and resp.status_code == 200:
+                        responses.put(key, (resp.get_data(), resp.mimetype, _download_headers(resp)), RESPONSE_TTL)
+                    return resp
+        body, mimetype, headers = hit
+        return Response(body, mimetype=mimetype, headers=headers)
 
     return wrapper
 

@@ -38,6 +38,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -88,6 +89,27 @@ class Cache:
         self.items: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
         self.hits = self.misses = 0
+        self.flights: dict = {}  # key -> [lock, users] while some request computes that key
+
+    @contextmanager
+    def flight(self, key):
+        """Hold *key*'s lock: the first request to miss a key computes it, the others wait for it.
+
+        Without it every request arriving while an entry is recomputed (a view
+        that many screens poll, each RESPONSE_TTL) computed it too: ten at once
+        in a gevent worker, the slow tail of ``bench/web.py``'s same view.
+        """
+        with self.lock:
+            entry = self.flights.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self.lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self.flights[key]
 
     def get(self, key):
         """The value stored under *key*, or None when absent or expired."""
@@ -107,6 +129,10 @@ class Cache:
             self.items.move_to_end(key)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
+
+    def peek(self, key):
+        """The value under *key* (None when absent or expired) without counting a hit or a miss."""
+        return self.get_many((key,), count=False)[0]
 
     def get_many(self, keys, count: bool = True) -> list:
         """:meth:`get` of every key of *keys* under one lock (None for each absent or expired);
@@ -173,8 +199,11 @@ def cached(redis, key, ttl: float, compute):
         return compute()
     value = cache.get(key)
     if value is None:
-        value = compute()
-        cache.put(key, value, ttl)
+        with cache.flight(key):
+            value = cache.peek(key)
+            if value is None:
+                value = compute()
+                cache.put(key, value, ttl)
     return value
 
 

@@ -7,6 +7,7 @@ the caches equal the views read straight from Redis, value for value, NaN for Na
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -173,3 +174,26 @@ def test_run_starts_kept_by_a_worker_are_those_in_redis_and_a_new_run_shows_with
     redis_client.zadd(schema.RUNS_START, {"15": now - 1})  # a run starts now: the present day is re-read
     wait_for(lambda: (15, now - 1) in data.run_starts(src, now - 60, now, time.time()), 2 * data.OPEN_RUN_STARTS_TTL + 1,
              "the new run")
+
+
+def test_requests_that_miss_one_key_together_compute_it_once_and_share_it(redis_client):
+    src = data.Source(redis_client)
+    release, computed = threading.Event(), []
+
+    def compute():
+        computed.append(1)
+        release.wait(10)
+        return np.arange(3.0)
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(data.cached(src, ("view", 1), 60, compute)))
+               for _ in range(10)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: src.cache.flights.get(("view", 1), [None, 0])[1] == 10, 10, "ten requests on the key")
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(computed) == 1 and len(results) == 10
+    assert all(r is results[0] for r in results)
+    assert not src.cache.flights  # nothing left behind

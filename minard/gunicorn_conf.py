@@ -146,4 +146,3 @@ class _BodyDeadline:
         start_response("408 Request Timeout", [("Content-Type", "application/json"),
                                                ("Content-Length", str(len(body)))])
         return [body]
-

@@ -74,7 +74,8 @@ class OrcaProducer(Producer):
         self.parser: orca.OrcaStreamParser | None = None
         self.parser_seen = Counter()  # parser stats already counted
         self.byteorder = "little"
-        self.ids = orca.XL3Ids(None, None)  # announced by the last header read
+        self.ids = orca.XL3Ids(None, None)  # of this connection's header (none before it arrives)
+        self.announced = self.ids  # of the last header read on any connection (the heartbeat's)
         self.run_number = None
         self.pending: dict[str, list[bytes]] = {s: [] for s in STREAMS}
 
@@ -183,7 +184,7 @@ class OrcaProducer(Producer):
         self.byteorder = rec.byteorder
         self.counts["headers"] += 1
         self.totals["headers"] += 1
-        self.ids = ids = orca.xl3_data_ids(rec.header or {})
+        self.ids = self.announced = ids = orca.xl3_data_ids(rec.header or {})
         control = (rec.header or {}).get("Run Control", {})
         self.run_number = control.get("RunNumber") if isinstance(control, dict) else None
         log.info("ORCA header: run %s, CMOS id %s, base id %s, %s-endian", self.run_number,
@@ -225,9 +226,14 @@ class OrcaProducer(Producer):
 
     # -------------------------------------------------------- reporting
     def heartbeat_fields(self, final: bool) -> dict:
-        """ORCA address, connection, data ids, byte order, run and consumers per stream."""
+        """ORCA address, connection, data ids, byte order, run and consumers per stream.
+
+        The ids are the last header's: a connection that closes before its header
+        (ORCA stopping) does not blank what the crew last saw; ``connected`` says
+        whether the link is up.
+        """
         self._count_parser()
-        ids = self.ids
+        ids = self.announced
         peers = self.count_peers()
         return {"orca": "{}:{}".format(*self.address), "connected": int(self.connected),
                 "cmos_id": _hex(ids.cmos), "base_id": _hex(ids.base), "byteorder": self.byteorder,

@@ -12,6 +12,7 @@ import calendar
 import datetime as dt
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -329,6 +330,16 @@ def test_the_producer_reconnects_to_a_restarted_orca_and_reads_its_new_header_an
     beat = {k.decode(): v.decode() for k, v in stack.redis.hgetall("status:data_producer").items()}
     assert beat["cmos_id"] == hex(40 << 18) and beat["base_id"] == hex(41 << 18)
     assert beat["byteorder"] == "big" and int(beat["connects"]) >= 2
+    # ORCA comes back but closes before its header: the heartbeat keeps the last header's ids
+    connects = int(beat["connects"])
+    with socket.create_server(("127.0.0.1", stack.port)) as headerless:
+        threading.Thread(target=lambda: headerless.accept()[0].close(), daemon=True).start()
+
+        def beat_after_it():
+            b = {k.decode(): v.decode() for k, v in stack.redis.hgetall("status:data_producer").items()}
+            return b if int(b.get("connects", 0)) > connects else None
+        beat = wait_for(beat_after_it, 30, "a heartbeat after the headerless connection")
+    assert beat["cmos_id"] == hex(40 << 18) and beat["base_id"] == hex(41 << 18)
 
     _, latest = oracle_cmos(ca + cb)
     got = latest_values(stack.redis, "cmos")

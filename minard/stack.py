@@ -245,7 +245,7 @@ def commands(cfg, lay: Layout) -> dict[str, list[str]]:
         "orca_replay": [minard, "orca-replay", str(lay.orca), "--host", "127.0.0.1",
                         "--port", str(cfg["orca_port"]), "--loop", "--quiet"],
         "replay": [minard, "replay", *replay_files(lay), "--dispatcher", dispatcher, "--loop",
-                   "--no-progress", *pacing],
+                   "--wait-analyzers", "1", "--no-progress", *pacing],  # no event before the push connects
         "pinger": [minard, "pinger"],
         "monitors": [minard, "monitors"],
         "notifier": [minard, "notifier"],

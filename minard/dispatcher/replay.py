@@ -392,10 +392,15 @@ def _progress_bar(total: int | None, enabled: bool):
               help="Progress bar [shown when stderr is a terminal].")
 @click.option("--per-record", is_flag=True,
               help="One RAWDATA frame per event, as the DAQ sends them [one RAWBATCH per group].")
+@click.option("--wait-analyzers", type=click.IntRange(0), default=0, show_default=True,
+              help="Before the first event, wait until the dispatcher has this many analyzers (up to 60 s): "
+                   "a stack started all at once would otherwise send its first events to none, and the "
+                   "dispatcher counts those as lost.")
 @click.option("--cache-mb", type=click.IntRange(0), default=256, show_default=True,
               help="With --loop, keep files up to this size in memory after the first pass.")
 @config_mod.pass_config
-def replay_cmd(cfg, files, address, run, tape, speed, rate, loop, timeout, progress, per_record, cache_mb):
+def replay_cmd(cfg, files, address, run, tape, speed, rate, loop, timeout, progress, per_record, wait_analyzers,
+               cache_mb):
     """Send ZDAB FILES to a dispatcher as its data source.
 
     BEGINTAPE with the run number found in the data (or --run), the events,
@@ -416,6 +421,8 @@ def replay_cmd(cfg, files, address, run, tape, speed, rate, loop, timeout, progr
     replayer = Replayer(client, run, tape, factor, rate, finish_timeout, bar, per_record)
     previous = _stop_on_signals(replayer)
     try:
+        if wait_analyzers:
+            await_analyzers(client, wait_analyzers, ANALYZERS_WAIT, lambda: replayer.quit)
         ok = replayer.play(iter_chunks(files, loop, cache_mb << 20))
     except (ConnectionClosed, ConnectionError) as exc:
         raise click.ClickException(f"lost the dispatcher after {replayer.sent} events: {exc}") from None
@@ -428,6 +435,28 @@ def replay_cmd(cfg, files, address, run, tape, speed, rate, loop, timeout, progr
     log.info("replayed %d events in runs %s", replayer.sent, replayer.runs)
     if not ok:
         raise SystemExit(1)
+
+
+#: Seconds ``--wait-analyzers`` waits before playing anyway (the dispatcher counts what no analyzer gets).
+ANALYZERS_WAIT = 60.0
+
+
+def await_analyzers(client, wanted: int, timeout: float, stopped=lambda: False) -> int:
+    """Ask the dispatcher (``ANALYZERS?``, docs/protocol.md) until it lists *wanted* analyzers;
+    returns how many it lists.  After *timeout* s, or once *stopped()*, it gives up (logged)."""
+    end = time.monotonic() + timeout
+    logged = False
+    while True:
+        have = sum(1 for line in client.command("ANALYZERS?").splitlines()[1:] if line.strip() not in ("", "END"))
+        if have >= wanted or stopped():
+            return have
+        if time.monotonic() >= end:
+            log.warning("%d of %d analyzers after %g s: playing anyway", have, wanted, timeout)
+            return have
+        if not logged:
+            log.info("waiting for %d analyzer(s) before the first event (%d connected)", wanted, have)
+            logged = True
+        time.sleep(0.1)  # polling the dispatcher's list; bounded by *timeout*
 
 
 def _stop_on_signals(replayer: Replayer) -> dict:

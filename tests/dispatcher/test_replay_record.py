@@ -21,7 +21,7 @@ from minard.dispatcher.recorder import Recorder
 from minard.dispatcher.replay import Pacer, peek
 from minard.formats import pmt
 from minard.formats.framing import Frame
-from minard.testing import stop_pid
+from minard.testing import stop_pid, wait_for
 from minard.testing.dispatcher import DispatcherProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -250,6 +250,28 @@ def test_replay_answers_quit_by_ending_the_run_early(disp, run_cli, tmp_path):
     assert 50 < events < 2000
     assert disp.wait(10) == 0
     assert "QUIT from the dispatcher" in Path(proc.log_path).read_text()
+
+
+def test_replay_waits_for_an_analyzer_before_its_first_event_so_none_is_lost(disp, run_cli, tmp_path):
+    """``minard up`` starts the replay with its analyzer: events sent to none would count as lost."""
+    path = write_file(tmp_path / "wait.zdab", make_events(300, run=78))
+    proc = run_cli("replay", path, "--dispatcher", disp.address, "--speed", "max", "--no-progress",
+                   "--wait-analyzers", "1", name="replay")
+    wait_for(lambda: "waiting for 1 analyzer(s)" in Path(proc.log_path).read_text(), 20, "the replay waiting")
+    with DispatchClient.connect(disp.address, "control") as control:
+        assert control.stats()["state"] == "NoTape"  # nothing sent while no analyzer listens
+    with DispatchClient.connect(disp.address, "analyzer", timeout=10) as analyzer:
+        assert analyzer.wait_command("BEGINTAPE:78:1", 10)
+        events = 0
+        while True:
+            frame = analyzer.recv(10)
+            if frame.tag == "RAWDATA":
+                events += 1
+            elif frame.text == "ENDTAPE":
+                analyzer.finished()
+                break
+    assert proc.wait(20) == 0, Path(proc.log_path).read_text()
+    assert events == 300
 
 
 def test_replay_at_a_fixed_rate_takes_the_expected_time(disp, run_cli, tmp_path):

@@ -229,6 +229,18 @@ def test_recorder_exits_on_quit_from_a_dispatcher_shutdown(disp, run_cli, tmp_pa
     assert disp.wait(10) == 0
 
 
+def events_to_endtape(analyzer) -> int:
+    """As an analyzer: the events received up to ENDTAPE, which is answered with FINISHED."""
+    events = 0
+    while True:
+        frame = analyzer.recv(10)
+        if frame.tag == "RAWDATA":
+            events += 1
+        elif frame.text == "ENDTAPE":
+            analyzer.finished()
+            return events
+
+
 def test_replay_answers_quit_by_ending_the_run_early(disp, run_cli, tmp_path):
     path = write_file(tmp_path / "slow.zdab", make_events(2000, run=77))
     with DispatchClient.connect(disp.address, "analyzer", timeout=10) as analyzer:
@@ -237,14 +249,7 @@ def test_replay_answers_quit_by_ending_the_run_early(disp, run_cli, tmp_path):
         assert analyzer.wait_command("BEGINTAPE:77:1", 10)
         time.sleep(0.3)
         assert query(disp.address, "SHUTDOWN") == "OK:SHUTDOWN"
-        events = 0
-        while True:
-            frame = analyzer.recv(10)
-            if frame.tag == "RAWDATA":
-                events += 1
-            elif frame.text == "ENDTAPE":
-                analyzer.finished()
-                break
+        events = events_to_endtape(analyzer)
         assert analyzer.wait_command("QUIT", 10)
     assert proc.wait(10) == 0
     assert 50 < events < 2000
@@ -262,14 +267,7 @@ def test_replay_waits_for_an_analyzer_before_its_first_event_so_none_is_lost(dis
         assert control.stats()["state"] == "NoTape"  # nothing sent while no analyzer listens
     with DispatchClient.connect(disp.address, "analyzer", timeout=10) as analyzer:
         assert analyzer.wait_command("BEGINTAPE:78:1", 10)
-        events = 0
-        while True:
-            frame = analyzer.recv(10)
-            if frame.tag == "RAWDATA":
-                events += 1
-            elif frame.text == "ENDTAPE":
-                analyzer.finished()
-                break
+        events = events_to_endtape(analyzer)
     assert proc.wait(20) == 0, Path(proc.log_path).read_text()
     assert events == 300
 

@@ -318,12 +318,40 @@ def scalar_rows(redis, group: str, fields: tuple, step: int, b0: int, b1: int, n
     return np.concatenate(parts) if parts else np.zeros((0, len(fields)))
 
 
+#: Bytes asked of the shared cache per round trip (:func:`fetch_shared`): parsing a reply
+#: holds a gevent worker's other requests for about a millisecond per MB.
+SHARED_BYTES_PER_TRIP = 1 << 20
+
+
+def fetch_shared(source: Source, wanted: list[tuple[tuple, str]], shape: tuple[int, ...]) -> dict:
+    """``{worker key: array}`` of the float64 arrays of *shape* the shared cache holds under
+    *wanted*'s (worker-cache key, shared key) pairs, each kept in the worker's cache.
+
+    What it lacks (or a Redis that refuses) is simply absent: the shared cache
+    is an optimisation, never a source of errors.
+    """
+    size = 8 * math.prod(shape)
+    per_trip = max(1, SHARED_BYTES_PER_TRIP // size)
+    out = {}
+    for i in range(0, len(wanted), per_trip):
+        chunk = wanted[i:i + per_trip]
+        try:
+            raws = source.redis.mget([shared for _, shared in chunk])
+        except Exception:  # noqa: BLE001 - the shared cache is an optimisation only
+            continue
+        for (key, _), raw in zip(chunk, raws):
+            if raw is not None and len(raw) == size:
+                out[key] = np.frombuffer(raw, "<f8").reshape(shape)
+                source.cache.put(key, out[key], SETTLED_TTL)
+    return out
+
+
 def _settled_blocks(redis, group: str, fields: tuple, step: int, blocks: range) -> dict[int, np.ndarray]:
     """``{block: rows}`` of wholly settled *blocks*: the worker's cache, then the shared one, then Redis.
 
     The worker's cache is asked for all of them under one lock (a day's plot
     covers some 70 blocks per group: a lookup each was a third of a warm
-    answer); one pipeline of GETs asks the shared cache for the ones this
+    answer); :func:`fetch_shared` asks the shared cache for the ones this
     worker lacks; the blocks no worker has stored yet are read and stored
     (the warmer, :mod:`minard.web.warm`, has usually stored them).
     """
@@ -334,6 +362,16 @@ def _settled_blocks(redis, group: str, fields: tuple, step: int, blocks: range) 
     missing = [b for b, rows in found.items() if rows is None]
     if not missing:
         return found
+    shared = fetch_shared(redis, [(("rows", group, fields, step, b), block_key(group, fields, step, b)) for b in missing],
+                          (BLOCK, len(fields)))
+    for b in missing:
+        rows = shared.get(("rows", group, fields, step, b))
+        if rows is None:  # no worker has stored it yet
+            rows = read_rows(redis, group, fields, step, b * BLOCK, b * BLOCK + BLOCK - 1)
+            store_shared(redis, block_key(group, fields, step, b), rows)
+            redis.cache.put(("rows", group, fields, step, b), rows, SETTLED_TTL)
+        found[b] = rows
+    return found
     try:
         raws = redis.mget([block_key(group, fields, step, b) for b in missing])
     except Exception:  # noqa: BLE001 - the shared cache is an optimisation only
@@ -890,6 +928,7 @@ __all__ = [
     "channel_view",
     "detector_view",
     "dispatcher_name",
+    "fetch_shared",
     "flag_channels",
     "headline",
     "last_complete",

@@ -65,9 +65,6 @@ WARM_SUMS = ("occupancy",)
 PASS_SUMS = 30
 #: Seconds to the next pass while another worker is warming or the last preload found new blocks.
 PRELOAD_PAUSE = 2.0
-#: Bytes fetched per round trip by :func:`preload`: parsing a reply holds the worker's
-#: greenlets for about a millisecond per MB, so answers are not held up behind it.
-PRELOAD_BYTES = 1 << 20
 
 
 def blocks(now: float, hours: float) -> list[tuple[str, tuple, int, int]]:
@@ -126,6 +123,17 @@ def baseline_slots(now: float, hours: float) -> list[tuple[str, float, float]]:
     return out
 
 
+def settled_baselines(now: float, hours: float) -> list[tuple[tuple[str, float, float], ts.Level, str]]:
+    """(slot, map level, shared-cache key) of the :func:`baseline_slots` whose windows have settled."""
+    out = []
+    for slot in baseline_slots(now, hours):
+        quantity, span, anchor = slot
+        level = data.map_level(anchor, anchor + span, now)
+        if ts.bucket(anchor, level.step) <= data.last_settled(level.step, now):
+            out.append((slot, level, data.baseline_key(quantity, level.step, anchor, span)))
+    return out
+
+
 def warm_baselines(reads, writes, now: float, hours: float, done: set, limit: int = PASS_BASELINES) -> int:
     """Store the shared baselines of up to *limit* settled slots not yet in Redis; returns how many.
 
@@ -134,12 +142,7 @@ def warm_baselines(reads, writes, now: float, hours: float, done: set, limit: in
     under the key a request looks up; slots whose windows are still filling
     are left for a later pass.
     """
-    todo = []
-    for slot in baseline_slots(now, hours):
-        quantity, span, anchor = slot
-        level = data.map_level(anchor, anchor + span, now)
-        if slot not in done and ts.bucket(anchor, level.step) <= data.last_settled(level.step, now):
-            todo.append((slot, level, data.baseline_key(quantity, level.step, anchor, span)))
+    todo = [item for item in settled_baselines(now, hours) if item[0] not in done]
     if not todo:
         return 0
     pipe = reads.pipeline(transaction=False)
@@ -223,29 +226,15 @@ def preload(source: data.Source, now: float, hours: float) -> int:
         wanted = [(("rows", g, f, step, block), data.block_key(g, f, step, block))
                   for g, f, step, block in todo if (g, f) == (group, fields)]
         loaded += _copy(source, wanted, (data.BLOCK, len(fields)))
-    wanted = []
-    for quantity, span, anchor in baseline_slots(now, hours)[: source.cache.size // 6]:
-        step = data.map_level(anchor, anchor + span, now).step
-        if ts.bucket(anchor, step) <= data.last_settled(step, now):
-            wanted.append((("baseline", quantity, step, anchor, span), data.baseline_key(quantity, step, anchor, span)))
+    wanted = [(("baseline", quantity, level.step, anchor, span), key)
+              for (quantity, span, anchor), level, key in settled_baselines(now, hours)[: source.cache.size // 6]]
     return loaded + _copy(source, wanted, (data.NCHANNELS_TOTAL,))
 
 
 def _copy(source: data.Source, wanted: list[tuple[tuple, str]], shape: tuple[int, ...]) -> int:
-    """Copy the float64 arrays of *shape* under the shared-cache keys of *wanted* (worker cache key,
-    shared key) that the worker lacks, PRELOAD_BYTES per round trip; returns how many."""
+    """:func:`minard.web.data.fetch_shared` of the pairs of *wanted* the worker lacks; returns how many came."""
     have = source.cache.get_many([key for key, _ in wanted], count=False)
-    lacking = [pair for pair, value in zip(wanted, have) if value is None]
-    size = 8 * math.prod(shape)
-    per_trip = max(1, PRELOAD_BYTES // size)
-    loaded = 0
-    for i in range(0, len(lacking), per_trip):
-        chunk = lacking[i:i + per_trip]
-        for (key, _), raw in zip(chunk, source.redis.mget([shared for _, shared in chunk])):
-            if raw is not None and len(raw) == size:
-                source.cache.put(key, np.frombuffer(raw, "<f8").reshape(shape), data.SETTLED_TTL)
-                loaded += 1
-    return loaded
+    return len(data.fetch_shared(source, [pair for pair, value in zip(wanted, have) if value is None], shape))
 
 
 class Warmer(threading.Thread):
@@ -331,4 +320,4 @@ def start(app) -> Warmer | None:
     return warmer
 
 
-__all__ = ["Warmer", "baseline_slots", "blocks", "preload", "start", "sum_blocks", "warm_baselines", "warm_once", "warm_sums"]
+__all__ = ["Warmer", "baseline_slots", "blocks", "preload", "settled_baselines", "start", "sum_blocks", "warm_baselines", "warm_once", "warm_sums"]
